@@ -1,0 +1,116 @@
+"""Data parallelism over every device of every host, on one code path.
+
+gdiff maps its work over a one-axis device mesh named "data" with `jax.jit` and `NamedSharding`
+(the maintained successor of `jax.pmap`): the same program runs on one CPU, eight fake CPU
+devices in tests, a GPU, or all chips of a TPU pod with one process per host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+# Environment variables that mean "a coordinator is configured for this process".
+_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_NAME")
+
+
+def maybe_initialize(setting: Any = "auto") -> bool:
+    """Calls `jax.distributed.initialize()` when asked to or when the environment needs it.
+
+    Args:
+      setting: True (always), False (never) or "auto" (when a coordinator is configured through the
+        environment, e.g. on a TPU pod or under SLURM).
+
+    Returns:
+      Whether the distributed runtime was initialised by this call.
+    """
+    if isinstance(setting, str):
+        value = setting.strip().lower()
+        if value not in ("auto", "true", "false", "1", "0", ""):
+            raise ValueError(f"config.distributed must be auto, true or false; got {setting!r}")
+        setting = "auto" if value == "auto" else value in ("true", "1")
+    if setting == "auto":
+        setting = any(os.environ.get(name) for name in _COORDINATOR_ENV)
+    if not setting:
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ("data") over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Shards the leading (batch) axis over the mesh."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Keeps a full copy on every device (parameters, optimiser state, scalars)."""
+    return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(global_batch: int, what: str = "train.batch_size", mesh=None) -> None:
+    """Raises a ValueError naming `what` unless the batch splits evenly over the devices."""
+    n = mesh.size if mesh is not None else jax.device_count()
+    if global_batch <= 0 or global_batch % n:
+        raise ValueError(
+            f"{what}={global_batch} must be a positive multiple of the number of devices ({n}); "
+            f"try {max(n, (global_batch // n) * n) or n}"
+        )
+
+
+def local_batch_size(global_batch: int, mesh: Mesh | None = None) -> int:
+    """The slice of a global batch that this process feeds (its devices' share)."""
+    mesh = mesh if mesh is not None else data_mesh()
+    check_batch_divisible(global_batch, mesh=mesh)
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    return global_batch // mesh.size * local
+
+
+def global_batch(local_tree: Any, mesh: Mesh) -> Any:
+    """Turns this process's numpy batch (leading axis = local examples) into global jax.Arrays.
+
+    Every host passes its own shard; the result is one array per leaf whose leading axis spans all
+    hosts, sharded over the mesh's "data" axis.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_tree
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """Gathers (possibly multi-host) global arrays into numpy arrays on every process."""
+
+    def fetch(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(fetch, tree)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()

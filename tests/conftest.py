@@ -1,0 +1,57 @@
+"""Shared test set-up.
+
+Eight fake CPU devices for every test (multi-device code is exercised on CPU), true float32 matmuls,
+and the parity fixtures of the reference implementation, found through $GDIFF_PARITY_DIR
+(default: ../shared/parity next to the repository).
+"""
+
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PARITY_DIR = pathlib.Path(os.environ.get("GDIFF_PARITY_DIR", REPO.parent / "shared" / "parity"))
+
+
+def load_fixture(name: str):
+    """Opens `<parity dir>/<name>`, skipping (loudly, with the path) when the folder is absent."""
+    path = PARITY_DIR / name
+    if not PARITY_DIR.is_dir():
+        pytest.skip(
+            f"PARITY FIXTURES ABSENT: {PARITY_DIR} does not exist; set GDIFF_PARITY_DIR to the "
+            "reference's golden outputs to run this parity test"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"parity folder {PARITY_DIR} has no {name}")
+    return np.load(path, allow_pickle=False)
+
+
+def rel_l2(got, want) -> float:
+    """||got - want|| / ||want||, the parity README's error measure."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    denom = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
+
+
+def nchw_to_nhwc(a):
+    return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(a):
+    return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+@pytest.fixture
+def fixture():
+    return load_fixture
