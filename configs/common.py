@@ -131,5 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.sample_batch = ""
     ev.inception_weights = ""  # pt_inception-2015-12-05 state dict or classify_image_graph_def.pb
     ev.batch_size = 64
+    ev.resize = "legacy"  # legacy: TF1 bilinear as the reference evaluator; halfpixel: pytorch-fid
+    ev.is_split_size = 5000  # Inception Score chunk size, as the reference evaluator
     ev.output = ""  # where the metrics JSON goes (default: next to the sample batch)
     return config

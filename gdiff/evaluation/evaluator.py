@@ -1,0 +1,334 @@
+"""The evaluate mode: Inception Score, FID, sFID, precision and recall of a sample batch.
+
+Reads the same `.npz` files as the reference's `evaluations/evaluator.py` (reference batches with
+`arr_0` images and optionally `mu`, `sigma`, `mu_s`, `sigma_s`; sample batches with `arr_0` uint8
+NHWC) and prints the same five numbers, also written as JSON.
+
+    python main.py --mode=evaluate --config=configs/<exp>.py \
+        --config.eval.ref_batch=REF.npz --config.eval.sample_batch=SAMPLES.npz \
+        --config.eval.inception_weights=classify_image_graph_def.pb
+    python -m gdiff.evaluation.evaluator REF.npz SAMPLES.npz --weights PATH
+
+Reference activations are cached next to the reference batch (or in the workdir when that folder
+is read-only), keyed by a hash of the file's content and of the weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from gdiff.evaluation import metrics
+
+METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall")
+PRINT_NAMES = {
+    "inception_score": "Inception Score",
+    "fid": "FID",
+    "sfid": "sFID",
+    "precision": "Precision",
+    "recall": "Recall",
+}
+
+WEIGHTS_HELP = (
+    "FID Inception weights are needed: download either pytorch-fid's pt_inception-2015-12-05 "
+    "state dict (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth) or the ADM evaluator's classify_image_graph_def.pb "
+    "(https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+    "classify_image_graph_def.pb) and pass its path with --config.eval.inception_weights=PATH "
+    "(or --weights PATH for `python -m gdiff.evaluation.evaluator`)"
+)
+
+
+# ----------------------------------------------------------------------------- the five numbers
+
+
+def evaluate_samples(
+    extractor,
+    ref_images_or_stats,
+    sample_images,
+    *,
+    is_split_size: int = 5000,
+    pr_row_batch: int = 10000,
+    pr_col_batch: int = 10000,
+) -> dict:
+    """All five metrics of `sample_images` against a reference set.
+
+    Args:
+      extractor: a `FeatureExtractor` (images uint8 [N, H, W, 3] -> dict(pool, spatial, probs)).
+      ref_images_or_stats: reference images uint8 [M, H, W, 3], or a dict holding any of
+        `pool`/`spatial` (reference activations [M, D]/[M, D2]) and `mu`, `sigma`, `mu_s`,
+        `sigma_s` (precomputed statistics, used in preference to the activations, as the
+        reference evaluator does). Without `pool` activations precision/recall are NaN.
+      sample_images: uint8 [N, H, W, 3].
+      is_split_size, pr_row_batch, pr_col_batch: the reference's chunk sizes.
+
+    Returns:
+      dict(inception_score, fid, sfid, precision, recall) of floats.
+    """
+    if isinstance(ref_images_or_stats, dict):
+        ref = dict(ref_images_or_stats)
+    else:
+        ref = extractor(ref_images_or_stats)
+    sample = extractor(sample_images)
+    return metrics_from_activations(
+        ref,
+        sample,
+        is_split_size=is_split_size,
+        pr_row_batch=pr_row_batch,
+        pr_col_batch=pr_col_batch,
+    )
+
+
+def _stats(acts: dict, mean_key: str, cov_key: str, act_key: str):
+    if mean_key in acts and cov_key in acts:
+        return np.asarray(acts[mean_key]), np.asarray(acts[cov_key])
+    if act_key not in acts:
+        raise ValueError(f"reference has neither {mean_key}/{cov_key} nor {act_key} activations")
+    return metrics.compute_statistics(acts[act_key])
+
+
+def metrics_from_activations(
+    ref: dict, sample: dict, *, is_split_size=5000, pr_row_batch=10000, pr_col_batch=10000
+) -> dict:
+    """The five metrics from extractor outputs (see `evaluate_samples` for `ref`'s keys)."""
+    fid = metrics.frechet_distance(
+        *_stats(sample, "mu", "sigma", "pool"), *_stats(ref, "mu", "sigma", "pool")
+    )
+    sfid = metrics.frechet_distance(
+        *_stats(sample, "mu_s", "sigma_s", "spatial"), *_stats(ref, "mu_s", "sigma_s", "spatial")
+    )
+    if "pool" in ref:
+        precision, recall = metrics.precision_recall(
+            ref["pool"], sample["pool"], row_batch_size=pr_row_batch, col_batch_size=pr_col_batch
+        )
+    else:
+        print("reference batch has no images: precision and recall are not computed")
+        precision = recall = float("nan")
+    return {
+        "inception_score": metrics.inception_score(sample["probs"], is_split_size),
+        "fid": fid,
+        "sfid": sfid,
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _npz_keys(path) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"batch file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not an .npz file (np.savez output)") from e
+
+
+def check_images(images: np.ndarray, path, what: str) -> np.ndarray:
+    """Validates a batch's `arr_0`: uint8, NHWC, 3 channels, at least 2 images."""
+    if images.dtype != np.uint8:
+        rng = f"values {float(images.min()):.3g}..{float(images.max()):.3g}" if images.size else ""
+        raise ValueError(
+            f"{what} {path}: arr_0 must be uint8 images in 0..255 (NHWC); got dtype "
+            f"{images.dtype} {rng}. Convert samples with ((x + 1) * 127.5).round().clip(0, 255)"
+            ".astype(np.uint8) before saving"
+        )
+    if images.ndim != 4 or images.shape[-1] != 3:
+        nchw = images.ndim == 4 and images.shape[1] == 3
+        raise ValueError(
+            f"{what} {path}: arr_0 must have shape [N, H, W, 3]; got {images.shape}"
+            + (" (this looks NCHW: transpose to NHWC)" if nchw else "")
+        )
+    if images.shape[0] < 2:
+        raise ValueError(f"{what} {path}: need at least 2 images for statistics; got {len(images)}")
+    return images
+
+
+def read_sample_batch(path) -> np.ndarray:
+    """`arr_0` of a sample batch, validated (uint8 [N, H, W, 3])."""
+    keys = _npz_keys(path)
+    if "arr_0" not in keys:
+        raise ValueError(
+            f"sample batch {path} has no arr_0 (keys: {keys}); sampling writes "
+            "np.savez(path, arr_0=uint8 [N, H, W, 3], arr_1=labels)"
+        )
+    with np.load(path) as z:
+        return check_images(z["arr_0"], path, "sample batch")
+
+
+def read_reference_batch(path) -> tuple[np.ndarray | None, dict]:
+    """(images or None, stats dict with any of mu/sigma/mu_s/sigma_s) of a reference batch."""
+    keys = _npz_keys(path)
+    with np.load(path) as z:
+        stats = {k: np.asarray(z[k]) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+        images = check_images(z["arr_0"], path, "reference batch") if "arr_0" in keys else None
+    if stats and set(stats) != {"mu", "sigma", "mu_s", "sigma_s"}:
+        raise ValueError(
+            f"reference batch {path} has only {sorted(stats)} of mu, sigma, mu_s, sigma_s"
+        )
+    if images is None and not stats:
+        raise ValueError(f"reference batch {path} has neither arr_0 images nor mu/sigma statistics")
+    if not stats:
+        print(f"reference batch {path} has no mu/sigma: computing statistics from its images")
+    return images, stats
+
+
+def _file_hash(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_path(ref_path, weights_path, resize: str, workdir) -> pathlib.Path:
+    key = hashlib.sha256(
+        f"{_file_hash(ref_path)}|{_file_hash(weights_path)}|{resize}".encode()
+    ).hexdigest()[:20]
+    ref_path = pathlib.Path(ref_path)
+    name = f"{ref_path.stem}.gdiff_acts_{key}.npz"
+    if os.access(ref_path.parent, os.W_OK):
+        return ref_path.parent / name
+    return pathlib.Path(workdir or ".") / name
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def load_inception_variables(path) -> dict:
+    """FID-Inception variables from `classify_image_graph_def.pb`, a pytorch-fid `.pth`, or an
+    `.npz` of state-dict arrays."""
+    from gdiff.evaluation import inception_weights
+
+    if not path:
+        raise FileNotFoundError("config.eval.inception_weights is empty. " + WEIGHTS_HELP)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"inception weights file {path} does not exist. " + WEIGHTS_HELP)
+    if str(path).endswith(".pb"):
+        return inception_weights.load_fid_inception_graph_def(path)
+    if str(path).endswith(".npz"):
+        with np.load(path) as z:
+            state = {k: z[k] for k in z.files if k != "config_json"}
+    else:
+        from gdiff.compat.torch_checkpoint import load_torch_state_dict
+
+        state = load_torch_state_dict(path)
+    return inception_weights.convert_fid_inception_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def evaluate_files(
+    ref_path,
+    sample_path,
+    weights_path,
+    *,
+    batch_size: int = 64,
+    resize: str = "legacy",
+    workdir=None,
+    output=None,
+    is_split_size: int = 5000,
+    extractor=None,
+) -> dict:
+    """Evaluates a sample batch file against a reference batch file; prints and writes the JSON.
+
+    Returns:
+      dict(inception_score, fid, sfid, precision, recall).
+    """
+    # Validate both files before the (slow) network is built.
+    ref_images, ref_stats = read_reference_batch(ref_path)
+    sample_images = read_sample_batch(sample_path)
+    if extractor is None:
+        from gdiff.evaluation import features
+
+        extractor = features.InceptionExtractor(
+            load_inception_variables(weights_path), batch_size=batch_size, resize=resize
+        )
+    ref = dict(ref_stats)
+    if ref_images is not None:
+        cache = _cache_path(ref_path, weights_path, resize, workdir) if weights_path else None
+        if cache is not None and cache.exists():
+            print(f"reading cached reference activations {cache}")
+            with np.load(cache) as z:
+                ref.update({k: z[k] for k in z.files})
+        else:
+            print("computing reference batch activations...")
+            acts = extractor(ref_images)
+            ref.update(pool=acts["pool"], spatial=acts["spatial"])
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, pool=acts["pool"], spatial=acts["spatial"])
+    print("computing sample batch activations...")
+    sample = extractor(sample_images)
+    print("computing evaluations...")
+    results = metrics_from_activations(ref, sample, is_split_size=is_split_size)
+    for key in METRIC_NAMES:
+        print(f"{PRINT_NAMES[key]}: {results[key]}")
+    if output is None:
+        sample_path = pathlib.Path(sample_path)
+        output = sample_path.with_name(sample_path.stem + "_metrics.json")
+        if not os.access(output.parent, os.W_OK):
+            output = pathlib.Path(workdir or ".") / output.name
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = dict(results, ref_batch=str(ref_path), sample_batch=str(sample_path))
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output}")
+    return results
+
+
+def run(config, workdir) -> dict:
+    """`--mode=evaluate`: reads `config.eval` (ref_batch, sample_batch, inception_weights,
+    batch_size, output; optional resize, is_split_size) and evaluates."""
+    ev = config.eval
+    if not ev.ref_batch or not ev.sample_batch:
+        raise ValueError(
+            "--mode=evaluate needs --config.eval.ref_batch=REF.npz and "
+            "--config.eval.sample_batch=SAMPLES.npz"
+        )
+    return evaluate_files(
+        ev.ref_batch,
+        ev.sample_batch,
+        ev.inception_weights,
+        batch_size=int(ev.batch_size),
+        resize=str(ev.get("resize", "legacy")),
+        workdir=workdir,
+        output=ev.output or None,
+        is_split_size=int(ev.get("is_split_size", 5000)),
+    )
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 images, optional mu/sigma)")
+    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC)")
+    parser.add_argument(
+        "--weights",
+        default=os.environ.get("GDIFF_INCEPTION_WEIGHTS", ""),
+        help="classify_image_graph_def.pb or pt_inception-2015-12-05 .pth",
+    )
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--resize", default="legacy", choices=("legacy", "halfpixel"))
+    parser.add_argument("--output", default=None, help="metrics JSON path")
+    args = parser.parse_args(argv)
+    return evaluate_files(
+        args.ref_batch,
+        args.sample_batch,
+        args.weights,
+        batch_size=args.batch_size,
+        resize=args.resize,
+        output=args.output,
+    )
+
+
+if __name__ == "__main__":
+    main()
