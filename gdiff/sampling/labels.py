@@ -1,0 +1,105 @@
+"""Which class each sample is drawn for, and which guidance scales a run sweeps.
+
+Labels are fixed for the whole run before any sampling starts (a pure function of the spec, the
+sample count and the seed), so that a resumed run, another device count or another batch size
+draws every example for the same class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LABEL_MODES = ("random", "balanced")
+
+
+def parse_scales(spec) -> list[float]:
+    """`sample.classifier_scale` -> a list of floats.
+
+    Accepts a number, a comma-separated string ("0,1,4") or a sequence of numbers. Duplicates are
+    refused because each scale names its own output folder.
+    """
+    if isinstance(spec, int | float):
+        values = [float(spec)]
+    elif isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("sample.classifier_scale is empty; give a number or a comma list")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError as e:
+            raise ValueError(
+                f"sample.classifier_scale={spec!r} is not a number or a comma-separated list of "
+                "numbers"
+            ) from e
+    else:
+        values = [float(v) for v in spec]
+    if not values:
+        raise ValueError("sample.classifier_scale names no scale")
+    if any(not np.isfinite(v) for v in values):
+        raise ValueError(f"sample.classifier_scale={spec!r} contains a non-finite value")
+    if len(set(values)) != len(values):
+        raise ValueError(f"sample.classifier_scale={spec!r} repeats a scale")
+    return values
+
+
+def format_scale(scale: float) -> str:
+    """The folder-name form of a scale: 0 -> "0", 1.5 -> "1.5", 10 -> "10"."""
+    return f"{float(scale):g}"
+
+
+def make_labels(spec, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+    """The label of every sample of a run.
+
+    Args:
+      spec: "random" (uniform over the classes, the reference sampling script's choice),
+        "balanced" (0, 1, ..., K-1, 0, 1, ...: equal counts, and a grid whose rows are classes),
+        an int (every sample that class) or a comma-separated list / sequence of ints (cycled).
+      num_samples: N.
+      num_classes: K, the number of classes of the model (and classifier) that will see the labels.
+      seed: the run's sample seed; random labels depend only on it and N.
+
+    Returns:
+      int32 [N] labels in [0, K).
+    """
+    if num_classes <= 0:
+        raise ValueError(f"labels need a positive number of classes; got {num_classes}")
+    if isinstance(spec, str) and spec.strip().lower() in LABEL_MODES:
+        mode = spec.strip().lower()
+        if mode == "random":
+            # A numpy stream of its own (not the sampling key), so labels never depend on how the
+            # JAX noise is drawn.
+            rng = np.random.default_rng([int(seed), 0x6C61626C])
+            return rng.integers(0, num_classes, size=num_samples).astype(np.int32)
+        return (np.arange(num_samples) % num_classes).astype(np.int32)
+    values = _parse_int_list(spec)
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(
+            f"sample.labels={spec!r}: label(s) {bad} outside the model's classes "
+            f"0..{num_classes - 1}"
+        )
+    return np.resize(np.asarray(values, np.int32), num_samples)
+
+
+def is_balanced(spec) -> bool:
+    return isinstance(spec, str) and spec.strip().lower() == "balanced"
+
+
+def _parse_int_list(spec) -> list[int]:
+    if isinstance(spec, bool):
+        raise ValueError(f"sample.labels={spec!r} is not a label spec")
+    if isinstance(spec, int | np.integer):
+        return [int(spec)]
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = list(spec)
+    if not parts:
+        raise ValueError("sample.labels is empty; use random, balanced, an int or a comma list")
+    try:
+        return [int(p) for p in parts]
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"sample.labels={spec!r} must be 'random', 'balanced', an int or a comma-separated "
+            "list of ints"
+        ) from e
