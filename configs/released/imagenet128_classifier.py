@@ -1,0 +1,27 @@
+"""ImageNet 128x128 noise-aware classifier (guides imagenet128.py).
+
+Released checkpoint: `128x128_classifier.pt` (openai/guided-diffusion README). Converts and trains
+the noise-aware classifier; its diffusion and classifier flags come from `imagenet128.py`.
+
+    python main.py --mode=convert --config configs/released/imagenet128_classifier.py \
+        --workdir workdir/imagenet128 --config.torch_checkpoint=models/128x128_classifier.pt
+
+Expected parameter count: 43.3M (checked by tests/test_released_configs.py).
+"""
+
+import ml_collections
+
+from configs import released
+from configs.released import imagenet128
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = released.as_classifier_config(
+        imagenet128.get_config(), torch_checkpoint="models/128x128_classifier.pt"
+    )
+    # Classifier training hyperparameters of the paper's appendix table.
+    config.optim.lr = 0.0003
+    config.optim.weight_decay = 0.05
+    config.train.classifier_batch_size = 256
+    config.train.classifier_num_steps = 300000
+    return config

@@ -1,0 +1,27 @@
+"""ImageNet 256x256 noise-aware classifier (guides imagenet256*.py).
+
+Released checkpoint: `256x256_classifier.pt` (openai/guided-diffusion README). Converts and trains
+the noise-aware classifier; its diffusion and classifier flags come from `imagenet256.py`.
+
+    python main.py --mode=convert --config configs/released/imagenet256_classifier.py \
+        --workdir workdir/imagenet256 --config.torch_checkpoint=models/256x256_classifier.pt
+
+Expected parameter count: 54.1M (checked by tests/test_released_configs.py).
+"""
+
+import ml_collections
+
+from configs import released
+from configs.released import imagenet256
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = released.as_classifier_config(
+        imagenet256.get_config(), torch_checkpoint="models/256x256_classifier.pt"
+    )
+    # Classifier training hyperparameters of the paper's appendix table.
+    config.optim.lr = 0.0003
+    config.optim.weight_decay = 0.05
+    config.train.classifier_batch_size = 256
+    config.train.classifier_num_steps = 500000
+    return config

@@ -1,0 +1,42 @@
+"""ImageNet 256x256 unconditional ADM, guided by the 256x256 classifier.
+
+Released checkpoint: `256x256_diffusion_uncond.pt` (openai/guided-diffusion README). An
+unconditional model needs a much larger guidance scale: 10.0 (paper Table 4).
+
+    python main.py --mode=convert --config configs/released/imagenet256_uncond.py \
+        --workdir workdir/imagenet256_uncond \
+        --config.torch_checkpoint=models/256x256_diffusion_uncond.pt
+    python main.py --mode=convert --config configs/released/imagenet256_classifier.py \
+        --workdir workdir/imagenet256_uncond --config.torch_checkpoint=models/256x256_classifier.pt
+    python main.py --mode=sample --config configs/released/imagenet256_uncond.py \
+        --workdir workdir/imagenet256_uncond \
+        --config.sample.classifier_checkpoint=workdir/imagenet256_uncond
+
+Expected parameter count: 552.8M (checked by tests/test_released_configs.py).
+"""
+
+import ml_collections
+
+from configs import released
+
+MODEL_FLAGS = (
+    "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 "
+    "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
+    "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True"
+    " --use_scale_shift_norm True"
+)
+CLASSIFIER_FLAGS = "--classifier_scale 10.0"
+SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = released.base_config(data_name="imagenet2012", num_classes=1000)
+    config.torch_checkpoint = "models/256x256_diffusion_uncond.pt"
+    released.apply_flags(config, MODEL_FLAGS)
+    released.apply_flags(config, CLASSIFIER_FLAGS)
+    released.apply_flags(config, SAMPLE_FLAGS)
+    # Training hyperparameters of the paper's appendix table for this model.
+    config.optim.lr = 0.0001
+    config.train.batch_size = 256
+    config.train.num_steps = 1980000
+    return config

@@ -1,0 +1,40 @@
+"""ImageNet 512x512 class-conditional ADM with classifier guidance (ADM-G).
+
+Released checkpoint: `512x512_diffusion.pt` (openai/guided-diffusion README). Guided sampling with
+the 512x512 classifier at scale 4.0, 250 steps.
+
+    python main.py --mode=convert --config configs/released/imagenet512.py \
+        --workdir workdir/imagenet512 --config.torch_checkpoint=models/512x512_diffusion.pt
+    python main.py --mode=convert --config configs/released/imagenet512_classifier.py \
+        --workdir workdir/imagenet512 --config.torch_checkpoint=models/512x512_classifier.pt
+    python main.py --mode=sample --config configs/released/imagenet512.py \
+        --workdir workdir/imagenet512 --config.sample.classifier_checkpoint=workdir/imagenet512
+
+Expected parameter count: 559.4M (checked by tests/test_released_configs.py).
+"""
+
+import ml_collections
+
+from configs import released
+
+MODEL_FLAGS = (
+    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+    "--image_size 512 --learn_sigma True --noise_schedule linear --num_channels 256 "
+    "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 "
+    "False --use_scale_shift_norm True"
+)
+CLASSIFIER_FLAGS = "--classifier_scale 4.0"
+SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = released.base_config(data_name="imagenet2012", num_classes=1000)
+    config.torch_checkpoint = "models/512x512_diffusion.pt"
+    released.apply_flags(config, MODEL_FLAGS)
+    released.apply_flags(config, CLASSIFIER_FLAGS)
+    released.apply_flags(config, SAMPLE_FLAGS)
+    # Training hyperparameters of the paper's appendix table for this model.
+    config.optim.lr = 3e-05
+    config.train.batch_size = 256
+    config.train.num_steps = 1940000
+    return config

@@ -1,0 +1,36 @@
+"""ImageNet 64x64 -> 256x256 super-resolution ADM (the upsampler of Table 5).
+
+Released checkpoint: `64_256_upsampler.pt` (openai/guided-diffusion README). Upsamples 64x64
+samples (sample.base_samples) to 256x256.
+
+    python main.py --mode=convert --config configs/released/upsampler_64_256.py \
+        --workdir workdir/upsampler_64_256 --config.torch_checkpoint=models/64_256_upsampler.pt
+    python main.py --mode=sample --config configs/released/upsampler_64_256.py \
+        --workdir workdir/upsampler_64_256 --config.sample.base_samples=64_samples.npz
+
+Expected parameter count: 312.1M (checked by tests/test_released_configs.py).
+"""
+
+import ml_collections
+
+from configs import released
+
+MODEL_FLAGS = (
+    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+    "--large_size 256  --small_size 64 --learn_sigma True --noise_schedule linear "
+    "--num_channels 192 --num_heads 4 --num_res_blocks 2 --resblock_updown True "
+    "--use_fp16 True --use_scale_shift_norm True"
+)
+SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = released.base_config(data_name="imagenet2012", num_classes=1000)
+    config.torch_checkpoint = "models/64_256_upsampler.pt"
+    released.apply_flags(config, MODEL_FLAGS)
+    released.apply_flags(config, SAMPLE_FLAGS)
+    # Training hyperparameters of the paper's appendix table for this model.
+    config.optim.lr = 0.0001
+    config.train.batch_size = 256
+    config.train.num_steps = 500000
+    return config

@@ -1,0 +1,60 @@
+"""`--mode=convert`: a released PyTorch checkpoint -> a gdiff parameter checkpoint.
+
+    python main.py --mode=convert --config configs/released/imagenet64.py \
+        --workdir workdir/imagenet64 --config.torch_checkpoint=models/64x64_diffusion.pt
+
+reads `config.torch_checkpoint` (no PyTorch needed), builds the network `config.convert_target`
+names ("model" or "classifier") from the config, checks every name and shape, and writes
+`<workdir>/<target>_params` with `gdiff.checkpointing.save_params`, where `--mode=sample` finds it.
+"""
+
+import os
+import pathlib
+
+from absl import logging
+
+from gdiff import checkpointing, factory
+from gdiff.compat import convert, torch_checkpoint
+
+
+def run(config, workdir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    """Converts `config.torch_checkpoint` and saves it under `workdir`.
+
+    Returns:
+      The written parameter checkpoint directory (`<workdir>/model_params` or
+      `<workdir>/classifier_params`).
+
+    Raises:
+      ValueError: no checkpoint path, an unknown target, or a checkpoint that does not match the
+        config's architecture (the message lists every offending layer with both shapes).
+    """
+    path = str(config.get("torch_checkpoint", "") or "")
+    if not path:
+        raise ValueError("--mode=convert needs --config.torch_checkpoint=<released .pt file>")
+    target = str(config.get("convert_target", "model") or "model")
+    if target == "model":
+        module = factory.build_model(config)
+    elif target == "classifier":
+        module = factory.build_classifier(config)
+    else:
+        raise ValueError(f"config.convert_target must be 'model' or 'classifier', got {target!r}")
+
+    logging.info("reading %s", path)
+    state_dict = torch_checkpoint.load_torch_state_dict(path)
+    variables = convert.convert_state_dict(
+        module, state_dict, image_size=int(config.model.image_size)
+    )
+    out = pathlib.Path(workdir) / f"{target}_params"
+    metadata = {
+        "source": os.path.abspath(path),
+        "convert_target": target,
+        "module": type(module).__name__,
+        "num_params": factory.param_count(module, image_size=int(config.model.image_size)),
+        "model": config.model.to_dict() if target == "model" else None,
+        "classifier": config.classifier.to_dict() if target == "classifier" else None,
+    }
+    written = checkpointing.save_params(
+        out, variables["params"], metadata=metadata, overwrite=overwrite
+    )
+    logging.info("wrote %s (%d parameters)", written, metadata["num_params"])
+    return written
