@@ -1,0 +1,483 @@
+"""Shared machinery of the benchmark scripts: configs, timing, memory, FLOP counts, JSON records.
+
+The scripts compare gdiff with the PyTorch reference measured on one H100
+(`../shared/bench/*.json`, summarised in benchmarks/RESULTS.md), so every number here is taken the
+way the reference's were: one warm-up run of the whole program (compile + run), then timed runs that
+end in `block_until_ready`. FLOPs come from XLA's own cost analysis of the program, never from a
+hand count, so the "achieved TFLOP/s" column means the same thing on every backend.
+
+Imports stay free of ml_collections, clu and TensorFlow: a GPU machine only needs jax, flax, optax
+and numpy to run `benchmarks/run_all_gpu.sh`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # The scripts run as `python benchmarks/<script>.py` from anywhere; gdiff lives at the root.
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+GIB = 1024**3
+
+# The reference README's flags for the released checkpoints (64x64_diffusion.pt,
+# 64x64_classifier.pt, 256x256_diffusion.pt, 256x256_classifier.pt). Classifier flags not given in
+# the README are the reference's classifier_defaults(). "tiny" is a CPU-sized stand-in with the same
+# block structure (class-conditional, learned sigma, attention, up/down resblocks, attention pool).
+CONFIGS: dict[str, dict[str, str]] = {
+    "64": {
+        "model": (
+            "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+            "--dropout 0.1 --image_size 64 --learn_sigma True --noise_schedule cosine "
+            "--num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+            "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
+        ),
+        "classifier": (
+            "--image_size 64 --classifier_attention_resolutions 32,16,8 --classifier_depth 4 "
+            "--classifier_width 128 --classifier_pool attention --classifier_resblock_updown True "
+            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
+        ),
+    },
+    "256": {
+        "model": (
+            "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+            "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
+            "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
+            "--use_scale_shift_norm True"
+        ),
+        "classifier": (
+            "--image_size 256 --classifier_attention_resolutions 32,16,8 --classifier_depth 2 "
+            "--classifier_width 128 --classifier_pool attention --classifier_resblock_updown True "
+            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
+        ),
+    },
+    "tiny": {
+        "model": (
+            "--attention_resolutions 8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
+            "--image_size 16 --learn_sigma True --noise_schedule cosine --num_channels 32 "
+            "--channel_mult 1,2 --num_head_channels 16 --num_res_blocks 1 --resblock_updown True "
+            "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
+        ),
+        # The reference builds classifiers for 64, 128, 256 and 512 pixels only: the tiny one is
+        # built as a 64x64 classifier and then shrunk to 16x16 (see TINY_CLASSIFIER).
+        "classifier": (
+            "--image_size 64 --classifier_attention_resolutions 8 --classifier_depth 1 "
+            "--classifier_width 32 --classifier_pool attention --classifier_resblock_updown True "
+            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
+        ),
+    },
+}
+
+# What the tiny classifier module is cloned with: 16x16 inputs, two levels, attention at 8x8.
+TINY_CLASSIFIER = {"image_size": 16, "channel_mult": (1, 2), "attention_resolutions": (2,)}
+
+# The reference's figures (../shared/bench/reference_*_h100.json), keyed for the comparison that
+# the scripts print next to their own numbers. GFLOP per image-step counts 2 FLOPs per
+# multiply-add of the UNet forward, plus 3x the classifier forward when guided.
+REFERENCE_SAMPLING = {
+    ("64", True): {"img_per_s": 12.21, "ms_per_step": 838.65, "gflop_per_img_step": 333.8},
+    ("64", False): {"img_per_s": 24.41, "ms_per_step": 419.45, "gflop_per_img_step": 219.4},
+    ("256", True): {"img_per_s": 2.30, "ms_per_step": 557.03, "gflop_per_img_step": 2679.8},
+    ("256", False): {"img_per_s": 3.19, "ms_per_step": 400.95, "gflop_per_img_step": 2239.7},
+}
+REFERENCE_TRAINING = {
+    ("diffusion", "64"): dict(batch=64, ms_per_step=404.0, img_per_s=158.4, params_m=295.9),
+    ("classifier", "64"): dict(batch=128, ms_per_step=241.3, img_per_s=530.5, params_m=65.44),
+    ("diffusion", "256"): dict(batch=16, ms_per_step=583.1, img_per_s=27.4, params_m=553.84),
+    ("classifier", "256"): dict(batch=64, ms_per_step=314.9, img_per_s=203.2, params_m=54.1),
+}
+REFERENCE_MATMUL_TFLOPS_H100 = 785.2
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def model_kwargs(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
+    """Keyword arguments for `create_model_and_diffusion` from the released flags of `config`.
+
+    `dtype` replaces the flags' `use_fp16` (bfloat16 is gdiff's reduced-precision mode; parameters
+    stay float32 either way).
+    """
+    from gdiff.compat import openai
+
+    _check_choice("config", config, CONFIGS)
+    kw = openai.model_and_diffusion_defaults()
+    kw.update(openai.parse_flags(CONFIGS[config]["model"]))
+    kw = {k: v for k, v in kw.items() if k in openai.model_and_diffusion_defaults()}
+    kw.update(
+        use_fp16=dtype == "bfloat16",
+        timestep_respacing=respacing,
+        dtype=dtype,
+        attention_impl=attention_impl,
+    )
+    return kw
+
+
+def classifier_kwargs(config: str, *, dtype: str, attention_impl: str | None):
+    """Keyword arguments for `create_classifier` from the released classifier flags of `config`."""
+    from gdiff.compat import openai
+
+    _check_choice("config", config, CONFIGS)
+    defaults = openai.classifier_defaults()
+    flags = openai.parse_flags(CONFIGS[config]["classifier"])
+    kw = {**defaults, **{k: v for k, v in flags.items() if k in defaults}}
+    kw.update(classifier_use_fp16=dtype == "bfloat16", dtype=dtype, attention_impl=attention_impl)
+    return kw
+
+
+def build_model(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
+    """(UNetModel, diffusion, the kwargs used) of a benchmark configuration, via the compat API."""
+    from gdiff.compat import openai
+
+    kw = model_kwargs(config, dtype=dtype, attention_impl=attention_impl, respacing=respacing)
+    model, diffusion = openai.create_model_and_diffusion(**kw)
+    return model, diffusion, kw
+
+
+def build_classifier(config: str, *, dtype: str, attention_impl: str | None):
+    """The noise-aware classifier of a benchmark configuration -> (module, image_size)."""
+    from gdiff.compat import openai
+
+    classifier = openai.create_classifier(
+        **classifier_kwargs(config, dtype=dtype, attention_impl=attention_impl)
+    )
+    if config == "tiny":
+        classifier = classifier.clone(**TINY_CLASSIFIER)
+    return classifier, int(classifier.image_size)
+
+
+def _check_choice(what: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {sorted(choices)}; got {value!r}")
+
+
+def abstract_variables(module, *args, **kwargs):
+    """The variable pytree `module.init` would build, as ShapeDtypeStructs (nothing allocated)."""
+    # The abstract arguments must go through eval_shape (not a closure) to be traced.
+    return jax.eval_shape(
+        lambda a, k: module.init(jax.random.key(0), *a, **k), tuple(args), dict(kwargs)
+    )
+
+
+def random_variables(abstract, key: jax.Array, sharding=None):
+    """Random float32 variables shaped like `abstract`, created on the device(s) of `sharding`.
+
+    Weights of rank >= 2 are N(0, 1/fan_in) (so activations neither vanish nor blow up through a
+    deep random network and timings are not taken on NaNs); GroupNorm scales are 1; other vectors 0.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
+
+    def make(key):
+        # One normal draw for every weight, then slices: a separate draw per leaf would put a few
+        # hundred threefry hashes into the program and its CPU compile would take minutes.
+        flat = jax.random.normal(key, (max(sum(sizes), 1),), jnp.float32)
+        out, offset = [], 0
+        for (path, leaf), size in zip(leaves, sizes, strict=True):
+            name = str(getattr(path[-1], "key", path[-1]))
+            if len(leaf.shape) >= 2:
+                fan_in = int(np.prod(leaf.shape[:-1]))
+                values = flat[offset : offset + size].reshape(leaf.shape) / np.sqrt(fan_in)
+                out.append(values.astype(leaf.dtype))
+                offset += size
+            elif name == "scale":
+                out.append(jnp.ones(leaf.shape, leaf.dtype))
+            else:
+                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(make, out_shardings=sharding)(key)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention implementation
+
+
+def resolve_attention(choice: str, dtype: str) -> str:
+    """Turns --attention {auto,xla,cudnn} into the implementation the models will be given.
+
+    "auto" takes cuDNN's fused kernel where it runs (a GPU, bfloat16 compute; the probe in
+    ../shared/bench measured it 7.4x faster than XLA's at 1024 tokens) and XLA everywhere else.
+    `jax.nn.dot_product_attention(implementation=None)` would pick XLA today, so choose explicitly.
+    """
+    _check_choice("--attention", choice, ("auto", "xla", "cudnn"))
+    if choice != "auto":
+        return choice
+    if jax.default_backend() != "gpu" or dtype != "bfloat16":
+        return "xla"
+    try:
+        q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+        jax.block_until_ready(jax.nn.dot_product_attention(q, q, q, implementation="cudnn"))
+    except Exception:  # noqa: BLE001 - any failure means cuDNN attention is not usable here
+        return "xla"
+    return "cudnn"
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 1) -> dict[str, Any]:
+    """Times `fn()` (which must return jax arrays) after `warmup` untimed calls.
+
+    Every call is ended with `block_until_ready`, so the time is the device's, not the dispatch's.
+
+    Returns:
+      dict(first_call_s: the first warm-up call, i.e. compile + run; times_s: one entry per timed
+      call; seconds: their median; out: the last call's result).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    first = None
+    out = None
+    for _ in range(warmup):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        if first is None:
+            first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return {
+        "first_call_s": first,
+        "times_s": times,
+        "seconds": float(np.median(times)),
+        "out": out,
+    }
+
+
+def time_pipelined(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10) -> float:
+    """Mean seconds per call of a short kernel, dispatched `iters` times back to back.
+
+    Blocking only on the last result keeps launch latency out of microsecond-scale op timings.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    start = time.perf_counter()
+    out = None
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def peak_memory_bytes() -> int | None:
+    """The largest `peak_bytes_in_use` over this process's devices, or None where the backend
+    keeps no statistics (the CPU backend)."""
+    peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def gib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else round(n_bytes / GIB, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and the program's structure
+
+
+def cost_flops(stage) -> float:
+    """FLOPs of a `jax.stages.Lowered` or `Compiled` program from XLA's cost analysis.
+
+    XLA counts 2 FLOPs per multiply-add of convolutions and dots and 1 per elementwise op. A
+    `while` body is counted once, not once per trip, so count single steps, not whole loops.
+    """
+    analysis = stage.cost_analysis()
+    if isinstance(analysis, Sequence) and not isinstance(analysis, dict):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        raise RuntimeError(f"XLA cost analysis reported no FLOPs ({analysis!r})")
+    return float(analysis["flops"])
+
+
+# Markers of work that leaves the device inside a compiled program.
+_HOST_MARKERS = (
+    "callback",  # jax.pure_callback / io_callback / debug.print custom calls
+    "infeed",
+    "outfeed",
+    "stablehlo.send",
+    "stablehlo.recv",
+    "host_compute",
+)
+
+
+def hlo_structure(lowered) -> dict[str, Any]:
+    """Counts loops and host round trips in a lowered (StableHLO) program.
+
+    A sampling run that stays on the device has ONE `stablehlo.while` outside the random number
+    generator (the scanned reverse chain; JAX's threefry hash is itself a short rolled loop inside
+    its own `@threefry2x32*` functions) and no callback, infeed/outfeed or send/recv anywhere.
+    """
+    text = lowered.as_text()
+    per_function: dict[str, int] = {}
+    current = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("func.func"):
+            current = stripped.split("@", 1)[1].split("(", 1)[0]
+        if "stablehlo.while" in line and current is not None:
+            per_function[current] = per_function.get(current, 0) + 1
+    outside_rng = sum(n for f, n in per_function.items() if not f.startswith("threefry"))
+    host = {m: text.count(m) for m in _HOST_MARKERS if text.count(m)}
+    return {
+        "hlo_while_loops": outside_rng,
+        "hlo_while_loops_by_function": per_function,
+        "hlo_host_transfers": host,
+        "hlo_custom_calls": sorted(
+            {line.split('call_target_name = "')[1].split('"')[0] for line in _custom_calls(text)}
+        ),
+    }
+
+
+def _custom_calls(text: str):
+    return [line for line in text.splitlines() if 'call_target_name = "' in line]
+
+
+# ----------------------------------------------------------------------------------------------
+# The bf16 matmul peak of the device
+
+
+def default_matmul_size(tiny: bool) -> int:
+    """8192^3 on accelerators (what ../shared/bench measured on the H100), small on CPU."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        return 8192
+    return 256 if tiny else 1024
+
+
+def matmul_peak_tflops(n: int, dtype=jnp.bfloat16, iters: int = 10) -> float:
+    """Achieved TFLOP/s of an n x n x n matrix product in `dtype` on the default device."""
+    if n <= 0:
+        raise ValueError(f"matmul size must be positive; got {n}")
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    seconds = time_pipelined(lambda: matmul(a, b), warmup=2, iters=iters)
+    return 2.0 * n**3 / seconds / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def environment() -> dict[str, Any]:
+    """Where a number was measured: backend, device kind and count, versions, command line."""
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def emit(record: dict[str, Any], out: str | None) -> None:
+    """Prints `record` as JSON and writes it to `out` (parent folders created) when given."""
+    text = json.dumps(record, indent=1, sort_keys=False, default=_jsonable)
+    print(text, flush=True)
+    if out:
+        path = pathlib.Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def round_or_none(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary table of written records: `python benchmarks/common.py benchmarks/logs/*.json`
+
+
+def summarize(records: list[dict[str, Any]]) -> str:
+    """Markdown tables of sampling, training and ops records, next to the reference's H100 rows."""
+    out = []
+    sampling = [r for r in records if r.get("benchmark") == "sampling" and "img_per_s" in r]
+    if sampling:
+        out += [
+            "| config | batch | sampler | guided | attention | img/s | ms/step | GFLOP/img-step "
+            "(XLA; ref. convention) | TFLOP/s | of matmul peak | peak GiB | reference img/s | x |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sampling:
+            ref = r.get("reference_h100") or {}
+            sampler = ("DDIM " if r["ddim"] else "DDPM ") + str(r["steps"])
+            out.append(
+                f"| {r['config']} | {r['batch']} | {sampler} | {r['guided']} | "
+                f"{r['attention_impl']} | {r['img_per_s']} | {r['ms_per_step']} | "
+                f"{r['flops_per_img_step'] / 1e9:.1f}; "
+                f"{r['ref_convention_flops_per_img_step'] / 1e9:.1f} | {r['achieved_tflops']} | "
+                f"{100 * r['fraction_of_matmul_peak']:.1f}% | {r['peak_mem_gib']} | "
+                f"{ref.get('img_per_s', '-')} | {r.get('speedup_vs_reference_h100', '-')} |"
+            )
+    training = [r for r in records if r.get("benchmark") == "training"]
+    if training:
+        out += [
+            "",
+            "| kind | config | batch | ms/step | img/s | params | TFLOP/s | peak GiB | "
+            "reference ms/step (batch) | x |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in training:
+            ref = r.get("reference_h100") or {}
+            ref_text = f"{ref['ms_per_step']} ({ref['batch']})" if ref else "-"
+            out.append(
+                f"| {r['kind']} | {r['config']} | {r['batch']} | {r['ms_per_step']} | "
+                f"{r['img_per_s']} | {r['params_m']}M | {r['achieved_tflops']} | "
+                f"{r['peak_mem_gib']} | {ref_text} | {r.get('speedup_vs_reference_h100', '-')} |"
+            )
+    for r in records:
+        if r.get("benchmark") != "ops":
+            continue
+        out += ["", "| op | TFLOP/s | % of matmul peak |", "|---|---|---|"]
+        for row in r["rows"]:
+            tflops = row["tflops"] if row["tflops"] is not None else row.get("error", "-")
+            out.append(f"| {row['op']} | {tflops} | {row.get('pct_of_matmul', '-')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    paths = sys.argv[1:]
+    if not paths:
+        raise SystemExit("usage: python benchmarks/common.py RECORD.json [...]")
+    print(summarize([json.loads(pathlib.Path(p).read_text()) for p in paths]))

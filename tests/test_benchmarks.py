@@ -1,0 +1,227 @@
+"""The benchmark scripts cannot rot: each runs end to end in a tiny configuration on CPU.
+
+The scripts are run as a user runs them (a subprocess, `--tiny`, JSON out) on two fake CPU devices,
+so the data-parallel path is exercised; their JSON must carry positive throughput and XLA FLOP
+counts, and the sampling program must be one on-device loop. The shared helpers of
+benchmarks/common.py are checked in-process against numbers known independently.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+DEVICES = 2
+
+
+def run_script(tmp_path, script: str, *args: str, expect_ok: bool = True):
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ)
+    # Unoptimised CPU code generation halves the compile time of the tiny networks; these tests
+    # check that the scripts work and report consistent numbers, not how fast a CPU is.
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if not expect_ok:
+        return proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    # The JSON printed and the JSON written are the same record.
+    assert json.loads(proc.stdout[proc.stdout.index("{") :]) == record
+    return record
+
+
+def test_sampling_tiny_guided(tmp_path):
+    rec = run_script(
+        tmp_path,
+        "bench_sampling.py",
+        *("--tiny", "--guided", "--respacing", "ddim2", "--dtype", "float32", "--batch", "4"),
+    )
+    assert rec["config"] == "tiny" and rec["ddim"] is True and rec["steps"] == 2
+    assert rec["batch"] == 4 and rec["env"]["device_count"] == DEVICES
+    assert rec["img_per_s"] > 0 and rec["ms_per_step"] > 0 and rec["seconds"] > 0
+    assert rec["img_per_s"] == pytest.approx(4 / rec["seconds"], rel=1e-2)
+    flops = rec["flops"]
+    assert flops["model_fwd"] > 0 and flops["classifier_fwd"] > 0
+    # The guidance gradient is a forward plus a backward pass, so it costs more than a forward.
+    assert flops["classifier_grad"] > 1.5 * flops["classifier_fwd"]
+    assert rec["flops_per_img_step"] == pytest.approx(flops["model_fwd"] + flops["classifier_grad"])
+    assert rec["ref_convention_flops_per_img_step"] == pytest.approx(
+        flops["model_fwd"] + 3 * flops["classifier_fwd"]
+    )
+    expected_tflops = rec["flops_per_img_step"] * 4 * 2 / rec["seconds"] / 1e12
+    assert rec["achieved_tflops"] == pytest.approx(expected_tflops, rel=1e-2, abs=1e-4)
+    assert rec["matmul_peak_tflops"] > 0 and rec["fraction_of_matmul_peak"] > 0
+    # The whole chain is one on-device loop: no host round trip per step.
+    assert rec["hlo_while_loops"] == 1
+    assert rec["hlo_host_transfers"] == {}
+    assert rec["attention_impl"] == "xla"  # "auto" off a GPU
+    assert rec["peak_mem_gib"] is None or rec["peak_mem_gib"] > 0
+    assert rec["model_params"] > 0 and rec["classifier_params"] > 0
+    table = common.summarize([rec])
+    assert f"| {rec['img_per_s']} |" in table and "DDIM 2" in table
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "classifier"])
+def test_training_tiny(tmp_path, kind):
+    rec = run_script(
+        tmp_path,
+        "bench_training.py",
+        *("--tiny", "--kind", kind, "--dtype", "float32", "--batch", "4"),
+        *("--warmup", "1", "--steps", "2"),
+    )
+    assert rec["kind"] == kind and rec["batch"] == 4
+    assert rec["ms_per_step"] > 0 and rec["img_per_s"] > 0
+    assert rec["img_per_s"] == pytest.approx(4 / (rec["ms_per_step"] / 1e3), rel=1e-2)
+    assert rec["params"] > 0 and np.isfinite(rec["loss"])
+    assert rec["flops_per_step"] > 0
+    assert rec["flops_per_img"] == pytest.approx(rec["flops_per_step"] / 4)
+    assert rec["achieved_tflops"] > 0
+    assert f"| {rec['ms_per_step']} |" in common.summarize([rec])
+    if kind == "classifier":
+        # Cross-entropy of random logits over 1000 classes starts near log(1000).
+        assert 2.0 < rec["loss"] < 20.0
+
+
+def test_ops_tiny(tmp_path):
+    rec = run_script(tmp_path, "bench_ops.py", "--tiny", "--iters", "1")
+    ops = {row["op"]: row for row in rec["rows"]}
+    assert ops["matmul 256^3 bf16"]["tflops"] > 0
+    convs = [row for op, row in ops.items() if op.startswith("4x conv3x3")]
+    blocks = [row for op, row in ops.items() if op.startswith("4x GN+SiLU")]
+    assert len(convs) == 2 and len(blocks) == 2
+    for row in convs + blocks:
+        assert row["tflops"] > 0 and row["ms"] > 0
+        # XLA skips the taps that fall on padding, so its count is a bit below the dense one.
+        assert 0.7 * row["conv_flops"] < row["xla_flops"] < 1.2 * row["conv_flops"]
+    assert ops["attention 64 tok 2x16 b2 xla"]["tflops"] > 0
+    cudnn = ops["attention 64 tok 2x16 b2 cudnn"]
+    assert cudnn["tflops"] is None and cudnn["error"]  # no cuDNN on a CPU
+    assert "| attention 64 tok 2x16 b2 xla |" in common.summarize([rec])
+
+
+def test_benchmarks_import_no_heavy_packages():
+    """A GPU image with only jax/flax/optax must run the benchmarks: no ml_collections, clu,
+    TensorFlow or PyTorch on their import path."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import bench_sampling, bench_training, bench_ops;"
+        "from gdiff.compat import openai; from gdiff.sampling import sampler;"
+        "heavy = ('ml_collections', 'clu', 'tensorflow', 'torch');"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_indivisible_batch_is_refused(tmp_path):
+    proc = run_script(
+        tmp_path, "bench_sampling.py", "--tiny", "--batch", "3", "--cost-only", expect_ok=False
+    )
+    assert proc.returncode != 0
+    assert "--batch=3" in proc.stderr and "multiple of the number of devices" in proc.stderr
+
+
+def test_bad_flags_are_refused(tmp_path):
+    proc = run_script(tmp_path, "bench_training.py", "--batch", "0", expect_ok=False)
+    assert proc.returncode == 2 and "--batch must be positive" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/common.py in-process
+
+
+def test_cost_flops_counts_a_matmul():
+    n = 64
+    a = jax.ShapeDtypeStruct((n, n), jnp.float32)
+    flops = common.cost_flops(jax.jit(jnp.matmul).lower(a, a))
+    assert flops == pytest.approx(2 * n**3, rel=0.01)
+
+
+def test_hlo_structure_sees_one_loop_and_callbacks():
+    def chain(x, key):
+        def step(x, i):
+            return x * 0.5 + jax.random.normal(jax.random.fold_in(key, i), x.shape), None
+
+        return jax.lax.scan(step, x, jnp.arange(5))[0]
+
+    x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    info = common.hlo_structure(jax.jit(chain).lower(x, key))
+    assert info["hlo_while_loops"] == 1
+    assert info["hlo_host_transfers"] == {}
+
+    def with_callback(x):
+        y = jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return y + 1
+
+    info = common.hlo_structure(jax.jit(with_callback).lower(x))
+    assert info["hlo_host_transfers"].get("callback", 0) >= 1
+    assert info["hlo_while_loops"] == 0
+
+
+def test_random_variables_scales_by_fan_in():
+    abstract = {
+        "conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32)},
+        "norm": {
+            "scale": jax.ShapeDtypeStruct((128,), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((128,), jnp.float32),
+        },
+    }
+    v = common.random_variables(abstract, jax.random.key(0))
+    kernel = np.asarray(v["conv"]["kernel"])
+    assert kernel.shape == (3, 3, 64, 128)
+    assert np.std(kernel) == pytest.approx(1 / np.sqrt(3 * 3 * 64), rel=0.05)
+    np.testing.assert_array_equal(np.asarray(v["norm"]["scale"]), np.ones(128))
+    np.testing.assert_array_equal(np.asarray(v["norm"]["bias"]), np.zeros(128))
+    assert common.count_params(v) == 3 * 3 * 64 * 128 + 2 * 128
+
+
+def test_resolve_attention_and_bad_choices():
+    if jax.default_backend() != "gpu":
+        assert common.resolve_attention("auto", "bfloat16") == "xla"
+    assert common.resolve_attention("auto", "float32") == "xla"
+    assert common.resolve_attention("cudnn", "bfloat16") == "cudnn"
+    with pytest.raises(ValueError, match="--attention"):
+        common.resolve_attention("flash", "bfloat16")
+    with pytest.raises(ValueError, match="config"):
+        common.model_kwargs("128", dtype="bfloat16", attention_impl=None)
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_calls(lambda: jnp.zeros(()), repeats=0)
+
+
+def test_released_flags_build_the_reference_networks():
+    """The 64x64 flags give the released model's and classifier's parameter counts."""
+    model, diffusion, kw = common.build_model("64", dtype="bfloat16", attention_impl="xla")
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    variables = common.abstract_variables(model, x, t, y=t)
+    # ../shared/bench/reference_training_h100.json: 295.9M (model), 65.44M (classifier, depth 4).
+    assert common.count_params(variables) / 1e6 == pytest.approx(295.9, abs=0.1)
+    classifier, size = common.build_classifier("64", dtype="bfloat16", attention_impl="xla")
+    assert size == 64
+    cvars = common.abstract_variables(classifier, x, t)
+    assert common.count_params(cvars) / 1e6 == pytest.approx(65.44, abs=0.01)
+    assert diffusion.num_timesteps == 1000 and kw["use_fp16"] is True
