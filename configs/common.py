@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     classifier.classifier_resblock_updown = True
     classifier.classifier_pool = "attention"
     classifier.num_classes = 10
+    # The reference hard-codes these two; small images need smaller values.
+    classifier.num_head_channels = 64
+    classifier.channel_mult = ""  # "" = the reference's table for 64/128/256/512
     classifier.dtype = "float32"
 
     config.optim = optim = ml_collections.ConfigDict()

@@ -39,7 +39,7 @@ def maybe_initialize(setting: Any = "auto") -> bool:
         setting = "auto" if value == "auto" else value in ("true", "1")
     if setting == "auto":
         setting = any(os.environ.get(name) for name in _COORDINATOR_ENV)
-    if not setting:
+    if not setting or jax.distributed.is_initialized():
         return False
     jax.distributed.initialize()
     return True

@@ -7,6 +7,7 @@ and the parity fixtures of the reference implementation, found through $GDIFF_PA
 
 import os
 import pathlib
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -17,6 +18,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical programs (a resumed run, a subprocess, the same model in two test files) compile once.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "GDIFF_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "gdiff_test_jax_cache")
+    ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARITY_DIR = pathlib.Path(os.environ.get("GDIFF_PARITY_DIR", REPO.parent / "shared" / "parity"))

@@ -11,6 +11,7 @@ import tempfile
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The persistent compilation cache tests/conftest.py enables; subprocesses share it.
 CACHE = os.path.join(tempfile.gettempdir(), "gdiff_test_jax_cache")
 
 WORKER = r"""

@@ -20,9 +20,8 @@ from gdiff.train import diffusion_trainer, loop_utils
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 16
 # Identical programs (the same step compiled by a resumed run, a subprocess) compile once.
+# The persistent compilation cache tests/conftest.py enables; subprocesses share it.
 CACHE = os.path.join(tempfile.gettempdir(), "gdiff_test_jax_cache")
-jax.config.update("jax_compilation_cache_dir", CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _config(**train):

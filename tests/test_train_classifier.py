@@ -1,8 +1,5 @@
 """Noise-aware classifier training on the tiny config: learns, evaluates held-out data, resumes."""
 
-import os
-import tempfile
-
 import jax
 import numpy as np
 import pytest
@@ -10,10 +7,6 @@ import pytest
 from configs import tiny
 from gdiff import checkpointing
 from gdiff.train import classifier_trainer, loop_utils
-
-CACHE = os.path.join(tempfile.gettempdir(), "gdiff_test_jax_cache")
-jax.config.update("jax_compilation_cache_dir", CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _config():

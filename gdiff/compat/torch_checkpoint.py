@@ -7,7 +7,17 @@ A modern torch.save file is a zip archive:
     <top>/data/<key>        the raw bytes of each storage
     <top>/byteorder         "little" or "big" (absent in old files, which are little-endian)
 
-The pickle is read by a restricted `pickle.Unpickler`: `find_class` resolves only the handful of
+A legacy torch.save file (PyTorch < 1.6, or `_use_new_zipfile_serialization=False`; e.g. the
+pytorch-fid Inception weights) is a plain stream of consecutive pickles followed by raw bytes:
+
+    magic number 0x1950a86a20f9469cfc6c, protocol version 1001, a sys_info dict
+    the pickled state dict; storages are persistent ids
+                            ('storage', storage type, root key, location, numel, view metadata)
+    the list of root storage keys, in the order their data follows
+    per key: numel as an 8-byte little-endian integer, then numel * itemsize bytes (little-endian;
+    torch writes little-endian whatever the machine)
+
+Every pickle is read by a restricted `pickle.Unpickler`: `find_class` resolves only the handful of
 globals a state dict needs (OrderedDict, the tensor/parameter rebuild functions and the typed
 storage classes) to local stand-ins, so nothing from the file is ever imported or executed. Any
 other global is refused with an error naming it.
@@ -18,6 +28,7 @@ import io
 import os
 import pickle
 import zipfile
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -45,8 +56,16 @@ class _StorageType:
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
+# What torch's legacy writer puts first: pickle protocol 2 of the magic number (how the format is
+# recognised), then the format version.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
+_LEGACY_HEADER = pickle.dumps(_LEGACY_MAGIC, protocol=2)
+
+
 class _Storage:
-    """A storage record resolved to a flat numpy array."""
+    """A storage record resolved to a flat numpy array (for legacy files: filled in after the
+    state dict pickle, so tensors are views of it until `load_torch_state_dict` copies them)."""
 
     def __init__(self, array: np.ndarray, key: str):
         self.array = array
@@ -74,10 +93,11 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             f"storage {storage.key} ({flat.size} elements): the file is corrupt"
         )
     itemsize = flat.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
+    # A view, not a copy: a legacy file's storage bytes come after this pickle and are written
+    # into `flat` in place later. `load_torch_state_dict` makes the contiguous copies.
+    return np.lib.stride_tricks.as_strided(
         flat[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
     )
-    return np.array(view)  # a contiguous copy that owns its memory
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *args):
@@ -94,11 +114,14 @@ _ALLOWED = {
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, records: dict, byteorder: str):
-        super().__init__(io.BytesIO(data))
+    """Unpickles a state dict; a zip file's storages come from `records` {key: () -> bytes}."""
+
+    def __init__(self, stream: BinaryIO, records: dict, byteorder: str):
+        super().__init__(stream)
         self._records = records
         self._byteorder = byteorder
-        self._storages: dict[str, _Storage] = {}
+        self._storages: dict[str, _Storage] = {}  # root storages by key
+        self._views: dict[str, _Storage] = {}  # legacy view_metadata slices by view key
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
@@ -117,8 +140,15 @@ class _StateDictUnpickler(pickle.Unpickler):
         storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        if key in self._storages:
-            return self._storages[key]
+        if numel < 0:
+            raise ValueError(f"storage {key} has a negative size {numel}: the file is corrupt")
+        if key not in self._storages:
+            self._storages[key] = _Storage(self._read_storage(storage_type, key, numel), key)
+        root = self._storages[key]
+        view = pid[5] if len(pid) > 5 else None
+        return root if view is None else self._view(root, view)
+
+    def _read_storage(self, storage_type: _StorageType, key: str, numel: int) -> np.ndarray:
         if key not in self._records:
             raise ValueError(f"storage record data/{key} is missing from the archive")
         raw = self._records[key]()
@@ -129,58 +159,152 @@ class _StateDictUnpickler(pickle.Unpickler):
                 f"storage data/{key} has {len(raw)} bytes, expected {need} "
                 f"({numel} x {storage_type.name}): the file is truncated or corrupt"
             )
-        flat = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
-        self._storages[key] = _Storage(flat, key)
-        return self._storages[key]
+        return np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
+
+    def _view(self, root: _Storage, view) -> _Storage:
+        """Legacy files may name a slice of a root storage: (view key, offset, size) in elements."""
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise pickle.UnpicklingError(f"unsupported storage view metadata {view!r}")
+        view_key, offset, size = str(view[0]), int(view[1]), int(view[2])
+        if view_key not in self._views:
+            if offset < 0 or size < 0 or offset + size > root.array.size:
+                raise ValueError(
+                    f"storage view {view_key} [{offset}, {offset + size}) lies outside storage "
+                    f"{root.key} ({root.array.size} elements): the file is corrupt"
+                )
+            self._views[view_key] = _Storage(root.array[offset : offset + size], view_key)
+        return self._views[view_key]
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a state dict written by `torch.save(module.state_dict(), path)`.
+class _LegacyUnpickler(_StateDictUnpickler):
+    """Legacy storages are allocated when first named and filled after the pickle is read."""
 
-    Args:
-      path: a zip-format torch.save file (PyTorch >= 1.6; the released ADM checkpoints).
+    def __init__(self, stream: BinaryIO, file_size: int):
+        super().__init__(stream, {}, "little")
+        self._file_size = file_size
 
-    Returns:
-      {reference parameter name: numpy array}, with the saved dtype (float16 checkpoints stay
-      float16; `convert_state_dict` casts to float32) and native byte order.
+    def _read_storage(self, storage_type: _StorageType, key: str, numel: int) -> np.ndarray:
+        # Bound the allocation by what the file can hold, so a corrupt size cannot exhaust memory.
+        if numel * storage_type.dtype.itemsize > self._file_size:
+            raise ValueError(
+                f"storage {key} claims {numel} x {storage_type.name}, more than the whole file "
+                f"({self._file_size} bytes): the file is truncated or corrupt"
+            )
+        return np.zeros(numel, storage_type.dtype)
 
-    Raises:
-      ValueError: not a zip-format torch file, truncated, corrupt, or not a flat state dict.
-      pickle.UnpicklingError (wrapped in ValueError): the pickle names anything beyond tensors.
-    """
-    path = os.fspath(path)
+    def fill_storages(self, stream: BinaryIO) -> None:
+        """Reads the storage key list and each storage's bytes (after the state dict pickle)."""
+        keys = _StateDictUnpickler(stream, {}, "little").load()
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise ValueError(f"expected the list of storage keys, got {type(keys).__name__}")
+        if sorted(keys) != sorted(self._storages):
+            raise ValueError(
+                f"the storage key list {sorted(keys)} does not match the storages the state "
+                f"dict uses {sorted(self._storages)}: the file is corrupt"
+            )
+        for key in keys:
+            flat = self._storages[key].array
+            head = stream.read(8)
+            if len(head) < 8:
+                raise ValueError(f"storage {key}: the file ends early; it is truncated or corrupt")
+            count = int.from_bytes(head, "little")
+            if count != flat.size:
+                raise ValueError(
+                    f"storage {key} holds {count} elements, the state dict expects {flat.size}: "
+                    "the file is corrupt"
+                )
+            raw = stream.read(count * flat.dtype.itemsize)
+            if len(raw) < count * flat.dtype.itemsize:
+                raise ValueError(
+                    f"storage {key} has {len(raw)} bytes, expected {count * flat.dtype.itemsize}"
+                    f" ({count} x {flat.dtype}): the file is truncated or corrupt"
+                )
+            flat[...] = np.frombuffer(raw, dtype=flat.dtype.newbyteorder("<"))
+
+
+def _load_legacy(stream: BinaryIO) -> object:
+    """The state dict object of a legacy torch.save stream (header already recognised)."""
+
+    def plain():  # a header pickle: plain values, through the same restricted unpickler
+        return _StateDictUnpickler(stream, {}, "little").load()
+
+    if plain() != _LEGACY_MAGIC:
+        raise ValueError("bad legacy magic number")
+    version = plain()
+    if version != _LEGACY_PROTOCOL_VERSION:
+        raise ValueError(f"unsupported legacy torch.save protocol version {version!r}")
+    sys_info = plain()
+    if not isinstance(sys_info, dict):
+        raise ValueError(f"expected the legacy sys_info dict, got {type(sys_info).__name__}")
+    unpickler = _LegacyUnpickler(stream, os.fstat(stream.fileno()).st_size)
+    obj = unpickler.load()
+    unpickler.fill_storages(stream)
+    return obj
+
+
+def _load_zip(path: str) -> object:
+    """The state dict object of a zip-format torch.save file."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(
-            f"{path} is not a readable zip-format torch.save file ({e}); legacy (pre-1.6) "
-            "torch files are not supported"
+            f"neither a readable zip-format torch.save file ({e}) nor a legacy one (no legacy "
+            "magic number): not a torch checkpoint, or truncated or corrupt"
         ) from e
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: expected one <top>/data.pkl record, found {pickles}")
+            raise ValueError(f"expected one <top>/data.pkl record, found {pickles}")
         top = pickles[0][: -len("data.pkl")]
         byteorder = "little"
         if top + "byteorder" in names:
             byteorder = archive.read(top + "byteorder").decode().strip()
             if byteorder not in ("little", "big"):
-                raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
+                raise ValueError(f"unknown byteorder record {byteorder!r}")
         data_prefix = top + "data/"
         records = {
             n[len(data_prefix) :]: (lambda n=n: archive.read(n))
             for n in names
             if n.startswith(data_prefix)
         }
-        try:
-            obj = _StateDictUnpickler(archive.read(pickles[0]), records, byteorder).load()
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError) as e:
-            raise ValueError(f"{path}: cannot read the state dict: {e}") from e
-        except Exception as e:
-            if isinstance(e, ValueError):
-                raise ValueError(f"{path}: {e}") from e
-            raise ValueError(f"{path}: corrupt state dict pickle: {e!r}") from e
+        stream = io.BytesIO(archive.read(pickles[0]))
+        return _StateDictUnpickler(stream, records, byteorder).load()
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a state dict written by `torch.save(module.state_dict(), path)`.
+
+    Args:
+      path: a zip-format torch.save file (PyTorch >= 1.6; the released ADM checkpoints) or a legacy
+        one (older PyTorch; the pytorch-fid Inception weights).
+
+    Returns:
+      {reference parameter name: numpy array}, with the saved dtype (float16 checkpoints stay
+      float16; `convert_state_dict` casts to float32) and native byte order; each array is a
+      contiguous copy, also where the file's tensors share a storage.
+
+    Raises:
+      ValueError: neither torch.save format, truncated, corrupt, or not a flat state dict.
+      pickle.UnpicklingError (wrapped in ValueError): the pickle names anything beyond tensors.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            legacy = f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
+            f.seek(0)
+            kind = "legacy torch.save file" if legacy else "state dict"
+            obj = _load_legacy(f) if legacy else _load_zip(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    except EOFError as e:
+        raise ValueError(f"{path}: the {kind} ends early ({e}): truncated or corrupt") from e
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path}: cannot read the {kind}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    except Exception as e:  # anything else a damaged pickle stream can raise
+        raise ValueError(f"{path}: corrupt {kind}: {e!r}") from e
 
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (a mapping), got {type(obj).__name__}")
@@ -191,5 +315,5 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; save "
                 "model.state_dict() itself"
             )
-        out[str(key)] = value
+        out[str(key)] = np.array(value, order="C")  # a C-contiguous copy owning its memory
     return out

@@ -1,4 +1,6 @@
-"""Training-loop plumbing: metric writers, metric aggregation, SIGTERM handling, sample grids.
+"""Training-loop plumbing: metric writers, metric aggregation, SIGTERM handling.
+
+Sample grids are drawn with `gdiff.sampling.grid`.
 
 Only process 0 writes logs and files; every process takes part in the computations (sampling and
 checkpointing are collective on a multi-host mesh).
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import pathlib
 import signal
@@ -18,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -202,25 +202,3 @@ class StepTimer:
         out = steps / max(now - self._time, 1e-9)
         self._step, self._time = step, now
         return out
-
-
-def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
-    """[N, H, W, C] float in [-1, 1] -> one uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] grid."""
-    images = np.asarray(images, np.float32)
-    n, h, w, c = images.shape
-    ncol = ncol or int(math.ceil(math.sqrt(n)))
-    nrow = int(math.ceil(n / ncol))
-    pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = pixels[i]
-    return grid
-
-
-def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = image[..., 0] if image.shape[-1] == 1 else image
-    Image.fromarray(arr).save(path)
