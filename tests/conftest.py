@@ -31,8 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PARITY_DIR = pathlib.Path(os.environ.get("GDIFF_PARITY_DIR", REPO.parent / "shared" / "parity"))
 
 
-def load_fixture(name: str):
-    """Opens `<parity dir>/<name>`, skipping (loudly, with the path) when the folder is absent."""
+def fixture_path(name: str) -> pathlib.Path:
+    """`<parity dir>/<name>`, skipping (loudly, with the path) when the folder is absent."""
     path = PARITY_DIR / name
     if not PARITY_DIR.is_dir():
         pytest.skip(
@@ -41,7 +41,12 @@ def load_fixture(name: str):
         )
     if not path.exists():
         raise FileNotFoundError(f"parity folder {PARITY_DIR} has no {name}")
-    return np.load(path, allow_pickle=False)
+    return path
+
+
+def load_fixture(name: str):
+    """Opens `<parity dir>/<name>` (see `fixture_path`)."""
+    return np.load(fixture_path(name), allow_pickle=False)
 
 
 def rel_l2(got, want) -> float:

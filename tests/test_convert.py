@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import PARITY_DIR, load_fixture
+from conftest import fixture_path, load_fixture
 
 from gdiff.compat import convert, openai
 
@@ -77,7 +77,7 @@ def test_convert_mode_writes_a_loadable_parameter_checkpoint(tmp_path):
     config = common.get_config()
     for key, value in cfg.items():
         config.model[key] = value
-    config.torch_checkpoint = str(PARITY_DIR / "unet_small_legacy.pt")
+    config.torch_checkpoint = str(fixture_path("unet_small_legacy.pt"))
     out = convert_checkpoint.run(config, tmp_path)
     assert out == tmp_path / "model_params"
     params = checkpointing.load_params(out)

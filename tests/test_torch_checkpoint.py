@@ -8,14 +8,14 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import PARITY_DIR, load_fixture
+from conftest import fixture_path, load_fixture
 
 from gdiff.compat.torch_checkpoint import load_torch_state_dict
 
 
 def test_released_format_file_equals_fixture_bit_for_bit():
     z = load_fixture("unet_small_legacy.npz")
-    sd = load_torch_state_dict(PARITY_DIR / "unet_small_legacy.pt")
+    sd = load_torch_state_dict(fixture_path("unet_small_legacy.pt"))
     want = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
     assert sorted(sd) == sorted(want)
     for k, v in want.items():
@@ -120,7 +120,7 @@ def test_pickle_naming_other_globals_is_refused_not_run(tmp_path):
 
 
 def test_truncated_and_non_zip_files_raise_clear_errors(tmp_path):
-    data = (PARITY_DIR / "unet_small_legacy.pt").read_bytes()
+    data = (fixture_path("unet_small_legacy.pt")).read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="zip"):
