@@ -1,0 +1,176 @@
+"""The digits pipeline end to end with a tiny budget, its rerun, and its report helpers."""
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits as digits_config
+from gdiff.pipeline import digits, report
+
+
+def tiny_config():
+    config = digits_config.get_config()
+    config.data.image_size = 8
+    m = config.model
+    m.image_size = 8
+    m.channel_mult = "1,1"
+    # No self-attention blocks (resolution 16 never occurs at 8x8): the least to compile.
+    m.attention_resolutions = "16"
+    config.classifier.channel_mult = "1,1"
+    config.classifier.classifier_attention_resolutions = "16"
+    config.classifier.num_head_channels = 32  # the attention pool sees 32 channels here
+    config.diffusion.steps = 50
+    t = config.train
+    t.batch_size = 16
+    t.num_steps = 3
+    t.classifier_batch_size = 16
+    t.classifier_num_steps = 3
+    t.log_every = 3
+    t.save_every = 3
+    s = config.sample
+    s.num_samples = 20  # two batches on 8 devices x 2 (the last one trimmed)
+    s.batch_size = 2
+    s.timestep_respacing = "ddim3"
+    s.classifier_scale = "0,4"
+    p = config.pipeline
+    p.eval_classifier_steps = 5
+    p.eval_classifier_batch_size = 32
+    p.progress = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits")
+    first = digits.run(tiny_config(), str(workdir))
+    return workdir, first
+
+
+def test_pipeline_writes_parseable_results(pipeline_run):
+    workdir, first = pipeline_run
+    assert first["ran"] == list(digits.STAGES)
+    assert first["skipped"] == []
+    with open(workdir / digits.RESULTS_CSV, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        rows = list(reader)
+    assert [float(r["scale"]) for r in rows] == [0.0, 4.0]
+    for r in rows:
+        values = {k: float(v) for k, v in r.items()}
+        assert all(math.isfinite(v) for v in values.values()), values
+        assert 0.0 <= values["accuracy"] <= 1.0
+        assert 0.0 <= values["precision"] <= 1.0 and 0.0 <= values["recall"] <= 1.0
+        assert values["log_prob"] <= 0.0
+        assert values["fid"] >= 0.0
+    # The CSV is the program's measurement: it agrees with what run() returned.
+    assert np.allclose([float(r["accuracy"]) for r in rows], [r["accuracy"] for r in first["rows"]])
+    md = (workdir / digits.RESULTS_MD).read_text()
+    assert "| scale |" in md and "real digits" in md and first["summary"] in md
+    for png in [
+        workdir / digits.PLOT,
+        workdir / digits.SWEEP_FIGURE,
+        *first["paths"]["grids"].values(),
+    ]:
+        with Image.open(png) as im:
+            im.load()
+            assert im.size[0] > 10 and im.size[1] > 10
+    # Grid rows are classes: 20 balanced samples cover all 10 digits -> 10 rows of cells.
+    with Image.open(first["paths"]["grids"][4.0]) as im:
+        h = im.size[1]
+    cell = 8 * tiny_config().pipeline.grid_zoom
+    assert h >= 10 * cell
+    for path in first["paths"]["samples"].values():
+        with np.load(path) as z:
+            assert z["arr_0"].shape == (20, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+            assert np.bincount(z["arr_1"], minlength=10).tolist() == [2] * 10
+
+
+def test_rerun_skips_every_stage(pipeline_run):
+    workdir, first = pipeline_run
+    outputs = [
+        workdir / digits.RESULTS_CSV,
+        workdir / digits.PLOT,
+        *first["paths"]["samples"].values(),
+    ]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    second = digits.run(tiny_config(), str(workdir))
+    assert second["ran"] == []
+    assert second["skipped"] == list(digits.STAGES)
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+    assert second["rows"] == first["rows"]
+    assert second["summary"] == first["summary"]
+
+
+def test_bad_config_raises_clear_errors(tmp_path):
+    config = tiny_config()
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match="data.source='digits'"):
+        digits.run(config, str(tmp_path))
+    config = tiny_config()
+    config.sample.num_samples = 1
+    with pytest.raises(ValueError, match="num_samples"):
+        digits.run(config, str(tmp_path))
+
+
+def test_summary_follows_the_numbers():
+    def row(scale, acc, recall, fid=10.0):
+        return dict(
+            scale=scale,
+            accuracy=acc,
+            log_prob=-1.0 / (1 + scale),
+            fid=fid,
+            precision=0.5,
+            recall=recall,
+            inception_score=3.0,
+        )
+
+    text = report.summarize([row(0, 0.4, 0.8), row(2, 0.7, 0.7, 5.0), row(8, 0.95, 0.3, 20.0)])
+    assert "rises from 0.4 at scale 0 to 0.95 at scale 8" in text
+    assert "falls from 0.8 at scale 0 to 0.3 at scale 8" in text
+    assert "lowest (5) at scale 2" in text
+    assert "paper's trade-off" in text
+    flat = report.summarize([row(0, 0.9, 0.5), row(8, 0.5, 0.6)])
+    assert "Unlike the paper" in flat and "accuracy does not rise" in flat
+    with pytest.raises(ValueError, match="no results"):
+        report.summarize([])
+
+
+def test_read_csv_round_trip_and_missing_columns(tmp_path):
+    rows = [
+        dict(
+            scale=s,
+            accuracy=0.1 * s,
+            log_prob=-s,
+            fid=1.5,
+            precision=0.2,
+            recall=0.3,
+            inception_score=2.0,
+        )
+        for s in (0.0, 1.0)
+    ]
+    path = report.write_csv(rows, tmp_path / "r.csv")
+    assert report.read_csv(path) == rows
+    bad = tmp_path / "bad.csv"
+    bad.write_text("scale,fid\n0,1\n")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        report.read_csv(bad)
+
+
+def test_balanced_subset_order_and_shortage():
+    labels = np.array([1, 0, 1, 0, 2, 2, 1])
+    idx = digits.balanced_subset(labels, 5, 3)
+    assert labels[idx].tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="class 0"):
+        digits.balanced_subset(labels, 7, 3)
+
+
+def test_real_digits_quantised_like_samples():
+    images, labels = digits.real_digits("test", 8)
+    assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 3)
+    assert len(images) == len(labels) == 360
+    assert images.max() == 255 and images.min() == 0
+    assert pathlib.Path(digits.__file__).name == "digits.py"
