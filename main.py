@@ -39,6 +39,10 @@ def _hide_accelerators_from_tensorflow() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _MODE.value == "pipeline" and not flags.FLAGS["verbosity"].present:
+        # The newcomer's job prints its own stage lines and progress bars; library INFO lines
+        # (orbax writes ~300 per run) would bury them. --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     from gdiff import distributed
 
     config = _CONFIG.value

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import digits as digits_config
+from gdiff import checkpointing
 from gdiff.pipeline import digits, report
 
 
@@ -89,6 +90,19 @@ def test_pipeline_writes_parseable_results(pipeline_run):
             assert np.bincount(z["arr_1"], minlength=10).tolist() == [2] * 10
 
 
+def test_real_digit_row_was_never_shown_to_the_evaluation_network(pipeline_run):
+    workdir, first = pipeline_run
+    meta = checkpointing.read_metadata(workdir / digits.EVAL_CLASSIFIER_DIR)
+    held_back = np.asarray(meta["held_back"])
+    _, labels = digits.real_digits("train", 8)
+    # As many as samples per scale, balanced like the samples, all distinct training indices.
+    assert len(held_back) == 20 and len(set(held_back.tolist())) == 20
+    assert labels[held_back].tolist() == list(range(10)) * 2
+    # A seeded choice, not the first digits of each class (those come from a few writers).
+    assert held_back.tolist() != digits.balanced_subset(labels, 20, 10).tolist()
+    assert first["baseline"] is not None and 0.0 <= first["baseline"]["accuracy"] <= 1.0
+
+
 def test_rerun_skips_every_stage(pipeline_run):
     workdir, first = pipeline_run
     outputs = [
@@ -166,6 +180,11 @@ def test_balanced_subset_order_and_shortage():
     assert labels[idx].tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="class 0"):
         digits.balanced_subset(labels, 7, 3)
+    many = np.repeat(np.arange(3), 20)
+    seeded = digits.balanced_subset(many, 30, 3, seed=1)
+    assert many[seeded].tolist() == [0, 1, 2] * 10
+    assert seeded.tolist() == digits.balanced_subset(many, 30, 3, seed=1).tolist()
+    assert seeded.tolist() != digits.balanced_subset(many, 30, 3).tolist()
 
 
 def test_real_digits_quantised_like_samples():

@@ -36,11 +36,14 @@ def compute_statistics(acts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sqrtm(m):
-    # The reference calls sqrtm(..., disp=False) (returns the root and an error estimate); SciPy
-    # deprecates `disp`, so fall back to the plain call where it is gone. Same algorithm either way.
+    # The reference calls sqrtm(..., disp=False) (returns the root and an error estimate, prints
+    # nothing); SciPy deprecates `disp`, so fall back to the plain call where it is gone. Same
+    # algorithm either way. disp=False means "no singular-matrix warning": newer SciPy warns anyway,
+    # and a rank-deficient covariance (few samples, ReLU features) is expected, so stay silent.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
             return linalg.sqrtm(m, disp=False)[0]
     except TypeError:
         return linalg.sqrtm(m)

@@ -154,9 +154,19 @@ def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip((images + 1.0) * 127.5, 0, 255).astype(np.uint8), labels
 
 
-def balanced_subset(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
-    """Indices of n examples labelled 0, 1, ..., K-1, 0, 1, ... (the sampler's balanced order)."""
+def balanced_subset(
+    labels: np.ndarray, n: int, num_classes: int, *, seed: int | None = None
+) -> np.ndarray:
+    """Indices of n examples labelled 0, 1, ..., K-1, 0, 1, ... (the sampler's balanced order).
+
+    Without `seed` the first examples of each class are taken; with it, a seeded random choice
+    within each class (the digits are stored writer by writer, so the first ones of each class
+    come from a handful of writers and are not a representative sample).
+    """
     by_class = [np.flatnonzero(labels == k) for k in range(num_classes)]
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        by_class = [rng.permutation(idx) for idx in by_class]
     taken = [0] * num_classes
     out = []
     for i in range(n):
@@ -203,9 +213,16 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
         "eval_net", f"train the clean-image evaluation classifier ({p.eval_classifier_steps} steps)"
     )
     images, labels = real_digits(config.data.train_split, int(config.data.image_size))
+    # Hold back a balanced set of training digits (as many as samples per scale): the real-data
+    # row of the table. Digits the feature network was fitted on would score unrealistically
+    # well (confident, spread-out features), so that row must be unseen by it.
+    held_back = balanced_subset(
+        labels, int(config.sample.num_samples), num_classes, seed=int(config.seed)
+    )
+    fit = np.setdiff1d(np.arange(len(labels)), held_back)
     module, variables = small_classifier.train_small_classifier(
-        images,
-        labels,
+        images[fit],
+        labels[fit],
         num_classes=num_classes,
         steps=int(p.eval_classifier_steps),
         batch_size=int(p.eval_classifier_batch_size),
@@ -220,6 +237,8 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
         "width": int(p.eval_classifier_width),
         "steps": int(p.eval_classifier_steps),
         "held_out_accuracy": float(accuracy),
+        # Training-split indices of the real-data row, never shown to this network.
+        "held_back": [int(i) for i in held_back],
     }
     checkpointing.save_params(directory, variables["params"], metadata=meta, overwrite=True)
     StageLog._say(f"    evaluation classifier: {accuracy:.3f} accuracy on held-out real digits")
@@ -329,10 +348,24 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
         grids[scale] = _grid(images, labels, per_class, zoom)
         grid_lib.save_png(_grid_path(workdir, scale), grids[scale])
         logging.info("scale %s: %s", report.format_scale(scale), row)
-    # The same measurements on real training digits: what the metrics look like for real data.
-    n = len(shards.read_sample_file(sample_paths[scales[0]])[0])
+    # The same measurements on real training digits the evaluation network never saw: what the
+    # metrics look like for real data (as many digits as samples per scale, same label balance).
     train_images, train_labels = real_digits(config.data.train_split, int(config.data.image_size))
-    idx = balanced_subset(train_labels, n, int(config.data.num_classes))
+    idx = np.asarray(meta.get("held_back", []), np.int64)
+    n = len(shards.read_sample_file(sample_paths[scales[0]])[0])
+    if len(idx) != n:
+        logging.warning(
+            "the evaluation network held back %d real digits, not %d (samples per scale): the "
+            "real-digit row uses those %d",
+            len(idx),
+            n,
+            len(idx),
+        )
+    if len(idx) == 0:
+        raise ValueError(
+            f"{workdir / EVAL_CLASSIFIER_DIR} records no held-back digits; delete it so the "
+            "evaluation network is trained again"
+        )
     baseline = _score(
         extractor, ref_acts, module, variables, logp_fn, train_images[idx], train_labels[idx]
     )

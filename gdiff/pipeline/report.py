@@ -97,8 +97,9 @@ def write_markdown(
     lines.append("")
     if baseline:
         lines += [
-            "The last row scores training digits (as many as samples per scale, same label "
-            "balance) the same way: the values real data reaches on this measuring stick.",
+            "The last row scores real training digits that the evaluation network never saw (as "
+            "many as samples per scale, same label balance) the same way: the values real data "
+            "reaches on this measuring stick.",
             "",
         ]
     lines += ["Columns:", ""]
@@ -162,8 +163,12 @@ def save_sweep_figure(
 
     scales = list(grids)
     first = np.asarray(grids[scales[0]])
-    width = max(2.0, first.shape[1] / 40.0 * zoom)
-    fig, axes = plt.subplots(1, len(scales), figsize=(width * len(scales), width * 1.1 + 0.3))
+    # Panels as wide as the grids' aspect needs (rows = classes makes them tall), plus a title.
+    height, width = first.shape[0], first.shape[1]
+    panel = max(1.2, width * zoom / 100.0)
+    fig, axes = plt.subplots(
+        1, len(scales), figsize=(panel * len(scales), panel * height / width + 0.4)
+    )
     axes = np.atleast_1d(axes)
     for ax, scale in zip(axes, scales, strict=True):
         ax.imshow(np.asarray(grids[scale]), interpolation="nearest")
@@ -181,9 +186,9 @@ def _trend(values: Sequence[float], scales: Sequence[float]) -> str:
     first, last = float(values[0]), float(values[-1])
     spread = max(abs(first), abs(last), 1e-12)
     if abs(last - first) <= 0.02 * spread:
-        verb = "stays near"
-        return f"{verb} {_fmt(first, 3)} from scale {format_scale(scales[0])} to " + (
-            f"{format_scale(scales[-1])} ({_fmt(last, 3)})"
+        return (
+            f"stays near {_fmt(first, 3)} ({_fmt(first, 3)} at scale {format_scale(scales[0])}, "
+            f"{_fmt(last, 3)} at scale {format_scale(scales[-1])})"
         )
     verb = "rises" if last > first else "falls"
     return (
@@ -215,7 +220,7 @@ def summarize(
         + (
             f" (highest, {_fmt(col['accuracy'][peak_acc], 3)}, at scale "
             f"{format_scale(scales[peak_acc])})."
-            if peak_acc != len(rows) - 1
+            if col["accuracy"][peak_acc] > col["accuracy"][-1]
             else "."
         ),
         f"The guidance classifier's log-probability of the requested label "
