@@ -1,8 +1,9 @@
 """Configs of the checkpoints OpenAI released with "Diffusion Models Beat GANs on Image Synthesis".
 
 Each file holds the reference README's flag strings verbatim (MODEL_FLAGS, classifier flags,
-SAMPLE_FLAGS) and applies them with `apply_flags`, so the architecture is exactly the one the
-released `.pt` file was saved from; training hyperparameters follow the paper's appendix tables.
+SAMPLE_FLAGS; the four LSUN files share LSUN_MODEL_FLAGS below) and applies them with
+`apply_flags`, so the architecture is exactly the one the released `.pt` file was saved from;
+training hyperparameters follow the paper's appendix tables.
 Workflow (one workdir per resolution):
 
     python main.py --mode=convert --config configs/released/<name>.py --workdir W \
@@ -105,4 +106,38 @@ def as_classifier_config(config: ml_collections.ConfigDict, *, torch_checkpoint:
     config.convert_target = "classifier"
     config.torch_checkpoint = torch_checkpoint
     config.optim.anneal_lr = True
+    return config
+
+
+# The reference README's flags for its LSUN models (bedroom, cat, horse); the horse model trained
+# without dropout differs only in `--dropout 0.0`.
+LSUN_MODEL_FLAGS = (
+    "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 "
+    "--dropout 0.1 --image_size 256 --learn_sigma True --noise_schedule linear "
+    "--num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown "
+    "True --use_fp16 True --use_scale_shift_norm True"
+)
+LSUN_SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 1000"
+
+
+def lsun_config(
+    category: str, *, checkpoint: str, num_steps: int, dropout: float | None = None
+) -> ml_collections.ConfigDict:
+    """An unconditional LSUN 256x256 ADM: tfds `lsun/<category>`, the README's LSUN flags.
+
+    Args:
+      category: the LSUN category ("bedroom", "cat", "horse").
+      checkpoint: the released file's name (models/<checkpoint>.pt is the default to convert).
+      num_steps: training iterations of the paper's appendix table for this model.
+      dropout: overrides the flags' 0.1 (lsun_horse_nodropout was trained with 0.0).
+    """
+    config = base_config(data_name=f"lsun/{category}", num_classes=1)
+    config.torch_checkpoint = f"models/{checkpoint}.pt"
+    apply_flags(config, LSUN_MODEL_FLAGS)
+    if dropout is not None:
+        apply_flags(config, f"--dropout {dropout}")
+    apply_flags(config, LSUN_SAMPLE_FLAGS)
+    config.optim.lr = 0.0001
+    config.train.batch_size = 256
+    config.train.num_steps = num_steps
     return config

@@ -16,22 +16,9 @@ import ml_collections
 
 from configs import released
 
-MODEL_FLAGS = (
-    "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 "
-    "--dropout 0.0 --image_size 256 --learn_sigma True --noise_schedule linear "
-    "--num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown "
-    "True --use_fp16 True --use_scale_shift_norm True"
-)
-SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 1000"
-
 
 def get_config() -> ml_collections.ConfigDict:
-    config = released.base_config(data_name="lsun/horse", num_classes=1)
-    config.torch_checkpoint = "models/lsun_horse_nodropout.pt"
-    released.apply_flags(config, MODEL_FLAGS)
-    released.apply_flags(config, SAMPLE_FLAGS)
-    # Training hyperparameters of the paper's appendix table for this model.
-    config.optim.lr = 0.0001
-    config.train.batch_size = 256
-    config.train.num_steps = 2500000
-    return config
+    # Training iterations from the paper's appendix table for this model.
+    return released.lsun_config(
+        "horse", checkpoint="lsun_horse_nodropout", num_steps=2500000, dropout=0.0
+    )
