@@ -121,7 +121,7 @@ LSUN_SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 1000"
 
 
 def lsun_config(
-    category: str, *, checkpoint: str, num_steps: int, dropout: float | None = None
+    category: str, *, checkpoint: str, num_steps: int, model_flags: str = LSUN_MODEL_FLAGS
 ) -> ml_collections.ConfigDict:
     """An unconditional LSUN 256x256 ADM: tfds `lsun/<category>`, the README's LSUN flags.
 
@@ -129,13 +129,11 @@ def lsun_config(
       category: the LSUN category ("bedroom", "cat", "horse").
       checkpoint: the released file's name (models/<checkpoint>.pt is the default to convert).
       num_steps: training iterations of the paper's appendix table for this model.
-      dropout: overrides the flags' 0.1 (lsun_horse_nodropout was trained with 0.0).
+      model_flags: the model's flags (LSUN_MODEL_FLAGS but for lsun_horse_nodropout).
     """
     config = base_config(data_name=f"lsun/{category}", num_classes=1)
     config.torch_checkpoint = f"models/{checkpoint}.pt"
-    apply_flags(config, LSUN_MODEL_FLAGS)
-    if dropout is not None:
-        apply_flags(config, f"--dropout {dropout}")
+    apply_flags(config, model_flags)
     apply_flags(config, LSUN_SAMPLE_FLAGS)
     config.optim.lr = 0.0001
     config.train.batch_size = 256
