@@ -289,21 +289,10 @@ _CREATE_MODEL_DEFAULTS = dict(
 )
 
 
-def create_model(*args, **kwargs) -> unet.UNetModel:
-    """The reference's `create_model(image_size, num_channels, num_res_blocks, ...)`.
-
-    Returns a `UNetModel` (3 input channels; 6 outputs with learn_sigma; `num_classes` labels
-    when class_cond).
-    """
-    kw = _bind("create_model", _CREATE_MODEL_ORDER, _CREATE_MODEL_DEFAULTS, args, kwargs)
-    size = int(kw["image_size"])
-    if kw["channel_mult"] == "":
-        channel_mult = _default_channel_mult(size)
-    elif isinstance(kw["channel_mult"], str):
-        channel_mult = tuple(int(m) for m in kw["channel_mult"].split(","))
-    else:
-        channel_mult = tuple(kw["channel_mult"])
-    return unet.UNetModel(
+def _unet_fields(kw: dict, size: int, channel_mult: tuple[int, ...]) -> dict:
+    """UNetModel attributes from bound reference keywords, as create_model / sr_create_model
+    pass them to the reference's UNetModel / SuperResModel."""
+    return dict(
         image_size=size,
         in_channels=3,
         model_channels=int(kw["num_channels"]),
@@ -319,9 +308,28 @@ def create_model(*args, **kwargs) -> unet.UNetModel:
         num_heads_upsample=int(kw["num_heads_upsample"]),
         use_scale_shift_norm=bool(kw["use_scale_shift_norm"]),
         resblock_updown=bool(kw["resblock_updown"]),
-        use_new_attention_order=bool(kw["use_new_attention_order"]),
         dtype=_dtype(kw["dtype"], kw["use_fp16"]),
         attention_impl=kw["attention_impl"],
+    )
+
+
+def create_model(*args, **kwargs) -> unet.UNetModel:
+    """The reference's `create_model(image_size, num_channels, num_res_blocks, ...)`.
+
+    Returns a `UNetModel` (3 input channels; 6 outputs with learn_sigma; `num_classes` labels
+    when class_cond).
+    """
+    kw = _bind("create_model", _CREATE_MODEL_ORDER, _CREATE_MODEL_DEFAULTS, args, kwargs)
+    size = int(kw["image_size"])
+    if kw["channel_mult"] == "":
+        channel_mult = _default_channel_mult(size)
+    elif isinstance(kw["channel_mult"], str):
+        channel_mult = tuple(int(m) for m in kw["channel_mult"].split(","))
+    else:
+        channel_mult = tuple(kw["channel_mult"])
+    return unet.UNetModel(
+        **_unet_fields(kw, size, channel_mult),
+        use_new_attention_order=bool(kw["use_new_attention_order"]),
     )
 
 
@@ -403,25 +411,8 @@ def sr_create_model(*args, **kwargs) -> unet.SuperResModel:
     table = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
     if size not in table:
         raise ValueError(f"unsupported large size: {size}")
-    return unet.SuperResModel(
-        image_size=size,
-        in_channels=3,
-        model_channels=int(kw["num_channels"]),
-        out_channels=6 if kw["learn_sigma"] else 3,
-        num_res_blocks=int(kw["num_res_blocks"]),
-        attention_resolutions=_attention_ds(kw["attention_resolutions"], size),
-        dropout=float(kw["dropout"]),
-        channel_mult=table[size],
-        num_classes=int(kw["num_classes"]) if kw["class_cond"] else None,
-        use_checkpoint=bool(kw["use_checkpoint"]),
-        num_heads=int(kw["num_heads"]),
-        num_head_channels=int(kw["num_head_channels"]),
-        num_heads_upsample=int(kw["num_heads_upsample"]),
-        use_scale_shift_norm=bool(kw["use_scale_shift_norm"]),
-        resblock_updown=bool(kw["resblock_updown"]),
-        dtype=_dtype(kw["dtype"], kw["use_fp16"]),
-        attention_impl=kw["attention_impl"],
-    )
+    # The reference's sr_create_model leaves use_new_attention_order at its default (False).
+    return unet.SuperResModel(**_unet_fields(kw, size, table[size]))
 
 
 def sr_create_model_and_diffusion(**kwargs):
