@@ -8,9 +8,10 @@ experiment: the samples it makes are blobs.
     python main.py --mode=train --config configs/tiny.py --workdir /tmp/gdiff_tiny
     python main.py --mode=train_classifier --config configs/tiny.py --workdir /tmp/gdiff_tiny
 
-Expected on one CPU core: ~1 s per diffusion step after compilation (a few seconds); the
-diffusion loss falls from ~1 to well below within 40 steps; the classifier beats chance (10%) on
-weakly noised held-out digits within 60 steps.
+Measured (2-core CPU, 2026-11-23, the first command above): the 40-step run takes ~33 s wall
+including start-up and compilation, 12-48 steps/s after compilation; the logged hybrid loss goes
+from 13.3 (mean of steps 1-10) to 0.35 (steps 31-40). The classifier beats chance (10%) on weakly
+noised held-out digits within its 60 steps (tests/test_train_classifier.py checks it).
 """
 
 import ml_collections

@@ -161,7 +161,8 @@ def test_unknown_dataset_and_source_raise_clear_errors():
 
 
 def test_tfds_pipeline_on_mock_data_shards_per_process():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a requirement: a missing install fails, not skips
+
     config = tiny.get_config()
     config.data.source = "tfds"
     config.data.name = "mnist"

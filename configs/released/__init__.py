@@ -36,17 +36,6 @@ _SAMPLE_FLAGS = {
     "clip_denoised": "clip_denoised",
 }
 
-# The reference's classifier_defaults() (image_size comes from model.image_size).
-_CLASSIFIER_DEFAULTS = dict(
-    classifier_use_fp16=False,
-    classifier_width=128,
-    classifier_depth=2,
-    classifier_attention_resolutions="32,16,8",
-    classifier_use_scale_shift_norm=True,
-    classifier_resblock_updown=True,
-    classifier_pool="attention",
-)
-
 
 def apply_flags(config: ml_collections.ConfigDict, flags: str) -> None:
     """Writes a reference flag string (MODEL_FLAGS / CLASSIFIER_FLAGS / SAMPLE_FLAGS) into config.
@@ -90,7 +79,12 @@ def base_config(*, data_name: str, num_classes: int = 1000) -> ml_collections.Co
     config.data.num_classes = num_classes
     config.model.num_classes = num_classes
     config.classifier.num_classes = num_classes
-    config.classifier.update(_CLASSIFIER_DEFAULTS)
+    from gdiff.compat import openai  # deferred, as in apply_flags
+
+    # The reference's classifier_defaults() (image_size comes from model.image_size).
+    defaults = openai.classifier_defaults()
+    del defaults["image_size"]
+    config.classifier.update(defaults)
     config.sample.classifier_scale = "0"
     config.optim.weight_decay = 0.0
     config.train.ema_rates = "0.9999"

@@ -200,15 +200,7 @@ def local_batches(
         from gdiff.data import digits
 
         src = digits.DigitsSource(split, data.image_size, random_crop=crop, random_flip=flip)
-        return indexed_batches(
-            src,
-            local_batch=b,
-            seed=seed,
-            start_step=start_step,
-            shuffle=train,
-            prefetch=data.prefetch,
-        )
-    if data.source == "folder":
+    elif data.source == "folder":
         from gdiff.data import folder_source
 
         folder = data.folder if train else data.get("eval_folder", "")
@@ -224,30 +216,31 @@ def local_batches(
             random_crop=crop,
             random_flip=flip,
         )
-        return indexed_batches(
-            src,
+    else:
+        from gdiff.data import tfds_source
+
+        return tfds_source.tfds_batches(
+            data.name,
+            split=split,
             local_batch=b,
+            image_size=data.image_size,
             seed=seed,
             start_step=start_step,
-            shuffle=train,
+            class_cond=data.class_cond,
+            random_crop=crop,
+            random_flip=flip,
+            shuffle_buffer=data.shuffle_buffer,
             prefetch=data.prefetch,
+            data_dir=data.data_dir,
+            repeat=train,
         )
-    from gdiff.data import tfds_source
-
-    return tfds_source.tfds_batches(
-        data.name,
-        split=split,
+    return indexed_batches(
+        src,
         local_batch=b,
-        image_size=data.image_size,
         seed=seed,
         start_step=start_step,
-        class_cond=data.class_cond,
-        random_crop=crop,
-        random_flip=flip,
-        shuffle_buffer=data.shuffle_buffer,
+        shuffle=train,
         prefetch=data.prefetch,
-        data_dir=data.data_dir,
-        repeat=train,
     )
 
 

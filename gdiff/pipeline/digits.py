@@ -280,11 +280,11 @@ def _guidance_log_prob(config, workdir: pathlib.Path):
     return fn
 
 
-def _score(extractor, ref_acts, module, variables, logp_fn, images, labels) -> dict[str, float]:
+def _score(extractor, ref_acts, logp_fn, images, labels) -> dict[str, float]:
     """One row's metrics (without the scale) for uint8 images [N, S, S, 3] drawn for `labels`."""
-    from gdiff.evaluation import metrics, small_classifier
+    from gdiff.evaluation import metrics
 
-    acts = extractor(images)
+    acts = extractor(images)  # one pass of the evaluation network: features and class probs
     # FID, precision/recall and IS only: sFID's [N, H*W*C] spatial covariance is rank-deficient
     # with a hundred samples and its matrix square root alone would take minutes on a CPU.
     fid = metrics.frechet_distance(
@@ -293,7 +293,7 @@ def _score(extractor, ref_acts, module, variables, logp_fn, images, labels) -> d
     precision, recall = metrics.precision_recall(ref_acts["pool"], acts["pool"])
     log_prob = logp_fn(images, labels)[0] if logp_fn is not None else float("nan")
     return {
-        "accuracy": small_classifier.classifier_accuracy(module, variables, images, labels),
+        "accuracy": float(np.mean(np.argmax(acts["probs"], axis=-1) == labels)),
         "log_prob": log_prob,
         "fid": float(fid),
         "precision": float(precision),
@@ -334,25 +334,30 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
     logp_fn = _guidance_log_prob(config, workdir)
     p = config.pipeline
     per_class, zoom = int(p.grid_per_class), int(p.grid_zoom)
-    rows, grids = [], {}
+    rows, samples = [], {}
     for scale in scales:
         images, labels = shards.read_sample_file(sample_paths[scale])
         if labels is None:
             raise ValueError(f"{sample_paths[scale]} has no labels (arr_1); cannot score accuracy")
         labels = np.asarray(labels, np.int32)
+        samples[scale] = images, labels
         row = {
             "scale": float(scale),
-            **_score(extractor, ref_acts, module, variables, logp_fn, images, labels),
+            **_score(extractor, ref_acts, logp_fn, images, labels),
         }
         rows.append(row)
-        grids[scale] = _grid(images, labels, per_class, zoom)
-        grid_lib.save_png(_grid_path(workdir, scale), grids[scale])
+        grid_lib.save_png(_grid_path(workdir, scale), _grid(images, labels, per_class, zoom))
         logging.info("scale %s: %s", report.format_scale(scale), row)
     # The same measurements on real training digits the evaluation network never saw: what the
     # metrics look like for real data (as many digits as samples per scale, same label balance).
     train_images, train_labels = real_digits(config.data.train_split, int(config.data.image_size))
     idx = np.asarray(meta.get("held_back", []), np.int64)
-    n = len(shards.read_sample_file(sample_paths[scales[0]])[0])
+    if len(idx) == 0:
+        raise ValueError(
+            f"{workdir / EVAL_CLASSIFIER_DIR} records no held-back digits; delete it so the "
+            "evaluation network is trained again"
+        )
+    n = len(samples[scales[0]][0])
     if len(idx) != n:
         logging.warning(
             "the evaluation network held back %d real digits, not %d (samples per scale): the "
@@ -361,18 +366,11 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
             n,
             len(idx),
         )
-    if len(idx) == 0:
-        raise ValueError(
-            f"{workdir / EVAL_CLASSIFIER_DIR} records no held-back digits; delete it so the "
-            "evaluation network is trained again"
-        )
-    baseline = _score(
-        extractor, ref_acts, module, variables, logp_fn, train_images[idx], train_labels[idx]
-    )
+    baseline = _score(extractor, ref_acts, logp_fn, train_images[idx], train_labels[idx])
     summary = report.summarize(rows, baseline=baseline)
     report.plot(rows, workdir / PLOT, baseline=baseline)
     report.save_sweep_figure(
-        {s: _grid(*shards.read_sample_file(sample_paths[s]), min(per_class, 5), 1) for s in scales},
+        {s: _grid(*samples[s], min(per_class, 5), 1) for s in scales},
         workdir / SWEEP_FIGURE,
         zoom=zoom,
     )
