@@ -108,6 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_to_keep = 3
     train.resume_checkpoint = ""
     train.profile = False
+    train.progress = True  # a per-step tqdm bar on process 0
     # Classifier training (--mode=train_classifier).
     train.classifier_noised = True
     train.classifier_batch_size = 64

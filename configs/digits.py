@@ -99,5 +99,4 @@ def get_config() -> ml_collections.ConfigDict:
     pipeline.eval_classifier_lr = 3e-3
     pipeline.grid_per_class = 10  # columns of each scale's grid (rows = classes)
     pipeline.grid_zoom = 4  # nearest-neighbour magnification of the grids
-    pipeline.progress = True  # tqdm bars for the training stages
     return config

@@ -40,7 +40,7 @@ def tiny_config():
     p = config.pipeline
     p.eval_classifier_steps = 5
     p.eval_classifier_batch_size = 32
-    p.progress = False
+    config.train.progress = False
     return config
 
 

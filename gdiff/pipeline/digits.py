@@ -101,43 +101,12 @@ def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
     return None
 
 
-def _progress_action(total: int, start: int, desc: str):
-    """A runner periodic action (called after every step) driving a tqdm bar; None off process 0."""
-    import jax
-
-    if jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-
-    def action(state, step: int, log) -> None:
-        del state, log
-        bar.update(step - bar.n)
-        if step >= total:
-            bar.close()
-
-    return action
-
-
-def _train(config, workdir: pathlib.Path, kind: str, mesh, progress: bool) -> None:
-    """Runs the training helper's task for `kind` (resuming), with a progress bar."""
-    from gdiff.data import pipeline as data_pipeline
-    from gdiff.train import classifier_trainer, diffusion_trainer, runner
+def _train(config, workdir: pathlib.Path, kind: str, mesh) -> None:
+    """Runs (or resumes) the training of `kind`; `train.progress` shows its step bar."""
+    from gdiff.train import classifier_trainer, diffusion_trainer
 
     trainer = diffusion_trainer if kind == "model" else classifier_trainer
-    if not progress:
-        trainer.train(config, str(workdir), mesh=mesh)
-        return
-    # The same as trainer.train, plus a per-step progress bar hooked in as a periodic action.
-    runner.initialize_distributed(config)
-    data_pipeline.check_data_config(config)
-    task = trainer.build_task(config, mesh)
-    start = _latest_step(workdir / task.checkpoint_subdir) or 0
-    action = _progress_action(task.num_steps, start, f"train {task.name}")
-    if action is not None:
-        task.periodic = [*task.periodic, (1, action)]
-    runner.run(config, str(workdir), task, mesh=mesh)
+    trainer.train(config, str(workdir), mesh=mesh)
 
 
 def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,7 +411,6 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
     mesh = distributed.data_mesh() if mesh is None else mesh
     scales = labels_lib.parse_scales(config.sample.classifier_scale)
     guided = any(s != 0 for s in scales)
-    progress = bool(config.pipeline.get("progress", True))
     log = StageLog()
 
     # 1 + 2: the two networks the paper trains.
@@ -459,7 +427,7 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
             continue
         what = "diffusion model" if kind == "model" else "noise-aware classifier"
         t0 = log.start(stage, f"train the {what} ({steps} steps)")
-        _train(config, workdir, kind, mesh, progress)
+        _train(config, workdir, kind, mesh)
         log.done(stage, t0)
 
     # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).

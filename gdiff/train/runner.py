@@ -162,6 +162,7 @@ def run(
     log_every = max(int(config.train.log_every), 1)
     history: list[dict] = []
     profiler = _maybe_profiler(config, workdir, end)
+    bar = _progress_bar(config, task.name, start, end)
 
     def consume(step: int, metrics: dict) -> None:
         m = {k: _scalar(v) for k, v in metrics.items()}
@@ -199,6 +200,8 @@ def run(
             pending = (done, metrics)
             if profiler is not None:
                 profiler(done)
+            if bar is not None:
+                bar.update(1)
             if done % log_every == 0 or done == end:
                 consume(*pending)
                 pending = None
@@ -221,11 +224,22 @@ def run(
         if stopped_early:
             logging.warning("%s: preempted; saved step %d, exiting cleanly", task.name, final)
     finally:
+        if bar is not None:
+            bar.close()
         manager.wait_until_finished()
         manager.close()
         log.close()
         preempt.restore()
     return {"state": state, "history": history, "start_step": start, "stopped_early": stopped_early}
+
+
+def _progress_bar(config, name: str, start: int, end: int):
+    """A tqdm bar over this invocation's steps (process 0, `train.progress`), or None."""
+    if not config.train.get("progress", True) or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, desc=f"train {name}", unit="step", dynamic_ncols=True)
 
 
 def _maybe_profiler(config, workdir: str, end: int):
