@@ -1,10 +1,14 @@
 """The base configuration every experiment file starts from.
 
 Groups mirror the stages of the method: `data`, `model` (the diffusion UNet), `diffusion`,
-`classifier` (the noise-aware classifier), `optim`, `train`, `sample`, `eval`. Keys inside `model`,
-`diffusion` and `classifier` carry the reference implementation's own names (its `MODEL_FLAGS`,
-`DIFFUSION_FLAGS` and `CLASSIFIER_FLAGS`), so a reference flag string maps onto them one to one
-(`gdiff.compat.openai.parse_flags`). Experiment files override groups and call `lock`.
+`classifier` (the noise-aware classifier), `optim`, `train`, `sample`, `eval`. Values are typed
+(sizes as ints, channel multipliers and attention resolutions as tuples, a compute dtype name);
+`gdiff/factory.py` builds every network and diffusion from them. A fact is declared once: the
+image size, the number of classes and class conditioning live in `data`, and `model` /
+`classifier` refer to them. A reference flag string (the reference's MODEL_FLAGS, classifier and
+sampling flags) is written into a config through one table, `gdiff.compat.flags.TO_CONFIG`
+(`configs.released.apply_flags`). Every key the code reads is declared here, so each one can be
+overridden on the command line (`--config.model.channel_mult="(1,2,2)"`).
 """
 
 import ml_collections
@@ -26,39 +30,40 @@ def get_config() -> ml_collections.ConfigDict:
     data.name = ""  # tfds name, e.g. "imagenet2012" or "imagenet_resized/64x64"
     data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
     data.folder = ""  # the reference's image-folder layout (class = file-name prefix before "_")
+    data.eval_folder = ""  # held-out images in the same layout (classifier evaluation)
     data.train_split = "train"
     data.eval_split = "validation"
-    data.image_size = 16
-    data.class_cond = True
+    # The three facts below are declared here once; the model and classifier groups refer to them
+    # (ml_collections FieldReferences), so setting any of the linked keys sets all of them.
+    data.image_size = 16  # training resolution (a super-resolution model's large size)
     data.num_classes = 10
+    data.class_cond = True  # read labels (and condition the model on them)
     data.random_flip = True
     data.random_crop = False  # the classifier's augmentation in the reference
     data.shuffle_buffer = 10_000
     data.prefetch = 2
 
     config.model = model = ml_collections.ConfigDict()
-    # The reference's model_and_diffusion_defaults() model keys.
-    model.image_size = 16
+    # The ADM UNet (the reference's MODEL_FLAGS, typed; gdiff.compat.flags maps flag strings here).
+    model.image_size = data.get_ref("image_size")
+    model.num_classes = data.get_ref("num_classes")  # the reference hard-codes 1000
+    model.class_cond = data.get_ref("class_cond")
     model.num_channels = 32
     model.num_res_blocks = 1
+    model.channel_mult = ()  # () = the reference's multipliers for 64/128/256/512
+    model.attention_resolutions = (8,)  # in pixels, as the reference's flag
     model.num_heads = 4
     model.num_heads_upsample = -1
     model.num_head_channels = -1
-    model.attention_resolutions = "8"
-    model.channel_mult = ""
     model.dropout = 0.0
-    model.class_cond = True
+    model.learn_sigma = True  # 2x output channels; the diffusion learns its variances
     model.use_checkpoint = False
     model.use_scale_shift_norm = True
     model.resblock_updown = False
-    model.use_fp16 = False
     model.use_new_attention_order = False
-    model.learn_sigma = True
-    # gdiff's own additions.
-    model.num_classes = 10  # the reference hard-codes 1000 (ImageNet)
-    model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (params stay float32)
-    model.super_res = False  # SuperResModel: image_size is the large size
-    model.small_size = 0  # low-resolution input size for super_res
+    model.dtype = "float32"  # compute dtype ("bfloat16": the reference's use_fp16); params float32
+    model.attention_impl = ""  # "" = jax.nn.dot_product_attention's choice | "xla" | "cudnn"
+    model.small_size = 0  # > 0: a SuperResModel upsampling from small_size to image_size
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.steps = 1000
@@ -71,19 +76,18 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.sigma_small = False
 
     config.classifier = classifier = ml_collections.ConfigDict()
-    # The reference's classifier_defaults() keys (image_size comes from model.image_size).
-    classifier.classifier_use_fp16 = False
-    classifier.classifier_width = 32
-    classifier.classifier_depth = 1
-    classifier.classifier_attention_resolutions = "8"
-    classifier.classifier_use_scale_shift_norm = True
-    classifier.classifier_resblock_updown = True
-    classifier.classifier_pool = "attention"
-    classifier.num_classes = 10
-    # The reference hard-codes these two; small images need smaller values.
-    classifier.num_head_channels = 64
-    classifier.channel_mult = ""  # "" = the reference's table for 64/128/256/512
+    # The noise-aware classifier (the reference's classifier_* flags, typed), at data.image_size.
+    classifier.num_classes = data.get_ref("num_classes")
+    classifier.width = 32
+    classifier.depth = 1
+    classifier.channel_mult = ()  # () = the reference's multipliers for 64/128/256/512
+    classifier.attention_resolutions = (8,)  # in pixels
+    classifier.num_head_channels = 64  # the reference hard-codes 64
+    classifier.use_scale_shift_norm = True
+    classifier.resblock_updown = True
+    classifier.pool = "attention"  # adaptive | attention | spatial | spatial_v2
     classifier.dtype = "float32"
+    classifier.attention_impl = ""
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 1e-4
@@ -109,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.resume_checkpoint = ""
     train.profile = False
     train.progress = True  # a per-step tqdm bar on process 0
+    # Consecutive non-finite steps (each skipped) after which training stops with advice.
+    train.max_nonfinite_steps = 20
     # Classifier training (--mode=train_classifier).
     train.classifier_noised = True
     train.classifier_batch_size = 64

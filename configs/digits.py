@@ -39,14 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_split = "test"
 
     model = config.model
-    model.image_size = 8
     model.num_channels = 32
-    model.channel_mult = "1,2"  # 8x8 -> 4x4
+    model.channel_mult = (1, 2)  # 8x8 -> 4x4
     model.num_res_blocks = 1
-    model.attention_resolutions = "4"  # self-attention at the 4x4 level
+    model.attention_resolutions = (4,)  # self-attention at the 4x4 level
     model.num_heads = 2
-    model.class_cond = True
-    model.num_classes = 10
     model.learn_sigma = False  # DDIM sampling ignores learned variances; plain MSE trains fastest
     model.dropout = 0.0
 
@@ -59,12 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.predict_xstart = True
 
     classifier = config.classifier
-    classifier.classifier_width = 32
-    classifier.classifier_depth = 1
-    classifier.classifier_attention_resolutions = "4"
-    classifier.classifier_pool = "attention"
-    classifier.num_classes = 10
-    classifier.channel_mult = "1,2"
+    classifier.width = 32
+    classifier.depth = 1
+    classifier.attention_resolutions = (4,)
+    classifier.pool = "attention"
+    classifier.channel_mult = (1, 2)
 
     optim = config.optim
     optim.lr = 2e-3

@@ -32,14 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.prefetch = 2
 
     model = config.model
-    model.image_size = 8
     model.num_channels = 32  # the smallest width GroupNorm(32) allows
-    model.channel_mult = "1,1"
+    model.channel_mult = (1, 1)
     model.num_res_blocks = 1
-    model.attention_resolutions = "2"  # attention at the 4x4 level
+    model.attention_resolutions = (2,)  # attention at the 4x4 level
     model.num_heads = 2
-    model.class_cond = True
-    model.num_classes = 10
     model.learn_sigma = True
     model.dropout = 0.0
 
@@ -48,11 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.noise_schedule = "cosine"
 
     classifier = config.classifier
-    classifier.classifier_width = 32
-    classifier.classifier_depth = 1
-    classifier.classifier_attention_resolutions = "2"
-    classifier.classifier_pool = "attention"
-    classifier.num_classes = 10
+    classifier.width = 32
+    classifier.depth = 1
+    classifier.attention_resolutions = (2,)
+    classifier.pool = "attention"
+    classifier.channel_mult = (1, 1)
     classifier.num_head_channels = 32  # the reference fixes 64, wider than this classifier
 
     optim = config.optim

@@ -1,153 +1,144 @@
-"""The one place that reads `config.model`, `config.classifier` and `config.diffusion`.
+"""Networks and diffusions from typed configuration values: the one place that builds them.
 
-Everything else (training, sampling, conversion) asks this module for networks, diffusions and
-initial variables, so a config key means the same thing everywhere. Networks are built through the
-reference-compatible factories of `gdiff.compat.openai`, so a config whose `model` group holds a
-released checkpoint's MODEL_FLAGS builds exactly that checkpoint's architecture.
+`build_model`, `build_classifier` and `build_diffusion` read the `model`, `classifier` and
+`diffusion` groups of a gdiff config (configs/common.py). Each group is a mapping of typed values
+(sizes, tuples, dtype names), so the same functions serve an ml_collections group and the plain
+dict that the reference-compatible adapter (`gdiff.compat.openai`) assembles from the reference's
+keyword arguments: both end in `unet_from_group` / `classifier_from_group` / `diffusion_from_group`,
+for any image size.
 """
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from gdiff.compat import openai
+from gdiff import diffusion as diffusion_lib
 from gdiff.models import unet
 
+# The reference's channel multipliers per resolution (`script_util.create_model` and
+# `create_classifier`); sizes outside the table need an explicit `channel_mult`.
+CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+# `sr_create_model` uses the 256 table for 512 too, and has none for 128.
+SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+DTYPES = ("float32", "bfloat16")
 
-def _get(group, key: str, default: Any) -> Any:
-    return group.get(key, default) if hasattr(group, "get") else getattr(group, key, default)
+
+def compute_dtype(name: str) -> Any:
+    """ "float32" | "bfloat16" -> the scalar type a module's `dtype` attribute takes."""
+    if name not in DTYPES:
+        raise ValueError(f"compute dtype must be one of {DTYPES}; got {name!r}")
+    return getattr(jnp, name)
 
 
-def _compute_dtype(group, use_fp16: bool) -> str:
-    """`use_fp16=True` (a reference flag) selects bfloat16; otherwise the group's `dtype`."""
-    return "bfloat16" if use_fp16 else str(_get(group, "dtype", "float32") or "float32")
+def attention_rates(resolutions, image_size: int) -> tuple[int, ...]:
+    """Attention resolutions in pixels (e.g. (32, 16, 8)) -> downsample rates, as the reference
+    converts its `attention_resolutions` flag."""
+    return tuple(image_size // int(r) for r in resolutions)
 
 
-def build_model(config) -> nn.Module:
-    """The diffusion network of `config.model`: a UNetModel, or a SuperResModel when `super_res`.
-
-    Keys are the reference's MODEL_FLAGS plus `num_classes`, `dtype`, `super_res`, `small_size`
-    (see configs/common.py). An empty `channel_mult` takes the reference's per-resolution default.
-    """
-    m = config.model
-    common = dict(
-        num_channels=int(m.num_channels),
-        num_res_blocks=int(m.num_res_blocks),
-        learn_sigma=bool(m.learn_sigma),
-        class_cond=bool(m.class_cond),
-        use_checkpoint=bool(m.use_checkpoint),
-        attention_resolutions=str(m.attention_resolutions),
-        num_heads=int(m.num_heads),
-        num_head_channels=int(m.num_head_channels),
-        num_heads_upsample=int(m.num_heads_upsample),
-        use_scale_shift_norm=bool(m.use_scale_shift_norm),
-        dropout=float(m.dropout),
-        resblock_updown=bool(m.resblock_updown),
-        use_fp16=bool(m.use_fp16),
-        num_classes=int(_get(m, "num_classes", openai.NUM_CLASSES)),
-        dtype=_compute_dtype(m, bool(m.use_fp16)),
-        attention_impl=_get(m, "attention_impl", None) or None,
-    )
-    channel_mult = str(_get(m, "channel_mult", "") or "")
-    if not _get(m, "super_res", False):
-        return openai.create_model(
-            image_size=int(m.image_size),
-            channel_mult=channel_mult,
-            use_new_attention_order=bool(m.use_new_attention_order),
-            **common,
+def channel_mult(explicit, image_size: int, *, super_res: bool = False) -> tuple:
+    """`explicit` when given, else the reference's multipliers for `image_size`."""
+    if explicit:
+        return tuple(explicit)
+    table = SR_CHANNEL_MULT if super_res else CHANNEL_MULT
+    if image_size not in table:
+        what = "super-resolution large size" if super_res else "image size"
+        raise ValueError(
+            f"unsupported {what}: {image_size} (the reference has channel multipliers for "
+            f"{sorted(table)} only; give channel_mult explicitly)"
         )
-    small_size = int(_get(m, "small_size", 0))
-    if small_size <= 0:
-        raise ValueError("model.super_res needs model.small_size (the low-resolution input size)")
-    if not channel_mult:
-        return openai.sr_create_model(large_size=int(m.image_size), small_size=small_size, **common)
-    # An explicit channel_mult (sizes the reference's sr_create_model has no table for): build the
-    # UNet with it and carry every attribute over to the super-resolution variant.
-    base = openai.create_model(
-        image_size=int(m.image_size),
-        channel_mult=channel_mult,
-        use_new_attention_order=bool(m.use_new_attention_order),
-        **common,
-    )
-    fields = {
-        f.name: getattr(base, f.name)
-        for f in dataclasses.fields(unet.UNetModel)
-        if f.init and f.name not in ("parent", "name")
-    }
-    return unet.SuperResModel(**fields)
+    return table[image_size]
 
 
-def build_classifier(config) -> nn.Module:
-    """The noise-aware classifier of `config.classifier` at `config.model.image_size`.
-
-    The reference fixes the channel multipliers per resolution (64/128/256/512); for other sizes
-    (tests, small data sets) `classifier.channel_mult`, else `model.channel_mult`, is used.
-    """
-    c = config.classifier
-    size = int(config.model.image_size)
-    kwargs = dict(
+def unet_from_group(m: Mapping[str, Any]) -> unet.UNetModel:
+    """The diffusion network of a `model` group: a UNetModel, or a SuperResModel when
+    `small_size > 0` (then `image_size` is the large size). Keys: see configs/common.py."""
+    size = int(m["image_size"])
+    super_res = int(m["small_size"]) > 0
+    cls = unet.SuperResModel if super_res else unet.UNetModel
+    return cls(
         image_size=size,
-        classifier_use_fp16=bool(c.classifier_use_fp16),
-        classifier_width=int(c.classifier_width),
-        classifier_depth=int(c.classifier_depth),
-        classifier_attention_resolutions=str(c.classifier_attention_resolutions),
-        classifier_use_scale_shift_norm=bool(c.classifier_use_scale_shift_norm),
-        classifier_resblock_updown=bool(c.classifier_resblock_updown),
-        classifier_pool=str(c.classifier_pool),
-        num_classes=int(_get(c, "num_classes", openai.NUM_CLASSES)),
-        dtype=_compute_dtype(c, bool(c.classifier_use_fp16)),
-        attention_impl=_get(c, "attention_impl", None) or None,
+        in_channels=3,
+        model_channels=int(m["num_channels"]),
+        out_channels=6 if m["learn_sigma"] else 3,
+        num_res_blocks=int(m["num_res_blocks"]),
+        attention_resolutions=attention_rates(m["attention_resolutions"], size),
+        dropout=float(m["dropout"]),
+        channel_mult=channel_mult(m["channel_mult"], size, super_res=super_res),
+        num_classes=int(m["num_classes"]) if m["class_cond"] else None,
+        use_checkpoint=bool(m["use_checkpoint"]),
+        num_heads=int(m["num_heads"]),
+        num_head_channels=int(m["num_head_channels"]),
+        num_heads_upsample=int(m["num_heads_upsample"]),
+        use_scale_shift_norm=bool(m["use_scale_shift_norm"]),
+        resblock_updown=bool(m["resblock_updown"]),
+        use_new_attention_order=bool(m["use_new_attention_order"]),
+        dtype=compute_dtype(m["dtype"]),
+        attention_impl=m["attention_impl"] or None,
     )
-    mult = str(_get(c, "channel_mult", "") or "")
-    if not mult and size not in (64, 128, 256, 512):
-        mult = str(_get(config.model, "channel_mult", "") or "")
-        if not mult:
-            raise ValueError(
-                f"no classifier channel multipliers for image size {size}: the reference has "
-                "them for 64/128/256/512 only; set classifier.channel_mult or model.channel_mult"
-            )
-    classifier = openai.create_classifier(**kwargs) if not mult else None
-    if classifier is None:
-        # Same construction as the reference's create_classifier, with the given multipliers.
-        donor = openai.create_classifier(**{**kwargs, "image_size": 64})
-        fields = {
-            f.name: getattr(donor, f.name)
-            for f in dataclasses.fields(unet.EncoderUNetModel)
-            if f.init and f.name not in ("parent", "name")
-        }
-        fields.update(
-            image_size=size,
-            channel_mult=tuple(float(x) if "." in x else int(x) for x in mult.split(",")),
-            attention_resolutions=tuple(
-                size // int(r) for r in str(c.classifier_attention_resolutions).split(",")
-            ),
-            num_head_channels=int(_get(c, "num_head_channels", 64)),
-        )
-        classifier = unet.EncoderUNetModel(**fields)
-    return classifier
+
+
+def classifier_from_group(c: Mapping[str, Any], image_size: int) -> unet.EncoderUNetModel:
+    """The noise-aware classifier of a `classifier` group at `image_size` (the reference's
+    `create_classifier`, with its channel-multiplier table unless `channel_mult` is given)."""
+    return unet.EncoderUNetModel(
+        image_size=int(image_size),
+        in_channels=3,
+        model_channels=int(c["width"]),
+        out_channels=int(c["num_classes"]),
+        num_res_blocks=int(c["depth"]),
+        attention_resolutions=attention_rates(c["attention_resolutions"], int(image_size)),
+        channel_mult=channel_mult(c["channel_mult"], int(image_size)),
+        num_head_channels=int(c["num_head_channels"]),
+        use_scale_shift_norm=bool(c["use_scale_shift_norm"]),
+        resblock_updown=bool(c["resblock_updown"]),
+        pool=str(c["pool"]),
+        dtype=compute_dtype(c["dtype"]),
+        attention_impl=c["attention_impl"] or None,
+    )
+
+
+def diffusion_from_group(d: Mapping[str, Any], *, learn_sigma: bool, timestep_respacing: str):
+    """The (respaced) Gaussian diffusion of a `diffusion` group; `learn_sigma` is the model's."""
+    return diffusion_lib.create_gaussian_diffusion(
+        steps=int(d["steps"]),
+        learn_sigma=bool(learn_sigma),
+        sigma_small=bool(d["sigma_small"]),
+        noise_schedule=str(d["noise_schedule"]),
+        use_kl=bool(d["use_kl"]),
+        predict_xstart=bool(d["predict_xstart"]),
+        rescale_timesteps=bool(d["rescale_timesteps"]),
+        rescale_learned_sigmas=bool(d["rescale_learned_sigmas"]),
+        timestep_respacing=str(timestep_respacing or ""),
+    )
+
+
+def build_model(config) -> unet.UNetModel:
+    """The diffusion network of `config.model`."""
+    return unet_from_group(config.model)
+
+
+def build_classifier(config) -> unet.EncoderUNetModel:
+    """The noise-aware classifier of `config.classifier`, at the data's image size."""
+    return classifier_from_group(config.classifier, int(config.data.image_size))
 
 
 def build_diffusion(config, timestep_respacing: str | None = None):
-    """The Gaussian diffusion of `config.diffusion` (learn_sigma comes from `config.model`).
-
-    `timestep_respacing` overrides `diffusion.timestep_respacing` (e.g. "250" or "ddim25" for
-    sampling); None keeps the config's.
-    """
+    """The diffusion of `config.diffusion`; `timestep_respacing` (e.g. "250", "ddim25") overrides
+    the group's own, None keeps it."""
     d = config.diffusion
     respacing = d.timestep_respacing if timestep_respacing is None else timestep_respacing
-    return openai.create_gaussian_diffusion(
-        steps=int(d.steps),
-        learn_sigma=bool(config.model.learn_sigma),
-        sigma_small=bool(_get(d, "sigma_small", False)),
-        noise_schedule=str(d.noise_schedule),
-        use_kl=bool(d.use_kl),
-        predict_xstart=bool(d.predict_xstart),
-        rescale_timesteps=bool(d.rescale_timesteps),
-        rescale_learned_sigmas=bool(d.rescale_learned_sigmas),
-        timestep_respacing=str(respacing or ""),
+    return diffusion_from_group(
+        d, learn_sigma=bool(config.model.learn_sigma), timestep_respacing=respacing
     )
 
 

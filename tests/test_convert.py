@@ -71,12 +71,11 @@ def test_float16_checkpoint_is_cast_to_float32():
 def test_convert_mode_writes_a_loadable_parameter_checkpoint(tmp_path):
     from configs import common
     from gdiff import checkpointing
-    from gdiff.compat import convert_checkpoint
+    from gdiff.compat import convert_checkpoint, flags
 
     cfg, sd = _legacy()
     config = common.get_config()
-    for key, value in cfg.items():
-        config.model[key] = value
+    flags.write_config(config, cfg)
     config.torch_checkpoint = str(fixture_path("unet_small_legacy.pt"))
     out = convert_checkpoint.run(config, tmp_path)
     assert out == tmp_path / "model_params"

@@ -17,12 +17,11 @@ def tiny_config():
     config = digits_config.get_config()
     config.data.image_size = 8
     m = config.model
-    m.image_size = 8
-    m.channel_mult = "1,1"
+    m.channel_mult = (1, 1)
     # No self-attention blocks (resolution 16 never occurs at 8x8): the least to compile.
-    m.attention_resolutions = "16"
-    config.classifier.channel_mult = "1,1"
-    config.classifier.classifier_attention_resolutions = "16"
+    m.attention_resolutions = (16,)
+    config.classifier.channel_mult = (1, 1)
+    config.classifier.attention_resolutions = (16,)
     config.classifier.num_head_channels = 32  # the attention pool sees 32 channels here
     config.diffusion.steps = 50
     t = config.train

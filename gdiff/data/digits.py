@@ -14,6 +14,7 @@ import functools
 
 import numpy as np
 from PIL import Image
+from sklearn import datasets
 
 from gdiff.data import preprocess
 
@@ -23,8 +24,6 @@ SPLITS = ("train", "validation", "test")
 
 @functools.cache
 def _load() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn import datasets
-
     digits = datasets.load_digits()
     return digits.images.astype(np.float32), digits.target.astype(np.int32)
 

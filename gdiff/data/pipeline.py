@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from gdiff import distributed
+from gdiff.data import digits, folder_source, tfds_source
 
 SOURCES = ("digits", "tfds", "folder")
 
@@ -159,8 +160,6 @@ def check_data_config(config) -> None:
     if source not in SOURCES:
         raise ValueError(f"unknown data.source={source!r}; supported: {', '.join(SOURCES)}")
     if source == "tfds":
-        from gdiff.data import tfds_source
-
         tfds_source.check_name(config.data.name)
 
 
@@ -197,13 +196,9 @@ def local_batches(
     crop = (data.random_crop if train else False) if random_crop is None else random_crop
     flip = (data.random_flip if train else False) if random_flip is None else random_flip
     if data.source == "digits":
-        from gdiff.data import digits
-
         src = digits.DigitsSource(split, data.image_size, random_crop=crop, random_flip=flip)
     elif data.source == "folder":
-        from gdiff.data import folder_source
-
-        folder = data.folder if train else data.get("eval_folder", "")
+        folder = data.folder if train else data.eval_folder
         if not folder:
             raise ValueError(
                 "no held-out folder: set data.eval_folder for evaluation with data.source=folder"
@@ -217,8 +212,6 @@ def local_batches(
             random_flip=flip,
         )
     else:
-        from gdiff.data import tfds_source
-
         return tfds_source.tfds_batches(
             data.name,
             split=split,

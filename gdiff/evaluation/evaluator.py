@@ -24,7 +24,8 @@ import zipfile
 
 import numpy as np
 
-from gdiff.evaluation import metrics
+from gdiff.compat.torch_checkpoint import load_torch_state_dict
+from gdiff.evaluation import features, inception_weights, metrics
 
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall")
 PRINT_NAMES = {
@@ -206,8 +207,6 @@ def _cache_path(ref_path, weights_path, resize: str, workdir) -> pathlib.Path:
 def load_inception_variables(path) -> dict:
     """FID-Inception variables from `classify_image_graph_def.pb`, a pytorch-fid `.pth`, or an
     `.npz` of state-dict arrays."""
-    from gdiff.evaluation import inception_weights
-
     if not path:
         raise FileNotFoundError("config.eval.inception_weights is empty. " + WEIGHTS_HELP)
     if not os.path.exists(path):
@@ -218,8 +217,6 @@ def load_inception_variables(path) -> dict:
         with np.load(path) as z:
             state = {k: z[k] for k in z.files if k != "config_json"}
     else:
-        from gdiff.compat.torch_checkpoint import load_torch_state_dict
-
         state = load_torch_state_dict(path)
     return inception_weights.convert_fid_inception_state_dict(state)
 
@@ -248,8 +245,6 @@ def evaluate_files(
     ref_images, ref_stats = read_reference_batch(ref_path)
     sample_images = read_sample_batch(sample_path)
     if extractor is None:
-        from gdiff.evaluation import features
-
         extractor = features.InceptionExtractor(
             load_inception_variables(weights_path), batch_size=batch_size, resize=resize
         )

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gdiff.evaluation import inception
 from gdiff.evaluation import resize as resize_lib
 
 INCEPTION_SIZE = 299
@@ -135,8 +136,6 @@ class InceptionExtractor(_ShardedExtractor):
     [N, 2023], probs = softmax(pool_3 @ fc kernel) [N, 1008] (no bias)."""
 
     def __init__(self, variables, *, batch_size: int = 64, resize: str = "legacy", module=None):
-        from gdiff.evaluation import inception
-
         if resize not in resize_lib.RESIZERS:
             raise ValueError(f"resize must be one of {sorted(resize_lib.RESIZERS)}; got {resize!r}")
         super().__init__(variables, batch_size)

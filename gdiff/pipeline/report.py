@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import figure
 
 # Per-scale columns of results.csv, in order.
 COLUMNS = ("scale", "accuracy", "log_prob", "fid", "precision", "recall", "inception_score")
@@ -126,13 +127,9 @@ def plot(
 ) -> pathlib.Path:
     """scale_sweep.png: one panel per metric against the guidance scale (the real-digit value as a
     dashed line). The x axis is symlog so scale 0 and the large scales share one plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     scales = [r["scale"] for r in rows]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 2.9))
+    fig = figure.Figure(figsize=(3.0 * len(METRICS), 2.9))
+    axes = fig.subplots(1, len(METRICS))
     for ax, key in zip(axes, METRICS, strict=True):
         ax.plot(scales, [r[key] for r in rows], marker="o")
         if baseline and key in baseline and np.isfinite(baseline[key]):
@@ -148,7 +145,6 @@ def plot(
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -156,19 +152,13 @@ def save_sweep_figure(
     grids: Mapping[float, np.ndarray], path: str | os.PathLike, *, zoom: int = 1
 ) -> pathlib.Path:
     """One picture of every scale's class grid side by side (uint8 [H, W, 3] each), titled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     scales = list(grids)
     first = np.asarray(grids[scales[0]])
     # Panels as wide as the grids' aspect needs (rows = classes makes them tall), plus a title.
     height, width = first.shape[0], first.shape[1]
     panel = max(1.2, width * zoom / 100.0)
-    fig, axes = plt.subplots(
-        1, len(scales), figsize=(panel * len(scales), panel * height / width + 0.4)
-    )
+    fig = figure.Figure(figsize=(panel * len(scales), panel * height / width + 0.4))
+    axes = fig.subplots(1, len(scales))
     axes = np.atleast_1d(axes)
     for ax, scale in zip(axes, scales, strict=True):
         ax.imshow(np.asarray(grids[scale]), interpolation="nearest")
@@ -177,7 +167,6 @@ def save_sweep_figure(
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

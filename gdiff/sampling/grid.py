@@ -7,6 +7,7 @@ import pathlib
 import uuid
 
 import numpy as np
+from PIL import Image
 
 
 def make_grid(images: np.ndarray, ncols: int, *, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -48,8 +49,6 @@ def class_grid(
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
     """Writes a uint8 [H, W, C] image as PNG, atomically (temporary file + os.replace)."""
-    from PIL import Image
-
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = np.asarray(image)

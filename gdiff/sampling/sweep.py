@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from matplotlib import figure
 
-from gdiff import checkpointing, distributed
+from gdiff import checkpointing, distributed, factory
+from gdiff.evaluation import evaluator, features
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import run as sample_run
 from gdiff.sampling import shards
@@ -43,9 +45,7 @@ def compute_metrics(extractor, ref, images: np.ndarray) -> dict[str, float]:
       ref: reference images uint8 [M, H, W, 3] or a dict of reference activations / statistics
         (what `gdiff.evaluation.evaluate_samples` accepts).
     """
-    from gdiff import evaluation
-
-    out = evaluation.evaluate_samples(
+    out = evaluator.evaluate_samples(
         extractor, ref, images, is_split_size=min(5000, max(1, len(images)))
     )
     return {k: float(out[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")}
@@ -68,8 +68,6 @@ def guidance_accuracy(classifier, variables, images: np.ndarray, labels, batch_s
 
 def _reference(config, extractor):
     """Checks the evaluation inputs BEFORE hours of sampling; returns (extractor, ref)."""
-    from gdiff.evaluation import evaluator, features
-
     ev = config.eval
     if not ev.ref_batch:
         raise ValueError(
@@ -120,13 +118,9 @@ def _fmt(value: float) -> str:
 
 def plot(rows: list[dict[str, Any]], path) -> pathlib.Path:
     """scale_sweep.png: one panel per metric against the guidance scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     scales = [r["scale"] for r in rows]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
+    fig = figure.Figure(figsize=(3.2 * len(METRICS), 3.0))
+    axes = fig.subplots(1, len(METRICS))
     for ax, key in zip(axes, METRICS, strict=True):
         ax.plot(scales, [r[key] for r in rows], marker="o")
         ax.set_xlabel("classifier scale")
@@ -135,7 +129,6 @@ def plot(rows: list[dict[str, Any]], path) -> pathlib.Path:
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -152,8 +145,6 @@ def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, An
     Returns:
       The table rows: dicts with COLUMNS.
     """
-    from gdiff import factory
-
     scales = labels_lib.parse_scales(config.sample.classifier_scale)
     extractor, ref = _reference(config, extractor)
     paths = sample_run.run(config, workdir, mesh=mesh)
