@@ -24,20 +24,16 @@ def create_gaussian_diffusion(
     keeps all `steps` (still a SpacedDiffusion, with the identity timestep_map).
     """
     betas = schedules.get_named_beta_schedule(noise_schedule, steps)
+    loss_type = gd.LossType.MSE
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
         loss_type = gd.LossType.RESCALED_MSE
-    else:
-        loss_type = gd.LossType.MSE
-    if not timestep_respacing:
-        timestep_respacing = [steps]
+    var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
     if learn_sigma:
         var_type = gd.ModelVarType.LEARNED_RANGE
-    elif sigma_small:
-        var_type = gd.ModelVarType.FIXED_SMALL
-    else:
-        var_type = gd.ModelVarType.FIXED_LARGE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
     return gd.SpacedDiffusion(
         use_timesteps=schedules.space_timesteps(steps, timestep_respacing),
         betas=betas,

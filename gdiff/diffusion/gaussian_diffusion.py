@@ -11,7 +11,8 @@ Mirrors the reference's `gaussian_diffusion.GaussianDiffusion` and `respace.Spac
   timesteps the network was trained with: mapped through `timestep_map` for a respaced chain and
   rescaled to 0..1000 when `rescale_timesteps` is set.
 * Nothing is random inside a single step: steps take their `noise` explicitly. The loops take a
-  `jax.random.key` (or a replayed noise stream) and run as one `jax.lax.scan`.
+  `jax.random.key` (or a replayed noise stream) and run as one `jax.lax.scan`, the single loop of
+  `gdiff.diffusion.chain` that the sampler and the bound share.
 
 The object holds no JAX arrays, so it can be closed over inside `jax.jit` freely; its arrays become
 compile-time constants.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdiff.diffusion import losses
+from gdiff.diffusion import chain, losses
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Array = Any
@@ -349,6 +350,22 @@ class GaussianDiffusion:
         out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
         return out
 
+    def _guided_prediction(self, model_fn, x, t, clip_denoised, denoised_fn, cond_fn, *, on_score):
+        """p_mean_variance at x_t [B, H, W, C], t [B], guided by `cond_fn` when given.
+
+        The reference guides ancestral steps on the mean and DDIM steps on the score (`on_score`).
+        Returns (x, t, out) with x and t checked, out as `p_mean_variance`.
+        """
+        x = jnp.asarray(x)
+        t = self._check_t(t, x.shape)
+        out = self.p_mean_variance(model_fn, x, t, clip_denoised, denoised_fn)
+        if cond_fn is None:
+            return x, t, out
+        if on_score:
+            return x, t, self.condition_score(cond_fn, out, x, t)
+        out["mean"] = self.condition_mean(cond_fn, out, x, t)
+        return x, t, out
+
     @staticmethod
     def _nonzero_mask(t, x):
         # No noise is added on the last step (t == 0).
@@ -364,16 +381,14 @@ class GaussianDiffusion:
         cond_fn: ModelFn | None = None,
         denoised_fn: Callable | None = None,
     ) -> dict[str, jnp.ndarray]:
-        """One ancestral step x_t -> x_{t-1}; `noise` [B, H, W, C] is ignored where t == 0.
+        """One ancestral step x_t -> x_{t-1}, guided on the mean (`condition_mean`) by `cond_fn`.
 
-        With `cond_fn`, the mean is guided by `condition_mean`.
-        Returns dict(sample, pred_xstart), each [B, H, W, C].
+        `noise` [B, H, W, C] is ignored where t == 0. Returns dict(sample, pred_xstart), each
+        [B, H, W, C].
         """
-        x = jnp.asarray(x)
-        t = self._check_t(t, x.shape)
-        out = self.p_mean_variance(model_fn, x, t, clip_denoised, denoised_fn)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t)
+        x, t, out = self._guided_prediction(
+            model_fn, x, t, clip_denoised, denoised_fn, cond_fn, on_score=False
+        )
         sample = out["mean"] + self._nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -390,14 +405,12 @@ class GaussianDiffusion:
     ) -> dict[str, jnp.ndarray]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); eta = 0 is deterministic.
 
-        With `cond_fn`, the score is guided by `condition_score`.
-        Returns dict(sample, pred_xstart), each [B, H, W, C].
+        With `cond_fn`, the score is guided (`condition_score`). Returns dict(sample, pred_xstart),
+        each [B, H, W, C].
         """
-        x = jnp.asarray(x)
-        t = self._check_t(t, x.shape)
-        out = self.p_mean_variance(model_fn, x, t, clip_denoised, denoised_fn)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t)
+        x, t, out = self._guided_prediction(
+            model_fn, x, t, clip_denoised, denoised_fn, cond_fn, on_score=True
+        )
         # Re-derive eps so that x_0- and x_{t-1}-predicting models work too.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = self._extract("alphas_cumprod", t, x.shape)
@@ -441,14 +454,55 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------- loops
 
-    def _run_chain(self, step, shape, rng, noise, step_noise, return_trajectory):
-        """Runs `step(x, t, noise) -> dict(sample, pred_xstart)` from t = T-1 down to 0."""
+    def sample_step(
+        self,
+        model_fn: ModelFn,
+        *,
+        use_ddim: bool = False,
+        eta=0.0,
+        clip_denoised: bool = True,
+        cond_fn: ModelFn | None = None,
+        denoised_fn: Callable | None = None,
+    ) -> chain.Step:
+        """The reverse step the sampling loops scan: `ddim_sample` (with eta) or `p_sample`.
+
+        Returns step(x [B, H, W, C], t [B], noise [B, H, W, C]) -> dict(sample, pred_xstart), the
+        `step` of `chain.scan_chain`; the sampler scans the same step with its own noise.
+        """
+        if use_ddim:
+            return lambda x, t, noise: self.ddim_sample(
+                model_fn, x, t, noise, eta, clip_denoised, cond_fn, denoised_fn
+            )
+        return lambda x, t, noise: self.p_sample(
+            model_fn, x, t, noise, clip_denoised, cond_fn, denoised_fn
+        )
+
+    def _trajectory_loop(self, step, x_init, noise_fn, *, reverse, return_trajectory):
+        """`chain.scan_chain` with the loops' return convention (see `p_sample_loop`)."""
+        collect = chain.TRAJECTORY if return_trajectory else ()
+        final, ys = chain.scan_chain(
+            step, x_init, self.num_timesteps, noise_fn, reverse=reverse, collect=collect
+        )
+        if not return_trajectory:
+            return final
+        return {
+            "sample": final,
+            "trajectory": ys["sample"],
+            "pred_xstart_trajectory": ys["pred_xstart"],
+        }
+
+    def _sample_loop(self, step, shape, rng, noise, step_noise, return_trajectory):
+        """Runs `step` from x_T (drawn from `rng` or given as `noise`) down to t = 0.
+
+        rng splits into an x_T key and a key per step, so a replayed x_T or step stream leaves the
+        other draws as they were.
+        """
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be [B, ...] (NHWC), got {shape}")
-        num_steps = self.num_timesteps
         if rng is None and (noise is None or step_noise is None):
             raise ValueError("rng may be None only when both noise and step_noise are given")
+        init_key = steps_key = None
         if rng is not None:
             init_key, steps_key = jax.random.split(rng)
         if noise is None:
@@ -457,32 +511,16 @@ class GaussianDiffusion:
             x = jnp.asarray(noise, jnp.float32)
             if x.shape != shape:
                 raise ValueError(f"noise (x_T) has shape {x.shape}, expected {shape}")
-        if step_noise is not None:
-            per_step = jnp.asarray(step_noise, jnp.float32)
-            if per_step.shape != (num_steps, *shape):
-                raise ValueError(
-                    f"step_noise has shape {per_step.shape}, expected {(num_steps, *shape)} "
-                    "(one draw per step, in call order)"
-                )
-        else:
-            # One key per step, split up front: step k's draw does not depend on earlier draws.
-            per_step = jax.random.split(steps_key, num_steps)
-        indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
-
-        def body(x, inputs):
-            i, n = inputs
-            if step_noise is None:
-                n = jax.random.normal(n, shape, jnp.float32)
-            t = jnp.full((shape[0],), i, jnp.int32)
-            out = step(x, t, n)
-            sample = out["sample"].astype(jnp.float32)
-            ys = (sample, out["pred_xstart"].astype(jnp.float32)) if return_trajectory else None
-            return sample, ys
-
-        final, ys = jax.lax.scan(body, x, (indices, per_step))
-        if not return_trajectory:
-            return final
-        return {"sample": final, "trajectory": ys[0], "pred_xstart_trajectory": ys[1]}
+        noise_fn = chain.step_noise_fn(
+            shape,
+            self.num_timesteps,
+            key=steps_key,
+            stream=step_noise,
+            hint=" (one draw per step, in call order)",
+        )
+        return self._trajectory_loop(
+            step, x, noise_fn, reverse=True, return_trajectory=return_trajectory
+        )
 
     def p_sample_loop(
         self,
@@ -507,11 +545,10 @@ class GaussianDiffusion:
           the final sample [B, H, W, C]; with return_trajectory, dict(sample, trajectory
           [T, B, H, W, C], pred_xstart_trajectory [T, B, H, W, C]), in step order.
         """
-
-        def step(x, t, n):
-            return self.p_sample(model_fn, x, t, n, clip_denoised, cond_fn, denoised_fn)
-
-        return self._run_chain(step, shape, rng, noise, step_noise, return_trajectory)
+        step = self.sample_step(
+            model_fn, clip_denoised=clip_denoised, cond_fn=cond_fn, denoised_fn=denoised_fn
+        )
+        return self._sample_loop(step, shape, rng, noise, step_noise, return_trajectory)
 
     def ddim_sample_loop(
         self,
@@ -530,11 +567,15 @@ class GaussianDiffusion:
 
         Noise is drawn every step even when eta = 0, so a stream replays identically for any eta.
         """
-
-        def step(x, t, n):
-            return self.ddim_sample(model_fn, x, t, n, eta, clip_denoised, cond_fn, denoised_fn)
-
-        return self._run_chain(step, shape, rng, noise, step_noise, return_trajectory)
+        step = self.sample_step(
+            model_fn,
+            use_ddim=True,
+            eta=eta,
+            clip_denoised=clip_denoised,
+            cond_fn=cond_fn,
+            denoised_fn=denoised_fn,
+        )
+        return self._sample_loop(step, shape, rng, noise, step_noise, return_trajectory)
 
     def ddim_reverse_sample_loop(
         self,
@@ -549,20 +590,13 @@ class GaussianDiffusion:
         Returns x_T [B, H, W, C]; with return_trajectory, dict(sample, trajectory,
         pred_xstart_trajectory) with [T, B, H, W, C] trajectories in step order.
         """
-        x_0 = jnp.asarray(x_0, jnp.float32)
-        batch = x_0.shape[0]
 
-        def body(x, i):
-            t = jnp.full((batch,), i, jnp.int32)
-            out = self.ddim_reverse_sample(model_fn, x, t, eta, clip_denoised)
-            sample = out["sample"].astype(jnp.float32)
-            ys = (sample, out["pred_xstart"].astype(jnp.float32)) if return_trajectory else None
-            return sample, ys
+        def step(x, t, _):
+            return self.ddim_reverse_sample(model_fn, x, t, eta, clip_denoised)
 
-        final, ys = jax.lax.scan(body, x_0, jnp.arange(self.num_timesteps, dtype=jnp.int32))
-        if not return_trajectory:
-            return final
-        return {"sample": final, "trajectory": ys[0], "pred_xstart_trajectory": ys[1]}
+        return self._trajectory_loop(
+            step, x_0, None, reverse=False, return_trajectory=return_trajectory
+        )
 
     # ------------------------------------------------------------------ losses
 
@@ -650,34 +684,28 @@ class GaussianDiffusion:
           is in step order (t = T-1 first), as the reference stacks it.
         """
         x_start = jnp.asarray(x_start, jnp.float32)
-        shape = x_start.shape
-        num_steps = self.num_timesteps
-        if noise is not None:
-            per_step = jnp.asarray(noise, jnp.float32)
-            if per_step.shape != (num_steps, *shape):
-                raise ValueError(
-                    f"noise has shape {per_step.shape}, expected {(num_steps, *shape)}"
-                )
-        elif rng is None:
+        if noise is None and rng is None:
             raise ValueError("calc_bpd_loop needs an rng or a noise stream")
-        else:
-            per_step = jax.random.split(rng, num_steps)
+        noise_fn = chain.step_noise_fn(
+            x_start.shape, self.num_timesteps, key=rng, stream=noise, name="noise"
+        )
 
-        def body(carry, inputs):
-            i, n = inputs
-            if noise is None:
-                n = jax.random.normal(n, shape, jnp.float32)
-            t = jnp.full((shape[0],), i, jnp.int32)
-            x_t = self.q_sample(x_start, t, n)
-            out = self._vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=clip_denoised)
-            xstart_mse = losses.mean_flat(jnp.square(out["pred_xstart"] - x_start))
+        def step(x_0, t, n):
+            # Each term noises the same x_0 afresh: the chain's state stays x_0.
+            x_t = self.q_sample(x_0, t, n)
+            out = self._vb_terms_bpd(model_fn, x_0, x_t, t, clip_denoised=clip_denoised)
             eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            mse = losses.mean_flat(jnp.square(eps - n))
-            return carry, (out["output"], xstart_mse, mse)
+            return {
+                "sample": x_0,
+                "vb": out["output"],
+                "xstart_mse": losses.mean_flat(jnp.square(out["pred_xstart"] - x_0)),
+                "mse": losses.mean_flat(jnp.square(eps - n)),
+            }
 
-        indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
-        _, (vb, xstart_mse, mse) = jax.lax.scan(body, None, (indices, per_step))
-        vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T
+        _, terms = chain.scan_chain(
+            step, x_start, self.num_timesteps, noise_fn, collect=("vb", "xstart_mse", "mse")
+        )
+        vb, xstart_mse, mse = terms["vb"].T, terms["xstart_mse"].T, terms["mse"].T
         prior_bpd = self._prior_bpd(x_start)
         return {
             "total_bpd": vb.sum(axis=1) + prior_bpd,

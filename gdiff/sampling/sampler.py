@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdiff import distributed
+from gdiff.diffusion import chain
+from gdiff.diffusion import guidance as guidance_lib
 
 # cond_fn(x [B,H,W,C], ts [B]) -> gradient [B,H,W,C]; see CONTRACT.md section 5.
 CondFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -46,7 +48,6 @@ def classifier_guidance(classifier) -> Guidance:
       guidance(variables, labels [B], scales [B]) -> cond_fn. Other guidance kinds (e.g. a
       classifier-free one) plug in by passing another function with this signature.
     """
-    from gdiff.diffusion import guidance as guidance_lib
 
     def guidance(variables, labels, scales):
         def classifier_apply(x, ts):
@@ -89,11 +90,10 @@ def sample_chain(
     clip_denoised: bool = True,
     cond_fn: CondFn | None = None,
 ) -> jax.Array:
-    """Runs the reverse chain from x_T to x_0 as one `lax.scan` over the diffusion's single steps.
+    """Runs the reverse chain from x_T to x_0 as one `lax.scan` (`gdiff.diffusion.chain`).
 
     Args:
-      diffusion: a (possibly respaced) diffusion with `num_timesteps`, `p_sample` and `ddim_sample`
-        (CONTRACT.md section 4).
+      diffusion: a (possibly respaced) `GaussianDiffusion` (CONTRACT.md section 4).
       model_fn: model_fn(x [B,H,W,C], ts [B]) -> raw model output.
       x_T: [B, H, W, C] starting noise.
       noise_fn: noise_fn(step index, a scalar int32 from T-1 down to 0) -> [B, H, W, C], the noise
@@ -104,23 +104,10 @@ def sample_chain(
     Returns:
       x_0 [B, H, W, C] (float32, in [-1, 1] when clip_denoised).
     """
-    batch = x_T.shape[0]
-
-    def step(x, index):
-        t = jnp.full((batch,), index, jnp.int32)
-        noise = noise_fn(index)
-        if use_ddim:
-            out = diffusion.ddim_sample(
-                model_fn, x, t, noise, eta=eta, clip_denoised=clip_denoised, cond_fn=cond_fn
-            )
-        else:
-            out = diffusion.p_sample(
-                model_fn, x, t, noise, clip_denoised=clip_denoised, cond_fn=cond_fn
-            )
-        return out["sample"].astype(x.dtype), None
-
-    indices = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    x_0, _ = jax.lax.scan(step, x_T, indices)
+    step = diffusion.sample_step(
+        model_fn, use_ddim=use_ddim, eta=eta, clip_denoised=clip_denoised, cond_fn=cond_fn
+    )
+    x_0, _ = chain.scan_chain(step, x_T, diffusion.num_timesteps, noise_fn)
     return x_0
 
 
