@@ -10,13 +10,16 @@ Two kinds live on disk:
   Layout `<dir>/params` (orbax) + `<dir>/gdiff_metadata.json`, built in a temporary folder and
   renamed into place, so a finished one is never half-overwritten.
 
-Workdir conventions (what `load_params(workdir, kind=...)` looks for, in order):
+`locate` is the one place that finds a checkpoint on disk (a path given by the user, a step folder,
+or a workdir); `load_params`, sampling, the digits pipeline and resuming training all go through it.
+Workdir conventions (what `locate(workdir, kind)` looks for, in order):
   kind "model":      `<workdir>/checkpoints`, `<workdir>/model_params`
   kind "classifier": `<workdir>/classifier_checkpoints`, `<workdir>/classifier_params`
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -182,36 +185,95 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _is_manager_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a checkpoint is, as `locate` found it."""
+
+    path: pathlib.Path  # a save_params directory, or an orbax CheckpointManager directory
+    format: str  # "params" (save_params) or "training" (CheckpointManager steps)
+    # "training": the step to restore (the step folder given, else the newest finished one);
+    # None for "params".
+    step: int | None
 
 
-def _resolve(path: pathlib.Path, kind: str) -> pathlib.Path:
-    if (path / METADATA_FILE).exists() or _is_manager_dir(path):
-        return path
-    if path.name.isdigit() and _is_manager_dir(path.parent):
-        return path
-    if kind not in WORKDIR_LAYOUT:
+def _finished_steps(directory: pathlib.Path) -> list[int]:
+    """The steps of an orbax checkpoint directory, ascending. Orbax writes a step under a
+    temporary name and renames it to the bare number when it is complete, so only digit-named
+    folders count."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _checkpoint_at(path: pathlib.Path) -> Location | None:
+    """`path` itself as a checkpoint (params dir, training dir, or one step folder), else None."""
+    if (path / METADATA_FILE).exists():
+        return Location(path, "params", None)
+    steps = _finished_steps(path)
+    if steps:
+        return Location(path, "training", steps[-1])
+    if path.name.isdigit() and _finished_steps(path.parent):
+        return Location(path.parent, "training", int(path.name))
+    return None
+
+
+def _unfinished(path: pathlib.Path) -> str:
+    """A note for the error message when `path` is a training directory with no finished step."""
+    if (path / CONFIG_FILE).exists():
+        return f" ({path} is a training checkpoint directory with no finished step yet)"
+    return ""
+
+
+def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
+    """Finds the checkpoint that `path` names.
+
+    Args:
+      path: a save_params dir, a training checkpoint dir, one step folder of it, or (when kind is
+        "model" or "classifier") a workdir holding one of WORKDIR_LAYOUT[kind], tried in order.
+      kind: None when `path` itself must be a checkpoint; "model" or "classifier" to also look
+        inside a workdir.
+
+    Raises:
+      FileNotFoundError naming what was looked for: the path is missing, holds no checkpoint, or
+      is a training directory with no finished step.
+    """
+    if kind is not None and kind not in WORKDIR_LAYOUT:
         raise ValueError(f"kind must be one of {sorted(WORKDIR_LAYOUT)}; got {kind!r}")
-    for name in WORKDIR_LAYOUT[kind]:
-        candidate = path / name
-        if (candidate / METADATA_FILE).exists() or _is_manager_dir(candidate):
-            return candidate
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    found = _checkpoint_at(path)
+    if found is not None:
+        return found
+    if kind is None:
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}) or "
+            f"a training checkpoint directory (digit-named step folders){_unfinished(path)}"
+        )
+    candidates = [path / name for name in WORKDIR_LAYOUT[kind]]
+    for candidate in candidates:
+        found = _checkpoint_at(candidate)
+        if found is not None:
+            return found
     raise FileNotFoundError(
         f"no {kind} checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}), "
         f"a training checkpoint directory, or a workdir containing one of "
-        f"{', '.join(WORKDIR_LAYOUT[kind])}"
+        f"{', '.join(WORKDIR_LAYOUT[kind])}" + "".join(_unfinished(c) for c in candidates)
     )
 
 
 def load_params(
-    path: str | os.PathLike, *, ema_rate: str | float | None = None, kind: str = "model"
+    path: str | os.PathLike | Location,
+    *,
+    ema_rate: str | float | None = None,
+    kind: str = "model",
 ) -> Any:
     """Loads inference parameters from any gdiff checkpoint.
 
     Args:
       path: a `save_params` directory, a training checkpoint directory (newest step is used), one
-        step folder of it, or a workdir (see the module docstring for where it looks).
+        step folder of it, or a workdir (see the module docstring for where it looks); or what
+        `locate` returned for one.
       ema_rate: which EMA copy of a training checkpoint to return (e.g. "0.9999"); default the
         slowest (largest) rate stored, the one the reference samples from; the raw parameters when
         the checkpoint has no EMA.
@@ -220,17 +282,11 @@ def load_params(
     Returns:
       The parameter pytree (nested dicts of arrays), ready for `module.apply({"params": p}, ...)`.
     """
-    path = pathlib.Path(path).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    path = _resolve(path, kind)
-    if (path / METADATA_FILE).exists():
-        return ocp.StandardCheckpointer().restore(path / PARAMS_ITEM)
-    if path.name.isdigit() and not _is_manager_dir(path):
-        manager, step = CheckpointManager(path.parent), int(path.name)
-    else:
-        manager, step = CheckpointManager(path), None
-    state = manager.restore_raw(step)
+    found = path if isinstance(path, Location) else locate(path, kind)
+    if found.format == "params":
+        return ocp.StandardCheckpointer().restore(found.path / PARAMS_ITEM)
+    manager = CheckpointManager(found.path)
+    state = manager.restore_raw(found.step)
     manager.close()
     ema = state.get("ema_params") or {}
     if not ema:
@@ -240,6 +296,8 @@ def load_params(
     else:
         matches = [k for k in ema if np.isclose(float(k), float(ema_rate))]
         if not matches:
-            raise KeyError(f"{path} has EMA rates {sorted(ema)}, not {ema_rate}")
+            raise KeyError(
+                f"{found.path} step {found.step} has EMA rates {sorted(ema)}, not {ema_rate}"
+            )
         key = matches[0]
     return ema[key]

@@ -132,7 +132,6 @@ def test_bad_input_messages(ckpts, tmp_path):
 
     # Super-resolution: base samples must match model.small_size.
     config = _config(ckpts, tmp_path / "e", classifier_scale="0")
-    config.model.super_res = True
     config.model.small_size = 4
     base = tmp_path / "base.npz"
     np.savez(base, arr_0=np.zeros((3, 8, 8, 3), np.uint8), arr_1=np.array([0, 1, 2]))
@@ -152,7 +151,6 @@ def test_bad_input_messages(ckpts, tmp_path):
 
 def _super_res_config(ckpt, out, base):
     config = _tiny()
-    config.model.super_res = True
     config.model.small_size = 4  # 4x4 -> 8x8
     s = config.sample
     s.num_samples = 7  # not a multiple of the 8-example global batch, nor of the 3 base images

@@ -28,11 +28,20 @@ import pathlib
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing
+from gdiff import checkpointing, distributed, factory
+from gdiff.data import digits as digits_data
+from gdiff.evaluation import features, metrics, small_classifier
 from gdiff.pipeline import report
+from gdiff.sampling import grid as grid_lib
+from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import run as sample_run
+from gdiff.sampling import shards
+from gdiff.train import classifier_trainer, diffusion_trainer
 
 EVAL_CLASSIFIER_DIR = "eval_classifier"
 RESULTS_CSV = "results.csv"
@@ -67,8 +76,6 @@ class StageLog:
 
     @staticmethod
     def _say(text: str) -> None:
-        import jax
-
         if jax.process_index() == 0:
             print(text, flush=True)
         logging.info(text)
@@ -77,43 +84,32 @@ class StageLog:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _latest_step(directory: pathlib.Path) -> int | None:
-    """Newest finished step of an orbax checkpoint directory (temporary folders do not count)."""
-    if not directory.is_dir():
-        return None
-    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(steps) if steps else None
-
-
 def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
-    """Why the training stage of `kind` ("model" | "classifier") need not run, or None."""
+    """Why the training stage of `kind` ("model" | "classifier") need not run, or None: a
+    checkpoint was named, or the workdir holds parameters or a training run that reached its
+    `train` step count (what sampling will then load: checkpointing.locate finds both)."""
     explicit = config.sample.get(f"{kind}_checkpoint", "")
     if explicit:
         return f"sample.{kind}_checkpoint={explicit}"
-    params_dir = workdir / checkpointing.WORKDIR_LAYOUT[kind][1]
-    if (params_dir / checkpointing.METADATA_FILE).exists():
-        return f"found parameters {params_dir}"
-    ckpt_dir = workdir / checkpointing.WORKDIR_LAYOUT[kind][0]
+    try:
+        found = checkpointing.locate(workdir, kind)
+    except FileNotFoundError:
+        return None
+    if found.format == "params":
+        return f"found parameters {found.path}"
     want = int(config.train.num_steps if kind == "model" else config.train.classifier_num_steps)
-    step = _latest_step(ckpt_dir)
-    if step is not None and step >= want:
-        return f"found step {step} in {ckpt_dir}"
-    return None
+    return f"found step {found.step} in {found.path}" if found.step >= want else None
 
 
 def _train(config, workdir: pathlib.Path, kind: str, mesh) -> None:
     """Runs (or resumes) the training of `kind`; `train.progress` shows its step bar."""
-    from gdiff.train import classifier_trainer, diffusion_trainer
-
     trainer = diffusion_trainer if kind == "model" else classifier_trainer
     trainer.train(config, str(workdir), mesh=mesh)
 
 
 def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """A digits split as the sampler writes images: uint8 [N, S, S, 3] and int32 labels [N]."""
-    from gdiff.data import digits
-
-    src = digits.DigitsSource(split, image_size)
+    src = digits_data.DigitsSource(split, image_size)
     rng = np.random.default_rng(0)  # unused: no augmentation
     pairs = [src.load(i, rng) for i in range(src.num_examples)]
     images = np.stack([p[0] for p in pairs])
@@ -166,8 +162,6 @@ def _check_config(config) -> None:
 
 def _eval_network(config, workdir: pathlib.Path, log: StageLog):
     """Stage 3: the clean-image evaluation classifier (trained once, then loaded)."""
-    from gdiff.evaluation import small_classifier
-
     p = config.pipeline
     num_classes = int(config.data.num_classes)
     directory = workdir / EVAL_CLASSIFIER_DIR
@@ -217,12 +211,6 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
 
 def _guidance_log_prob(config, workdir: pathlib.Path):
     """fn(images uint8, labels) -> (mean log p(y|x, t=0), accuracy); None without a classifier."""
-    import jax
-    import jax.numpy as jnp
-
-    from gdiff import factory
-    from gdiff.sampling import run as sample_run
-
     ckpt = config.sample.get("classifier_checkpoint", "") or str(workdir)
     try:
         params = checkpointing.load_params(ckpt, kind="classifier")
@@ -251,8 +239,6 @@ def _guidance_log_prob(config, workdir: pathlib.Path):
 
 def _score(extractor, ref_acts, logp_fn, images, labels) -> dict[str, float]:
     """One row's metrics (without the scale) for uint8 images [N, S, S, 3] drawn for `labels`."""
-    from gdiff.evaluation import metrics
-
     acts = extractor(images)  # one pass of the evaluation network: features and class probs
     # FID, precision/recall and IS only: sFID's [N, H*W*C] spatial covariance is rank-deficient
     # with a hundred samples and its matrix square root alone would take minutes on a CPU.
@@ -272,53 +258,49 @@ def _score(extractor, ref_acts, logp_fn, images, labels) -> dict[str, float]:
 
 
 def _grid(images: np.ndarray, labels: np.ndarray, per_class: int, zoom: int) -> np.ndarray:
-    from gdiff.sampling import grid as grid_lib
-
     grid = grid_lib.class_grid(images, labels, per_class=per_class)
     return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
 
 
-def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -> dict[str, Any]:
-    """Stage 5: the table, plot, grids and summary (skipped when results.csv is up to date)."""
-    from gdiff.evaluation import features
-    from gdiff.sampling import grid as grid_lib
-    from gdiff.sampling import shards
-
-    csv_path, md_path = workdir / RESULTS_CSV, workdir / RESULTS_MD
-    json_path = workdir / RESULTS_JSON
+def _stored_results(workdir: pathlib.Path, sample_paths) -> dict[str, Any] | None:
+    """An earlier evaluation's results when they are newer than every input and cover the same
+    scales, else None."""
+    csv_path, json_path = workdir / RESULTS_CSV, workdir / RESULTS_JSON
     inputs = [*sample_paths.values(), workdir / EVAL_CLASSIFIER_DIR / checkpointing.METADATA_FILE]
     newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
-    scales = sorted(sample_paths)
-    if csv_path.exists() and json_path.exists() and csv_path.stat().st_mtime >= newest_input:
-        rows = report.read_csv(csv_path)
-        if sorted(r["scale"] for r in rows) == scales:
-            log.skip("evaluate", f"found {csv_path}")
-            stored = json.loads(json_path.read_text())
-            return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}
-    t0 = log.start("evaluate", f"score {len(scales)} scale(s) against held-out real digits")
-    module, variables, meta = eval_net
-    extractor = features.ClassifierExtractor(module, variables)
-    ref_images, _ = real_digits(config.data.eval_split, int(config.data.image_size))
-    ref_acts = extractor(ref_images)
-    logp_fn = _guidance_log_prob(config, workdir)
-    p = config.pipeline
-    per_class, zoom = int(p.grid_per_class), int(p.grid_zoom)
+    if not (csv_path.exists() and json_path.exists() and csv_path.stat().st_mtime >= newest_input):
+        return None
+    rows = report.read_csv(csv_path)
+    if sorted(r["scale"] for r in rows) != sorted(sample_paths):
+        return None
+    stored = json.loads(json_path.read_text())
+    return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}
+
+
+def _score_scales(config, workdir: pathlib.Path, sample_paths, score) -> tuple[list, dict]:
+    """Per scale, ascending: the metrics row (`score(images, labels)`) and the samples grid.
+
+    Returns:
+      (rows, {scale: (uint8 images [N, S, S, 3], int32 labels [N])})
+    """
+    per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
     rows, samples = [], {}
-    for scale in scales:
+    for scale in sorted(sample_paths):
         images, labels = shards.read_sample_file(sample_paths[scale])
         if labels is None:
             raise ValueError(f"{sample_paths[scale]} has no labels (arr_1); cannot score accuracy")
         labels = np.asarray(labels, np.int32)
         samples[scale] = images, labels
-        row = {
-            "scale": float(scale),
-            **_score(extractor, ref_acts, logp_fn, images, labels),
-        }
+        row = {"scale": float(scale), **score(images, labels)}
         rows.append(row)
         grid_lib.save_png(_grid_path(workdir, scale), _grid(images, labels, per_class, zoom))
         logging.info("scale %s: %s", report.format_scale(scale), row)
-    # The same measurements on real training digits the evaluation network never saw: what the
-    # metrics look like for real data (as many digits as samples per scale, same label balance).
+    return rows, samples
+
+
+def _held_back_digits(config, workdir: pathlib.Path, meta, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real-data row's digits: the training digits the evaluation network never saw (as many
+    as samples per scale, same label balance), so the row shows what real data scores."""
     train_images, train_labels = real_digits(config.data.train_split, int(config.data.image_size))
     idx = np.asarray(meta.get("held_back", []), np.int64)
     if len(idx) == 0:
@@ -326,7 +308,6 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
             f"{workdir / EVAL_CLASSIFIER_DIR} records no held-back digits; delete it so the "
             "evaluation network is trained again"
         )
-    n = len(samples[scales[0]][0])
     if len(idx) != n:
         logging.warning(
             "the evaluation network held back %d real digits, not %d (samples per scale): the "
@@ -335,16 +316,44 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
             n,
             len(idx),
         )
-    baseline = _score(extractor, ref_acts, logp_fn, train_images[idx], train_labels[idx])
-    summary = report.summarize(rows, baseline=baseline)
-    report.plot(rows, workdir / PLOT, baseline=baseline)
-    report.save_sweep_figure(
-        {s: _grid(*samples[s], min(per_class, 5), 1) for s in scales},
-        workdir / SWEEP_FIGURE,
-        zoom=zoom,
-    )
+    return train_images[idx], train_labels[idx]
+
+
+def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -> dict[str, Any]:
+    """Stage 5: the table, plot, grids and summary (skipped when results.csv is up to date)."""
+    stored = _stored_results(workdir, sample_paths)
+    if stored is not None:
+        log.skip("evaluate", f"found {workdir / RESULTS_CSV}")
+        return stored
+    scales = sorted(sample_paths)
+    t0 = log.start("evaluate", f"score {len(scales)} scale(s) against held-out real digits")
+    module, variables, meta = eval_net
+    extractor = features.ClassifierExtractor(module, variables)
+    ref_images, _ = real_digits(config.data.eval_split, int(config.data.image_size))
+    ref_acts = extractor(ref_images)
+    logp_fn = _guidance_log_prob(config, workdir)
+
+    def score(images, labels):
+        return _score(extractor, ref_acts, logp_fn, images, labels)
+
+    rows, samples = _score_scales(config, workdir, sample_paths, score)
+    n = len(samples[scales[0]][0])
+    baseline = score(*_held_back_digits(config, workdir, meta, n))
+    results = {
+        "rows": rows,
+        "baseline": baseline,
+        "summary": report.summarize(rows, baseline=baseline),
+    }
+    details = _details(config, workdir, n, len(ref_images), meta, timings)
+    _write_results(config, workdir, results, samples, details)
+    log.done("evaluate", t0)
+    return results
+
+
+def _details(config, workdir: pathlib.Path, n: int, num_ref: int, meta, timings) -> dict:
+    """The set-up lines of results.md."""
     s = config.sample
-    details = {
+    return {
         "command": f"python main.py --mode=pipeline --config configs/digits.py --workdir {workdir}",
         "image size": f"{config.data.image_size}x{config.data.image_size}",
         "diffusion training": f"{config.train.num_steps} steps x batch {config.train.batch_size}",
@@ -357,24 +366,32 @@ def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -
             f"{s.timestep_respacing or config.diffusion.timestep_respacing or 'none'}, "
             f"{n} samples per scale, labels {s.labels}, seed {s.seed}"
         ),
-        "reference set": f"{len(ref_images)} held-out real digits (split {config.data.eval_split})",
+        "reference set": f"{num_ref} held-out real digits (split {config.data.eval_split})",
         "evaluation network held-out accuracy": _fmt_opt(meta.get("held_out_accuracy")),
         "stage times (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "n/a",
     }
-    report.write_csv(rows, csv_path)
-    json_path.write_text(
-        json.dumps({"rows": rows, "baseline": baseline, "summary": summary}, indent=1)
+
+
+def _write_results(config, workdir: pathlib.Path, results, samples, details) -> None:
+    """results.csv / .json / .md, the metrics-vs-scale plot and the sweep figure."""
+    rows, baseline = results["rows"], results["baseline"]
+    per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
+    report.plot(rows, workdir / PLOT, baseline=baseline)
+    report.save_sweep_figure(
+        {s: _grid(*samples[s], min(per_class, 5), 1) for s in sorted(samples)},
+        workdir / SWEEP_FIGURE,
+        zoom=zoom,
     )
+    report.write_csv(rows, workdir / RESULTS_CSV)
+    (workdir / RESULTS_JSON).write_text(json.dumps(results, indent=1))
     report.write_markdown(
         rows,
-        md_path,
+        workdir / RESULTS_MD,
         baseline=baseline,
-        summary=summary,
+        summary=results["summary"],
         details=details,
         images=[PLOT, SWEEP_FIGURE],
     )
-    log.done("evaluate", t0)
-    return {"rows": rows, "baseline": baseline, "summary": summary}
 
 
 def _grid_path(workdir: pathlib.Path, scale: float) -> pathlib.Path:
@@ -388,32 +405,8 @@ def _fmt_opt(value) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
-    """Trains, guides and measures on digits; see the module docstring for the stages.
-
-    Args:
-      config: configs/digits.py (or a variant of it with a `pipeline` group).
-      workdir: where every stage reads and writes; finished stages are skipped on a rerun.
-      mesh: the device mesh for training and sampling (default: every device).
-
-    Returns:
-      dict(rows=[per-scale dicts with report.COLUMNS], baseline=the real-digit row,
-      summary=str, ran=[stages run], skipped=[stages skipped], paths=dict of output files).
-    """
-    from gdiff import distributed
-    from gdiff.sampling import labels as labels_lib
-    from gdiff.sampling import run as sample_run
-    from gdiff.sampling import shards
-
-    _check_config(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = distributed.data_mesh() if mesh is None else mesh
-    scales = labels_lib.parse_scales(config.sample.classifier_scale)
-    guided = any(s != 0 for s in scales)
-    log = StageLog()
-
-    # 1 + 2: the two networks the paper trains.
+def _train_networks(config, workdir: pathlib.Path, mesh, guided: bool, log: StageLog) -> None:
+    """Stages 1 and 2: the two networks the paper trains (each skipped when found)."""
     for stage, kind, steps in (
         ("diffusion", "model", config.train.num_steps),
         ("classifier", "classifier", config.train.classifier_num_steps),
@@ -430,24 +423,57 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
         _train(config, workdir, kind, mesh)
         log.done(stage, t0)
 
-    # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).
-    eval_net = _eval_network(config, workdir, log)
 
-    # 4: every scale in one compiled program over the same noise and labels.
+def _sample(config, workdir: pathlib.Path, mesh, scales, log: StageLog) -> dict:
+    """Stage 4: every scale in one compiled program over the same noise and labels."""
     out = sample_run.output_dir(config, str(workdir))
     n = int(config.sample.num_samples)
     size = int(config.model.image_size)
     expected = {s: shards.merged_path(out, s, (n, size, size, 3)) for s in scales}
     if all(p.exists() for p in expected.values()):
         log.skip("sample", f"found {len(expected)} merged sample file(s) under {out}")
-        sample_paths = expected
-    else:
-        t0 = log.start(
-            "sample", f"{n} samples x {len(scales)} scale(s) ({config.sample.classifier_scale})"
-        )
-        sample_paths = sample_run.run(config, str(workdir), mesh=mesh)
-        log.done("sample", t0)
+        return expected
+    t0 = log.start(
+        "sample", f"{n} samples x {len(scales)} scale(s) ({config.sample.classifier_scale})"
+    )
+    sample_paths = sample_run.run(config, str(workdir), mesh=mesh)
+    log.done("sample", t0)
+    return sample_paths
 
+
+def _output_paths(workdir: pathlib.Path, scales, sample_paths) -> dict[str, Any]:
+    return {
+        "csv": workdir / RESULTS_CSV,
+        "markdown": workdir / RESULTS_MD,
+        "plot": workdir / PLOT,
+        "sweep_figure": workdir / SWEEP_FIGURE,
+        "grids": {s: _grid_path(workdir, s) for s in scales},
+        "samples": sample_paths,
+    }
+
+
+def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
+    """Trains, guides and measures on digits; see the module docstring for the stages.
+
+    Args:
+      config: configs/digits.py (or a variant of it with a `pipeline` group).
+      workdir: where every stage reads and writes; finished stages are skipped on a rerun.
+      mesh: the device mesh for training and sampling (default: every device).
+
+    Returns:
+      dict(rows=[per-scale dicts with report.COLUMNS], baseline=the real-digit row,
+      summary=str, ran=[stages run], skipped=[stages skipped], paths=dict of output files).
+    """
+    _check_config(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = distributed.data_mesh() if mesh is None else mesh
+    scales = labels_lib.parse_scales(config.sample.classifier_scale)
+    log = StageLog()
+    _train_networks(config, workdir, mesh, any(s != 0 for s in scales), log)
+    # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).
+    eval_net = _eval_network(config, workdir, log)
+    sample_paths = _sample(config, workdir, mesh, scales, log)
     # 5: measure and report.
     results = {}
     if distributed.is_main_process():
@@ -463,14 +489,5 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
         **results,
         "ran": log.ran,
         "skipped": log.skipped,
-        "paths": {
-            "csv": workdir / RESULTS_CSV,
-            "markdown": workdir / RESULTS_MD,
-            "plot": workdir / PLOT,
-            "sweep_figure": workdir / SWEEP_FIGURE,
-            "grids": {
-                s: workdir / GRID_DIR / f"scale_{report.format_scale(s)}.png" for s in scales
-            },
-            "samples": sample_paths,
-        },
+        "paths": _output_paths(workdir, scales, sample_paths),
     }

@@ -1,0 +1,268 @@
+"""What a sampling run draws, decided before any device work: `make_plan`.
+
+The plan fixes every example's id, label and (super-resolution) low-resolution input, how the
+examples split into global batches and which slice of each batch this process draws, where the
+shards and merged files go, the manifest a resumed run must match, and which checkpoints are loaded.
+Everything here is a function of the config, the workdir and the device topology, so a resumed run,
+another device count or another batch size draws every example the same way; gdiff/sampling/run.py
+carries the plan out (draw the batches, merge the shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+
+import numpy as np
+
+from gdiff import checkpointing
+from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The facts of the device mesh a plan depends on."""
+
+    num_devices: int  # devices of the mesh, all processes
+    local_devices: int  # devices of the mesh on this process
+    process_index: int = 0
+    process_count: int = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """One sampling run: example ids 0..num_samples-1, drawn in num_batches global batches.
+
+    Global batch b holds examples b * per_batch .. (b + 1) * per_batch - 1; this process draws
+    `local_examples` of them from offset `first_local`. The last batch is trimmed: ids past
+    num_samples are drawn (every device runs the same program) but never written.
+    """
+
+    scales: tuple[float, ...]  # guidance scales, all drawn in one program over the same noise
+    num_samples: int
+    per_batch: int  # distinct examples per global batch (before the scales multiply it)
+    num_batches: int
+    local_examples: int
+    first_local: int
+    image_shape: tuple[int, int, int]  # [H, W, 3] of one sample
+    labels: np.ndarray | None  # int32 [num_samples], None for an unconditional, unguided run
+    low_res: np.ndarray | None  # float32 [M, h, w, 3] in [-1, 1]; example i sees row i % M
+    out: pathlib.Path  # output directory (shards and merged files per scale)
+    merged: dict[float, pathlib.Path]  # scale -> merged samples_<N>x<H>x<W>x3.npz
+    by_class: bool  # grids with one row per class (balanced labels)
+    manifest: dict  # the settings a resumed run must share (shards.check_run_manifest)
+    model: checkpointing.Location
+    classifier: checkpointing.Location | None  # None when every scale is 0
+    topology: Topology
+
+    def batch_examples(self, batch: int) -> int:
+        """How many examples of global batch `batch` are kept (all but in the trimmed last one)."""
+        return min(self.per_batch, self.num_samples - batch * self.per_batch)
+
+    def local_ids(self, batch: int) -> np.ndarray:
+        """int [local_examples]: this process's example ids in `batch` (some >= num_samples in
+        the trimmed last batch)."""
+        return batch * self.per_batch + self.first_local + np.arange(self.local_examples)
+
+    def batch_rows(self, batch: int) -> dict[str, np.ndarray]:
+        """This process's rows of `batch`: every local example once per scale, scale-major."""
+        ids = self.local_ids(batch)
+        n_scales = len(self.scales)
+        labels = (
+            self.labels[ids % self.num_samples] if self.labels is not None else np.zeros_like(ids)
+        )
+        rows = {
+            "ids": np.tile(ids, n_scales).astype(np.int32),
+            "labels": np.tile(labels, n_scales).astype(np.int32),
+            "scales": np.repeat(np.asarray(self.scales, np.float32), self.local_examples),
+        }
+        if self.low_res is not None:
+            rows["low_res"] = np.tile(
+                self.low_res[ids % self.low_res.shape[0]], (n_scales, 1, 1, 1)
+            )
+        return rows
+
+
+def is_super_res(config) -> bool:
+    """Whether the model upsamples (reads `sample.base_samples` as its low-resolution input)."""
+    return int(config.model.get("small_size", 0)) > 0
+
+
+def output_dir(config, workdir: str) -> pathlib.Path:
+    return pathlib.Path(config.sample.output_dir or os.path.join(workdir, "samples"))
+
+
+def load_base_samples(path: str, small_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The low-resolution inputs of a super-resolution run.
+
+    Args:
+      path: .npz with arr_0 uint8 [N, h, w, 3] (and arr_1 int labels [N] when class-conditional).
+      small_size: the model's low-resolution size (config.model.small_size); h and w must equal it.
+
+    Returns:
+      (low_res float32 [N, h, w, 3] in [-1, 1], labels [N] or None)
+    """
+    if not path:
+        raise ValueError(
+            f"model.small_size={small_size} makes a super-resolution model, but "
+            "sample.base_samples is empty: give the .npz of low-resolution samples to upsample "
+            "(arr_0 uint8 [N, h, w, 3], arr_1 labels)"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sample.base_samples={path} does not exist")
+    images, labels = shards.read_sample_file(path)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"base samples {path}: arr_0 must be [N, h, w, 3]; got {images.shape}")
+    if images.shape[1:3] != (small_size, small_size):
+        raise ValueError(
+            f"base samples {path} are {images.shape[1]}x{images.shape[2]}, but the model upsamples "
+            f"from model.small_size={small_size}x{small_size}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"base samples {path} hold no images")
+    low_res = images.astype(np.float32) / 127.5 - 1.0
+    return low_res, (None if labels is None else np.asarray(labels, np.int64))
+
+
+def plan_labels(
+    config, num_samples: int, guided: bool, base_labels: np.ndarray | None
+) -> np.ndarray | None:
+    """int32 [num_samples] labels, or None when neither the model nor a classifier reads them.
+
+    Classes are those both the model and the classifier know (the smaller count). A
+    super-resolution run follows its base samples' labels, cycled like its low-resolution inputs
+    (the reference's super_res_sample.py); otherwise `sample.labels` decides (labels.make_labels).
+    """
+    s = config.sample
+    class_cond = bool(config.model.class_cond)
+    if not (class_cond or guided):
+        return None
+    label_classes = []
+    if class_cond:
+        label_classes.append(int(config.model.num_classes))
+    if guided:
+        label_classes.append(int(config.classifier.num_classes))
+    num_classes = min(label_classes)
+    if base_labels is not None:
+        labels = base_labels[np.arange(num_samples) % base_labels.shape[0]].astype(np.int32)
+        bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+        if bad.size:
+            raise ValueError(
+                f"base samples {s.base_samples} have labels {bad.tolist()} outside the "
+                f"model's classes 0..{num_classes - 1}"
+            )
+        return labels
+    if is_super_res(config) and class_cond:
+        raise ValueError(
+            f"base samples {s.base_samples} have no labels (arr_1) but the super-resolution "
+            "model is class-conditional"
+        )
+    return labels_lib.make_labels(s.labels, num_samples, num_classes, int(s.seed))
+
+
+def _classifier_checkpoint(config, workdir: str, guided: bool) -> str:
+    """The classifier path to load ("" when unguided): sample.classifier_checkpoint, else the
+    workdir when it holds a classifier trained there."""
+    s = config.sample
+    given = s.get("classifier_checkpoint", "") or ""
+    if not guided:
+        return ""
+    if given:
+        return given
+    try:
+        checkpointing.locate(workdir, "classifier")
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"sample.classifier_scale={s.classifier_scale!r} asks for classifier guidance but "
+            "no classifier checkpoint was given: set sample.classifier_checkpoint (a converted "
+            f"or trained classifier), or use classifier_scale=0 for unguided samples ({e})"
+        ) from e
+    return workdir
+
+
+def _locate(path: str, what: str, kind: str) -> checkpointing.Location:
+    try:
+        return checkpointing.locate(path, kind)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot load the {what} from {path}: {e}") from e
+
+
+def _manifest(
+    config, topology: Topology, *, model_ckpt: str, classifier_ckpt: str, labelled: bool
+) -> dict:
+    """What a resumed run must share with the shards on disk. Checkpoints are recorded as given,
+    not as located, so a run resumes after a workdir's training directory gains a step."""
+    s, size = config.sample, int(config.model.image_size)
+    return {
+        "seed": int(s.seed),
+        "num_samples": int(s.num_samples),
+        "examples_per_batch": int(s.batch_size) * topology.num_devices,
+        "process_count": topology.process_count,
+        "labels": str(s.labels) if labelled else None,
+        "use_ddim": bool(s.use_ddim),
+        "eta": float(s.eta),
+        "clip_denoised": bool(s.clip_denoised),
+        "timestep_respacing": str(s.timestep_respacing or config.diffusion.timestep_respacing),
+        "model_checkpoint": os.path.abspath(model_ckpt),
+        "classifier_checkpoint": os.path.abspath(classifier_ckpt) if classifier_ckpt else "",
+        "ema_rate": str(s.ema_rate),
+        "base_samples": os.path.abspath(s.base_samples) if is_super_res(config) else "",
+        "image_shape": [size, size, 3],
+    }
+
+
+def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
+    """The whole run, validated: bad settings raise here, before anything is written.
+
+    Args:
+      config: a full gdiff config (configs/common.py); reads `model`, `diffusion`, `classifier`,
+        `sample`.
+      workdir: default place of the checkpoints and of the output (`<workdir>/samples`).
+      topology: the device mesh's facts (run.py reads them off the mesh).
+    """
+    s = config.sample
+    scales = tuple(labels_lib.parse_scales(s.classifier_scale))
+    guided = any(scale != 0 for scale in scales)
+    num_samples = int(s.num_samples)
+    if num_samples <= 0:
+        raise ValueError(f"sample.num_samples must be positive; got {num_samples}")
+    if int(s.batch_size) <= 0:
+        raise ValueError(f"sample.batch_size (per device) must be positive; got {s.batch_size}")
+    model_ckpt = s.model_checkpoint or workdir
+    classifier_ckpt = _classifier_checkpoint(config, workdir, guided)
+    per_batch = int(s.batch_size) * topology.num_devices
+    local_examples = per_batch // topology.num_devices * topology.local_devices
+    low_res, base_labels = None, None
+    if is_super_res(config):
+        low_res, base_labels = load_base_samples(s.base_samples, int(config.model.small_size))
+    labels = plan_labels(config, num_samples, guided, base_labels)
+    image_size = int(config.model.image_size)
+    image_shape = (image_size, image_size, 3)
+    out = output_dir(config, workdir)
+    return SamplingPlan(
+        scales=scales,
+        num_samples=num_samples,
+        per_batch=per_batch,
+        num_batches=math.ceil(num_samples / per_batch),
+        local_examples=local_examples,
+        first_local=topology.process_index * local_examples,
+        image_shape=image_shape,
+        labels=labels,
+        low_res=low_res,
+        out=out,
+        merged={sc: shards.merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
+        by_class=labels_lib.is_balanced(s.labels),
+        manifest=_manifest(
+            config,
+            topology,
+            model_ckpt=model_ckpt,
+            classifier_ckpt=classifier_ckpt,
+            labelled=labels is not None,
+        ),
+        model=_locate(model_ckpt, "model", "model"),
+        classifier=_locate(classifier_ckpt, "classifier", "classifier") if guided else None,
+        topology=topology,
+    )
