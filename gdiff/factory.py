@@ -59,31 +59,37 @@ def channel_mult(explicit, image_size: int, *, super_res: bool = False) -> tuple
     return table[image_size]
 
 
+def _shared_fields(group: Mapping[str, Any], image_size: int, *, super_res: bool = False) -> dict:
+    """The attributes the UNet and the classifier read alike from their groups."""
+    return dict(
+        image_size=image_size,
+        in_channels=3,
+        attention_resolutions=attention_rates(group["attention_resolutions"], image_size),
+        channel_mult=channel_mult(group["channel_mult"], image_size, super_res=super_res),
+        num_head_channels=int(group["num_head_channels"]),
+        use_scale_shift_norm=bool(group["use_scale_shift_norm"]),
+        resblock_updown=bool(group["resblock_updown"]),
+        dtype=compute_dtype(group["dtype"]),
+        attention_impl=group["attention_impl"] or None,
+    )
+
+
 def unet_from_group(m: Mapping[str, Any]) -> unet.UNetModel:
     """The diffusion network of a `model` group: a UNetModel, or a SuperResModel when
     `small_size > 0` (then `image_size` is the large size). Keys: see configs/common.py."""
-    size = int(m["image_size"])
     super_res = int(m["small_size"]) > 0
     cls = unet.SuperResModel if super_res else unet.UNetModel
     return cls(
-        image_size=size,
-        in_channels=3,
+        **_shared_fields(m, int(m["image_size"]), super_res=super_res),
         model_channels=int(m["num_channels"]),
         out_channels=6 if m["learn_sigma"] else 3,
         num_res_blocks=int(m["num_res_blocks"]),
-        attention_resolutions=attention_rates(m["attention_resolutions"], size),
         dropout=float(m["dropout"]),
-        channel_mult=channel_mult(m["channel_mult"], size, super_res=super_res),
         num_classes=int(m["num_classes"]) if m["class_cond"] else None,
         use_checkpoint=bool(m["use_checkpoint"]),
         num_heads=int(m["num_heads"]),
-        num_head_channels=int(m["num_head_channels"]),
         num_heads_upsample=int(m["num_heads_upsample"]),
-        use_scale_shift_norm=bool(m["use_scale_shift_norm"]),
-        resblock_updown=bool(m["resblock_updown"]),
         use_new_attention_order=bool(m["use_new_attention_order"]),
-        dtype=compute_dtype(m["dtype"]),
-        attention_impl=m["attention_impl"] or None,
     )
 
 
@@ -91,19 +97,11 @@ def classifier_from_group(c: Mapping[str, Any], image_size: int) -> unet.Encoder
     """The noise-aware classifier of a `classifier` group at `image_size` (the reference's
     `create_classifier`, with its channel-multiplier table unless `channel_mult` is given)."""
     return unet.EncoderUNetModel(
-        image_size=int(image_size),
-        in_channels=3,
+        **_shared_fields(c, int(image_size)),
         model_channels=int(c["width"]),
         out_channels=int(c["num_classes"]),
         num_res_blocks=int(c["depth"]),
-        attention_resolutions=attention_rates(c["attention_resolutions"], int(image_size)),
-        channel_mult=channel_mult(c["channel_mult"], int(image_size)),
-        num_head_channels=int(c["num_head_channels"]),
-        use_scale_shift_norm=bool(c["use_scale_shift_norm"]),
-        resblock_updown=bool(c["resblock_updown"]),
         pool=str(c["pool"]),
-        dtype=compute_dtype(c["dtype"]),
-        attention_impl=c["attention_impl"] or None,
     )
 
 

@@ -19,51 +19,51 @@ from typing import Any
 
 def diffusion_defaults() -> dict:
     """The reference's diffusion flags and defaults."""
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
+    return {
+        "learn_sigma": False,
+        "diffusion_steps": 1000,
+        "noise_schedule": "linear",
+        "timestep_respacing": "",
+        "use_kl": False,
+        "predict_xstart": False,
+        "rescale_timesteps": False,
+        "rescale_learned_sigmas": False,
+    }
 
 
 def classifier_defaults() -> dict:
     """The reference's classifier flags and defaults."""
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",
-        classifier_use_scale_shift_norm=True,
-        classifier_resblock_updown=True,
-        classifier_pool="attention",
-    )
+    return {
+        "image_size": 64,
+        "classifier_use_fp16": False,
+        "classifier_width": 128,
+        "classifier_depth": 2,
+        "classifier_attention_resolutions": "32,16,8",
+        "classifier_use_scale_shift_norm": True,
+        "classifier_resblock_updown": True,
+        "classifier_pool": "attention",
+    }
 
 
 def model_and_diffusion_defaults() -> dict:
     """The reference's model + diffusion flags and defaults."""
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
+    res = {
+        "image_size": 64,
+        "num_channels": 128,
+        "num_res_blocks": 2,
+        "num_heads": 4,
+        "num_heads_upsample": -1,
+        "num_head_channels": -1,
+        "attention_resolutions": "16,8",
+        "channel_mult": "",
+        "dropout": 0.0,
+        "class_cond": False,
+        "use_checkpoint": False,
+        "use_scale_shift_norm": True,
+        "resblock_updown": False,
+        "use_fp16": False,
+        "use_new_attention_order": False,
+    }
     res.update(diffusion_defaults())
     return res
 
@@ -111,32 +111,32 @@ def sr_model_and_diffusion_defaults() -> dict:
 
 # Flags of the reference's scripts (sample, train, super-res, classifier) beyond the model and
 # diffusion keys, so whole MODEL_FLAGS / SAMPLE_FLAGS / TRAIN_FLAGS strings parse.
-SCRIPT_FLAG_DEFAULTS = dict(
-    clip_denoised=True,
-    num_samples=10000,
-    batch_size=16,
-    use_ddim=False,
-    model_path="",
-    classifier_path="",
-    classifier_scale=1.0,
-    base_samples="",
-    data_dir="",
-    val_data_dir="",
-    noised=True,
-    iterations=150000,
-    lr=3e-4,
-    weight_decay=0.0,
-    anneal_lr=False,
-    microbatch=-1,
-    schedule_sampler="uniform",
-    resume_checkpoint="",
-    log_interval=10,
-    eval_interval=5,
-    save_interval=10000,
-    ema_rate="0.9999",
-    fp16_scale_growth=1e-3,
-    sigma_small=False,
-)
+SCRIPT_FLAG_DEFAULTS = {
+    "clip_denoised": True,
+    "num_samples": 10000,
+    "batch_size": 16,
+    "use_ddim": False,
+    "model_path": "",
+    "classifier_path": "",
+    "classifier_scale": 1.0,
+    "base_samples": "",
+    "data_dir": "",
+    "val_data_dir": "",
+    "noised": True,
+    "iterations": 150000,
+    "lr": 3e-4,
+    "weight_decay": 0.0,
+    "anneal_lr": False,
+    "microbatch": -1,
+    "schedule_sampler": "uniform",
+    "resume_checkpoint": "",
+    "log_interval": 10,
+    "eval_interval": 5,
+    "save_interval": 10000,
+    "ema_rate": "0.9999",
+    "fp16_scale_growth": 1e-3,
+    "sigma_small": False,
+}
 
 
 def all_flag_defaults() -> dict:
@@ -171,60 +171,57 @@ def fp16_dtype(use_fp16: bool) -> str:
     return "bfloat16" if use_fp16 else "float32"
 
 
-# reference flag -> (config group, key, reference value -> typed config value). `large_size` and
-# `small_size` make the model a super-resolution one (config.model.small_size > 0).
-TO_CONFIG: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    **{
-        name: ("model", name, kind)
-        for name, kind in (
-            ("image_size", int),
-            ("num_channels", int),
-            ("num_res_blocks", int),
-            ("num_heads", int),
-            ("num_heads_upsample", int),
-            ("num_head_channels", int),
-            ("dropout", float),
-            ("class_cond", bool),
-            ("use_checkpoint", bool),
-            ("use_scale_shift_norm", bool),
-            ("resblock_updown", bool),
-            ("use_new_attention_order", bool),
-            ("learn_sigma", bool),
-            ("small_size", int),
-        )
-    },
-    "large_size": ("model", "image_size", int),
-    "channel_mult": ("model", "channel_mult", multipliers),
-    "attention_resolutions": ("model", "attention_resolutions", ints),
-    "use_fp16": ("model", "dtype", fp16_dtype),
-    "diffusion_steps": ("diffusion", "steps", int),
-    **{
-        name: ("diffusion", name, kind)
-        for name, kind in (
-            ("noise_schedule", str),
-            ("use_kl", bool),
-            ("predict_xstart", bool),
-            ("rescale_timesteps", bool),
-            ("rescale_learned_sigmas", bool),
-            ("sigma_small", bool),
-        )
-    },
-    "classifier_width": ("classifier", "width", int),
-    "classifier_depth": ("classifier", "depth", int),
-    "classifier_attention_resolutions": ("classifier", "attention_resolutions", ints),
-    "classifier_use_scale_shift_norm": ("classifier", "use_scale_shift_norm", bool),
-    "classifier_resblock_updown": ("classifier", "resblock_updown", bool),
-    "classifier_pool": ("classifier", "pool", str),
-    "classifier_use_fp16": ("classifier", "dtype", fp16_dtype),
-    # Sampling-script flags. timestep_respacing is a sampling choice in a gdiff config: the model
-    # trains on the full chain and samples on the respaced one.
-    "timestep_respacing": ("sample", "timestep_respacing", str),
-    "classifier_scale": ("sample", "classifier_scale", str),
-    "batch_size": ("sample", "batch_size", int),
-    "num_samples": ("sample", "num_samples", int),
-    "use_ddim": ("sample", "use_ddim", bool),
-    "clip_denoised": ("sample", "clip_denoised", bool),
+# Where each flag lives. Flags keep their names inside their group, except the renamed ones below
+# and the `classifier_<key>` flags, which become `classifier.<key>`.
+_GROUP_OF = {
+    "model": (
+        "image_size num_channels num_res_blocks channel_mult attention_resolutions num_heads "
+        "num_heads_upsample num_head_channels dropout class_cond learn_sigma use_checkpoint "
+        "use_scale_shift_norm resblock_updown use_new_attention_order small_size"
+    ),
+    "diffusion": (
+        "noise_schedule use_kl predict_xstart rescale_timesteps rescale_learned_sigmas sigma_small"
+    ),
+    # timestep_respacing is a sampling choice in a gdiff config: the model trains on the whole
+    # chain and samples on the respaced one.
+    "sample": "timestep_respacing classifier_scale batch_size num_samples use_ddim clip_denoised",
+    "classifier": (
+        "classifier_width classifier_depth classifier_attention_resolutions "
+        "classifier_use_scale_shift_norm classifier_resblock_updown classifier_pool"
+    ),
 }
+_RENAMED = {
+    "large_size": ("model", "image_size"),  # with small_size: a super-resolution model
+    "use_fp16": ("model", "dtype"),
+    "diffusion_steps": ("diffusion", "steps"),
+    "classifier_use_fp16": ("classifier", "dtype"),
+}
+# Typed conversions; every other flag keeps the type of its reference default.
+_TYPED = {
+    "channel_mult": multipliers,
+    "attention_resolutions": ints,
+    "classifier_attention_resolutions": ints,
+    "use_fp16": fp16_dtype,
+    "classifier_use_fp16": fp16_dtype,
+    "classifier_scale": str,  # a scale or a comma-separated sweep in the config
+}
+
+
+def _table() -> dict[str, tuple[str, str, Callable[[Any], Any]]]:
+    defaults = all_flag_defaults()
+    places = dict(_RENAMED)
+    for group, names in _GROUP_OF.items():
+        for name in names.split():
+            key = name.removeprefix("classifier_") if group == "classifier" else name
+            places[name] = (group, key)
+    return {
+        name: (group, key, _TYPED.get(name, type(defaults[name])))
+        for name, (group, key) in places.items()
+    }
+
+
+# reference flag -> (config group, key, reference value -> typed config value): the one table.
+TO_CONFIG: dict[str, tuple[str, str, Callable[[Any], Any]]] = _table()
 
 
 def to_config(kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gdiff import factory
+from gdiff import diffusion, evaluation, factory
 from gdiff.compat import flags
 from gdiff.compat.convert import convert_state_dict
 from gdiff.compat.flags import (
@@ -33,30 +33,28 @@ from gdiff.compat.flags import (
     sr_model_and_diffusion_defaults,
 )
 from gdiff.compat.torch_checkpoint import load_torch_state_dict
-from gdiff.diffusion import (
-    GaussianDiffusion,
-    LossType,
-    ModelMeanType,
-    ModelVarType,
-    SpacedDiffusion,
-    approx_standard_normal_cdf,
-    classifier_cond_fn,
-    create_gaussian_diffusion,
-    discretized_gaussian_log_likelihood,
-    get_named_beta_schedule,
-    normal_kl,
-    space_timesteps,
-)
-from gdiff.evaluation import (
-    convert_fid_inception_state_dict,
-    create_fid_inception,
-    fid_inception_features,
-    frechet_distance,
-    inception_score,
-    load_fid_inception_graph_def,
-    precision_recall,
-)
 from gdiff.models import unet
+
+# The diffusion and evaluation names of ../shared/CONTRACT.md (sections 4, 5 and 7), re-exported.
+GaussianDiffusion = diffusion.GaussianDiffusion
+SpacedDiffusion = diffusion.SpacedDiffusion
+ModelMeanType = diffusion.ModelMeanType
+ModelVarType = diffusion.ModelVarType
+LossType = diffusion.LossType
+create_gaussian_diffusion = diffusion.create_gaussian_diffusion
+get_named_beta_schedule = diffusion.get_named_beta_schedule
+space_timesteps = diffusion.space_timesteps
+normal_kl = diffusion.normal_kl
+discretized_gaussian_log_likelihood = diffusion.discretized_gaussian_log_likelihood
+approx_standard_normal_cdf = diffusion.approx_standard_normal_cdf
+classifier_cond_fn = diffusion.classifier_cond_fn
+create_fid_inception = evaluation.create_fid_inception
+convert_fid_inception_state_dict = evaluation.convert_fid_inception_state_dict
+load_fid_inception_graph_def = evaluation.load_fid_inception_graph_def
+fid_inception_features = evaluation.fid_inception_features
+frechet_distance = evaluation.frechet_distance
+inception_score = evaluation.inception_score
+precision_recall = evaluation.precision_recall
 
 NUM_CLASSES = 1000
 _EXTRA_DEFAULTS = {"num_classes": NUM_CLASSES, "dtype": None, "attention_impl": None}

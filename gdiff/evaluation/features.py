@@ -97,8 +97,9 @@ def _local_mesh():
 
 
 class _ShardedExtractor:
-    """Runs `self._forward(variables, images) -> dict` over fixed-size batches sharded over the
-    local devices; subclasses set `_forward`, `variables` and `fixed` (the compiled batch size)."""
+    """Runs `self._features(variables, images) -> dict(pool, spatial, logits)` compiled once, over
+    fixed-size batches sharded over the local devices, and returns pool, spatial and the softmax
+    probabilities. Subclasses implement `_features`."""
 
     rgb = True  # Inception needs 3 channels; a small classifier takes what it was trained on
 
@@ -109,9 +110,18 @@ class _ShardedExtractor:
         self.batch_size = max(n_dev, -(-int(batch_size) // n_dev) * n_dev)
         self._data = NamedSharding(self.mesh, P(MESH_AXIS))
         self.variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
+        self._forward = jax.jit(self._compute, out_shardings=self._data)
 
-    def _forward(self, variables, images):  # pragma: no cover - abstract
+    def _features(self, variables, images) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _compute(self, variables, images):
+        out = self._features(variables, images)
+        return {
+            "pool": out["pool"],
+            "spatial": out["spatial"],
+            "probs": jax.nn.softmax(out["logits"], axis=-1),
+        }
 
     def __call__(self, images_uint8) -> dict:
         images = _check_images(images_uint8, self.rgb)
@@ -138,21 +148,13 @@ class InceptionExtractor(_ShardedExtractor):
     def __init__(self, variables, *, batch_size: int = 64, resize: str = "legacy", module=None):
         if resize not in resize_lib.RESIZERS:
             raise ValueError(f"resize must be one of {sorted(resize_lib.RESIZERS)}; got {resize!r}")
-        super().__init__(variables, batch_size)
         self.module = module or inception.create_fid_inception()
         self.resize = resize
-        self._jit = jax.jit(self._compute, out_shardings=self._data)
+        super().__init__(variables, batch_size)
 
-    def _compute(self, variables, images):
+    def _features(self, variables, images):
         out = _inception_forward_impl(self.module, variables, images, resize=self.resize)
-        return {
-            "pool": out["pool_3"],
-            "spatial": out["spatial"],
-            "probs": jax.nn.softmax(out["logits"], axis=-1),
-        }
-
-    def _forward(self, variables, images):
-        return self._jit(variables, images)
+        return {"pool": out["pool_3"], "spatial": out["spatial"], "logits": out["logits"]}
 
 
 class ClassifierExtractor(_ShardedExtractor):
@@ -162,17 +164,8 @@ class ClassifierExtractor(_ShardedExtractor):
     rgb = False
 
     def __init__(self, module, variables, *, batch_size: int = 256):
-        super().__init__(variables, batch_size)
         self.module = module
-        self._jit = jax.jit(self._compute, out_shardings=self._data)
+        super().__init__(variables, batch_size)
 
-    def _compute(self, variables, images):
-        out = self.module.apply(variables, images, features=True)
-        return {
-            "pool": out["pool"],
-            "spatial": out["spatial"],
-            "probs": jax.nn.softmax(out["logits"], axis=-1),
-        }
-
-    def _forward(self, variables, images):
-        return self._jit(variables, images)
+    def _features(self, variables, images):
+        return self.module.apply(variables, images, features=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 BN_EPS = 1e-3
@@ -48,6 +49,15 @@ class BasicConv2d(nn.Module):
         return nn.relu(x)
 
 
+def _tower(x, name: str, convs: list[tuple]) -> jax.Array:
+    """A chain of BasicConv2d named `<name>_1`, `<name>_2`, ...; each conv is
+    (features, kernel) or (features, kernel, padding) or (features, kernel, padding, stride)."""
+    for i, (features, kernel, *rest) in enumerate(convs):
+        padding, stride = (rest + [0, 1][len(rest) :])[:2]
+        x = BasicConv2d(features, kernel, stride=stride, padding=padding, name=f"{name}_{i + 1}")(x)
+    return x
+
+
 def _avg_pool_same(x):
     # TF SAME average pooling: border windows average only the cells inside the image.
     return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
@@ -69,11 +79,8 @@ class FIDInceptionA(nn.Module):
     @nn.compact
     def __call__(self, x):
         b1 = BasicConv2d(64, (1, 1), name="branch1x1")(x)
-        b5 = BasicConv2d(48, (1, 1), name="branch5x5_1")(x)
-        b5 = BasicConv2d(64, (5, 5), padding=2, name="branch5x5_2")(b5)
-        b3 = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
-        b3 = BasicConv2d(96, (3, 3), padding=1, name="branch3x3dbl_2")(b3)
-        b3 = BasicConv2d(96, (3, 3), padding=1, name="branch3x3dbl_3")(b3)
+        b5 = _tower(x, "branch5x5", [(48, (1, 1)), (64, (5, 5), 2)])
+        b3 = _tower(x, "branch3x3dbl", [(64, (1, 1)), (96, (3, 3), 1), (96, (3, 3), 1)])
         bp = BasicConv2d(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_same(x))
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
@@ -84,9 +91,7 @@ class InceptionB(nn.Module):
     @nn.compact
     def __call__(self, x):
         b3 = BasicConv2d(384, (3, 3), stride=2, name="branch3x3")(x)
-        bd = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
-        bd = BasicConv2d(96, (3, 3), padding=1, name="branch3x3dbl_2")(bd)
-        bd = BasicConv2d(96, (3, 3), stride=2, name="branch3x3dbl_3")(bd)
+        bd = _tower(x, "branch3x3dbl", [(64, (1, 1)), (96, (3, 3), 1), (96, (3, 3), 0, 2)])
         return jnp.concatenate([b3, bd, _max_pool_valid(x)], axis=-1)
 
 
@@ -102,14 +107,11 @@ class FIDInceptionC(nn.Module):
     def __call__(self, x):
         c7 = self.channels_7x7
         b1 = BasicConv2d(192, (1, 1), name="branch1x1")(x)
-        b7 = BasicConv2d(c7, (1, 1), name="branch7x7_1")(x)
-        b7 = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
-        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
-        bd = BasicConv2d(c7, (1, 1), name="branch7x7dbl_1")(x)
-        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
-        bd = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
-        bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
-        bd = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
+        row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of the 1-D convs
+        b7 = _tower(x, "branch7x7", [(c7, (1, 1)), (c7, *row), (192, *col)])
+        bd = _tower(
+            x, "branch7x7dbl", [(c7, (1, 1)), (c7, *col), (c7, *row), (c7, *col), (192, *row)]
+        )
         bp = BasicConv2d(192, (1, 1), name="branch_pool")(_avg_pool_same(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1), b1
 
@@ -119,12 +121,12 @@ class InceptionD(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b3 = BasicConv2d(192, (1, 1), name="branch3x3_1")(x)
-        b3 = BasicConv2d(320, (3, 3), stride=2, name="branch3x3_2")(b3)
-        b7 = BasicConv2d(192, (1, 1), name="branch7x7x3_1")(x)
-        b7 = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-        b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-        b7 = BasicConv2d(192, (3, 3), stride=2, name="branch7x7x3_4")(b7)
+        b3 = _tower(x, "branch3x3", [(192, (1, 1)), (320, (3, 3), 0, 2)])
+        b7 = _tower(
+            x,
+            "branch7x7x3",
+            [(192, (1, 1)), (192, (1, 7), (0, 3)), (192, (7, 1), (3, 0)), (192, (3, 3), 0, 2)],
+        )
         return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
 
 

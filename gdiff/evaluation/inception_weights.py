@@ -119,26 +119,25 @@ def _tf_scope_table() -> dict[str, str]:
         # TF names the convs of one tower conv, conv_1, conv_2, ...
         return lambda i: f"{scope}/conv" if i + first_index == 0 else f"{scope}/conv_{i}"
 
-    blocks_a = {"Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2"}
-    for torch_name, tf in blocks_a.items():
+    def mixed(torch_name: str, tf: str, towers: dict[str, int]) -> None:
+        # A Mixed block: a 1x1 branch, conv towers (tower, tower_1) and a pooled 1x1 projection.
         table[f"{torch_name}.branch1x1"] = f"{tf}/conv"
-        for i in range(2):
-            table[f"{torch_name}.branch5x5_{i + 1}"] = seq(f"{tf}/tower")(i)
-        for i in range(3):
-            table[f"{torch_name}.branch3x3dbl_{i + 1}"] = seq(f"{tf}/tower_1")(i)
+        for (branch, count), tower in zip(towers.items(), ("tower", "tower_1"), strict=True):
+            for i in range(count):
+                table[f"{torch_name}.{branch}_{i + 1}"] = seq(f"{tf}/{tower}")(i)
         table[f"{torch_name}.branch_pool"] = f"{tf}/tower_2/conv"
+
+    for torch_name, tf in {
+        "Mixed_5b": "mixed",
+        "Mixed_5c": "mixed_1",
+        "Mixed_5d": "mixed_2",
+    }.items():
+        mixed(torch_name, tf, {"branch5x5": 2, "branch3x3dbl": 3})
     table["Mixed_6a.branch3x3"] = "mixed_3/conv"
     for i in range(3):
         table[f"Mixed_6a.branch3x3dbl_{i + 1}"] = seq("mixed_3/tower")(i)
-    blocks_c = {"Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5", "Mixed_6d": "mixed_6"}
-    blocks_c["Mixed_6e"] = "mixed_7"
-    for torch_name, tf in blocks_c.items():
-        table[f"{torch_name}.branch1x1"] = f"{tf}/conv"
-        for i in range(3):
-            table[f"{torch_name}.branch7x7_{i + 1}"] = seq(f"{tf}/tower")(i)
-        for i in range(5):
-            table[f"{torch_name}.branch7x7dbl_{i + 1}"] = seq(f"{tf}/tower_1")(i)
-        table[f"{torch_name}.branch_pool"] = f"{tf}/tower_2/conv"
+    for k, torch_name in enumerate(("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")):
+        mixed(torch_name, f"mixed_{k + 4}", {"branch7x7": 3, "branch7x7dbl": 5})
     for i in range(2):
         table[f"Mixed_7a.branch3x3_{i + 1}"] = seq("mixed_8/tower")(i)
     for i in range(4):

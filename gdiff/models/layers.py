@@ -95,12 +95,16 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
-class Upsample(nn.Module):
-    """Nearest x2 upsampling, optionally followed by a 3x3 conv (parameters under `conv`)."""
+class _Resample(nn.Module):
+    """x2 resampling of a [B, H, W, C] map, optionally through a 3x3 conv to `channels`."""
 
     channels: int
     use_conv: bool
     dtype: Dtype = jnp.float32
+
+
+class Upsample(_Resample):
+    """Nearest x2 upsampling, optionally followed by a 3x3 conv (parameters under `conv`)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,12 +114,8 @@ class Upsample(nn.Module):
         return x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """Stride-2 3x3 conv (parameters under `op`, as the reference) or 2x2 average pooling."""
-
-    channels: int
-    use_conv: bool
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
