@@ -28,35 +28,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdiff import factory
+
 DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8}
 NUM_CLASSES = 1000
 
 
 def build(config: str, *, dtype: str, attention_impl: str, respacing: str, guided: bool):
-    """(model, diffusion, classifier or None, model kwargs) for a benchmark configuration."""
-    model, diffusion, kw = common.build_model(
+    """(model, diffusion, classifier or None) for a benchmark configuration."""
+    model, diffusion = common.build_model(
         config, dtype=dtype, attention_impl=attention_impl, respacing=respacing
     )
     classifier = None
     if guided:
-        classifier, size = common.build_classifier(
-            config, dtype=dtype, attention_impl=attention_impl
-        )
-        if size != kw["image_size"]:
-            raise ValueError(f"config {config}: classifier ({size}) and model image sizes differ")
-    return model, diffusion, classifier, kw
-
-
-def abstract_inputs(batch: int, size: int, sharding=None):
-    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding)
-    t = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
-    return x, t
-
-
-def abstract_model_variables(model, size: int, class_cond: bool):
-    x, t = abstract_inputs(1, size)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if class_cond else None
-    return common.abstract_variables(model, x, t, y=y)
+        classifier = common.build_classifier(config, dtype=dtype, attention_impl=attention_impl)
+        if classifier.image_size != model.image_size:
+            raise ValueError(
+                f"config {config}: classifier ({classifier.image_size}) and model "
+                f"({model.image_size}) image sizes differ"
+            )
+    return model, diffusion, classifier
 
 
 def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_cond: bool):
@@ -67,8 +58,8 @@ def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_
     """
     from gdiff.sampling import sampler
 
-    x, t = abstract_inputs(1, size)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    t = y = jax.ShapeDtypeStruct((1,), jnp.int32)
     fwd = jax.jit(lambda v, x, t, y: model.apply(v, x, t, y=y if class_cond else None))
     out = {"model_fwd": common.cost_flops(fwd.lower(model_vars, x, t, y))}
     if classifier is not None:
@@ -85,7 +76,7 @@ def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=("64", "256"), default="64")
+    p.add_argument("--config", choices=tuple(common.RELEASED), default="64")
     p.add_argument("--batch", type=int, default=None, help="global batch (default 256 / 32)")
     p.add_argument("--respacing", default="ddim25", help="timestep_respacing, e.g. ddim25 or 25")
     p.add_argument(
@@ -126,20 +117,22 @@ def main(argv=None) -> dict:
     distributed.check_batch_divisible(batch, what="--batch", mesh=mesh)
     rep, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
     attention_impl = common.resolve_attention(args.attention, args.dtype)
-    model, diffusion, classifier, kw = build(
+    # Read first: a missing reference file fails before anything is built.
+    ref = common.reference_sampling(config, guided=args.guided, ddim=use_ddim)
+    model, diffusion, classifier = build(
         config,
         dtype=args.dtype,
         attention_impl=attention_impl,
         respacing=args.respacing,
         guided=args.guided,
     )
-    size, class_cond = int(kw["image_size"]), bool(kw["class_cond"])
+    size, class_cond = int(model.image_size), model.num_classes is not None
     steps = int(diffusion.num_timesteps)
 
-    abstract_m = abstract_model_variables(model, size, class_cond)
+    abstract_m = factory.abstract_variables(model)
     abstract_c = {}
     if classifier is not None:
-        abstract_c = common.abstract_variables(classifier, *abstract_inputs(1, size))
+        abstract_c = factory.abstract_variables(classifier)
     flops = step_flops(model, classifier, abstract_m, abstract_c, size, class_cond)
     per_img_step = flops["model_fwd"] + flops.get("classifier_grad", 0.0)
     ref_convention = flops["model_fwd"] + 3 * flops.get("classifier_fwd", 0.0)
@@ -166,14 +159,13 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "attention_requested": args.attention,
         "attention_impl": attention_impl,
-        "model_params": common.count_params(abstract_m),
-        "classifier_params": common.count_params(abstract_c),
+        "model_params": factory.param_count(model),
+        "classifier_params": factory.param_count(classifier) if classifier is not None else 0,
         "flops_source": "XLA cost analysis of the lowered batch-1 programs",
         "flops": flops,
         "flops_per_img_step": per_img_step,
         "ref_convention_flops_per_img_step": ref_convention,
     }
-    ref = common.REFERENCE_SAMPLING.get((config, args.guided))
 
     if args.cost_only:
         # Nothing is allocated: the whole sampling program is lowered on abstract arguments.

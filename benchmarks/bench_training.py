@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gdiff import factory
+
 DEFAULT_BATCH = {
     ("diffusion", "64"): 64,
     ("classifier", "64"): 128,
@@ -83,7 +85,7 @@ def make_step(loss_fn, optimizer):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=("diffusion", "classifier"), default="diffusion")
-    p.add_argument("--config", choices=("64", "256"), default="64")
+    p.add_argument("--config", choices=tuple(common.RELEASED), default="64")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: reference's)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
@@ -110,22 +112,17 @@ def main(argv=None) -> dict:
     distributed.check_batch_divisible(batch, what="--batch", mesh=mesh)
     rep, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
     attention_impl = common.resolve_attention(args.attention, args.dtype)
-    model, diffusion, kw = common.build_model(
-        config, dtype=args.dtype, attention_impl=attention_impl
-    )
-    class_cond = bool(kw["class_cond"])
-    size = int(kw["image_size"])
-    images_in = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    t_in = jax.ShapeDtypeStruct((1,), jnp.int32)
+    # Read first: a missing reference file fails before anything is built.
+    ref = common.reference_training(args.kind, config)
+    model, diffusion = common.build_model(config, dtype=args.dtype, attention_impl=attention_impl)
+    class_cond = model.num_classes is not None
     if args.kind == "diffusion":
         net = model
-        y_in = jax.ShapeDtypeStruct((1,), jnp.int32) if class_cond else None
-        abstract = common.abstract_variables(net, images_in, t_in, y=y_in)
     else:
-        net, size = common.build_classifier(config, dtype=args.dtype, attention_impl=attention_impl)
-        images_in = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-        abstract = common.abstract_variables(net, images_in, t_in)
-    abstract = abstract["params"]
+        net = common.build_classifier(config, dtype=args.dtype, attention_impl=attention_impl)
+    size = int(net.image_size)
+    abstract = factory.abstract_variables(net)["params"]
+    n_params = factory.param_count(net)
 
     lr, weight_decay = OPTIM[args.kind]
     optimizer = optax.adamw(lr, weight_decay=weight_decay)
@@ -164,7 +161,6 @@ def main(argv=None) -> dict:
     achieved = flops_per_step / seconds / 1e12
     n = args.matmul_n or common.default_matmul_size(args.tiny)
     peak = common.matmul_peak_tflops(n)
-    ref = common.REFERENCE_TRAINING.get((args.kind, config))
     record = {
         "benchmark": "training",
         "kind": args.kind,
@@ -173,8 +169,8 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "attention_impl": attention_impl,
         "optimizer": f"adamw lr={lr} weight_decay={weight_decay}",
-        "params": common.count_params(abstract),
-        "params_m": round(common.count_params(abstract) / 1e6, 2),
+        "params": n_params,
+        "params_m": round(n_params / 1e6, 2),
         "first_call_s": round(first_call, 3),
         "ms_per_step": round(seconds * 1e3, 3),
         "img_per_s": round(batch / seconds, 3),

@@ -1,10 +1,12 @@
-"""Shared machinery of the benchmark scripts: configs, timing, memory, FLOP counts, JSON records.
+"""Shared machinery of the benchmark scripts: networks, the reference's figures, timing, memory,
+FLOP counts, JSON records.
 
-The scripts compare gdiff with the PyTorch reference measured on one H100
-(`../shared/bench/*.json`, summarised in benchmarks/RESULTS.md), so every number here is taken the
-way the reference's were: one warm-up run of the whole program (compile + run), then timed runs that
-end in `block_until_ready`. FLOPs come from XLA's own cost analysis of the program, never from a
-hand count, so the "achieved TFLOP/s" column means the same thing on every backend.
+The scripts compare gdiff with the PyTorch reference measured on one H100 (the JSON files of
+`../shared/bench`, or of $GDIFF_BENCH_REFERENCE_DIR, read at run time; summarised in
+benchmarks/RESULTS.md), so every number here is taken the way the reference's were: one warm-up
+run of the whole program (compile + run), then timed runs that end in `block_until_ready`. FLOPs
+come from XLA's own cost analysis of the program, never from a hand count, so the "achieved
+TFLOP/s" column means the same thing on every backend.
 
 Imports stay free of ml_collections, clu and TensorFlow: a GPU machine only needs jax, flax, optax
 and numpy to run `benchmarks/run_all_gpu.sh`.
@@ -31,146 +33,108 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gdiff import factory  # noqa: E402
+from gdiff.compat import openai, released  # noqa: E402
+
 GIB = 1024**3
 
-# The reference README's flags for the released checkpoints (64x64_diffusion.pt,
-# 64x64_classifier.pt, 256x256_diffusion.pt, 256x256_classifier.pt). Classifier flags not given in
-# the README are the reference's classifier_defaults(). "tiny" is a CPU-sized stand-in with the same
-# block structure (class-conditional, learned sigma, attention, up/down resblocks, attention pool).
-CONFIGS: dict[str, dict[str, str]] = {
-    "64": {
-        "model": (
-            "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
-            "--dropout 0.1 --image_size 64 --learn_sigma True --noise_schedule cosine "
-            "--num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
-            "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
-        ),
-        "classifier": (
-            "--image_size 64 --classifier_attention_resolutions 32,16,8 --classifier_depth 4 "
-            "--classifier_width 128 --classifier_pool attention --classifier_resblock_updown True "
-            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
-        ),
-    },
-    "256": {
-        "model": (
-            "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
-            "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
-            "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
-            "--use_scale_shift_norm True"
-        ),
-        "classifier": (
-            "--image_size 256 --classifier_attention_resolutions 32,16,8 --classifier_depth 2 "
-            "--classifier_width 128 --classifier_pool attention --classifier_resblock_updown True "
-            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
-        ),
-    },
-    "tiny": {
-        "model": (
-            "--attention_resolutions 8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
-            "--image_size 16 --learn_sigma True --noise_schedule cosine --num_channels 32 "
-            "--channel_mult 1,2 --num_head_channels 16 --num_res_blocks 1 --resblock_updown True "
-            "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
-        ),
-        # The reference builds classifiers for 64, 128, 256 and 512 pixels only: the tiny one is
-        # built as a 64x64 classifier and then shrunk to 16x16 (see TINY_CLASSIFIER).
-        "classifier": (
-            "--image_size 64 --classifier_attention_resolutions 8 --classifier_depth 1 "
-            "--classifier_width 32 --classifier_pool attention --classifier_resblock_updown True "
-            "--classifier_use_scale_shift_norm True --classifier_use_fp16 True"
-        ),
-    },
-}
+# Benchmark configuration -> the released checkpoint (gdiff.compat.released) whose README flags
+# build its diffusion model and, guided, the classifier released with it: the networks the
+# reference was measured with (64x64_diffusion.pt + 64x64_classifier.pt, 256x256_diffusion.pt +
+# 256x256_classifier.pt).
+RELEASED = {"64": "imagenet64", "256": "imagenet256"}
+CONFIGS = (*RELEASED, "tiny")
 
-# What the tiny classifier module is cloned with: 16x16 inputs, two levels, attention at 8x8.
-TINY_CLASSIFIER = {"image_size": 16, "channel_mult": (1, 2), "attention_resolutions": (2,)}
+# "tiny": a CPU-sized stand-in with the same block structure (class-conditional, learned sigma,
+# attention, scale-shift norm, up/down resblocks, an attention-pool classifier), as typed config
+# groups (the keys of configs/common.py's `model`, `classifier` and `diffusion` groups). 16x16
+# inputs, two levels, attention at 8x8 in both networks.
+TINY_MODEL = dict(
+    image_size=16,
+    num_classes=openai.NUM_CLASSES,
+    class_cond=True,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult=(1, 2),
+    attention_resolutions=(8,),
+    num_heads=4,
+    num_heads_upsample=-1,
+    num_head_channels=16,
+    dropout=0.1,
+    learn_sigma=True,
+    use_checkpoint=False,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=True,
+    small_size=0,
+)
+TINY_CLASSIFIER = dict(
+    num_classes=openai.NUM_CLASSES,
+    width=32,
+    depth=1,
+    channel_mult=(1, 2),
+    attention_resolutions=(8,),
+    num_head_channels=64,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    pool="attention",
+)
+TINY_DIFFUSION = dict(
+    steps=1000,
+    noise_schedule="cosine",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    sigma_small=False,
+)
 
-# The reference's figures (../shared/bench/reference_*_h100.json), keyed for the comparison that
-# the scripts print next to their own numbers. GFLOP per image-step counts 2 FLOPs per
-# multiply-add of the UNet forward, plus 3x the classifier forward when guided.
-REFERENCE_SAMPLING = {
-    ("64", True): {"img_per_s": 12.21, "ms_per_step": 838.65, "gflop_per_img_step": 333.8},
-    ("64", False): {"img_per_s": 24.41, "ms_per_step": 419.45, "gflop_per_img_step": 219.4},
-    ("256", True): {"img_per_s": 2.30, "ms_per_step": 557.03, "gflop_per_img_step": 2679.8},
-    ("256", False): {"img_per_s": 3.19, "ms_per_step": 400.95, "gflop_per_img_step": 2239.7},
-}
-REFERENCE_TRAINING = {
-    ("diffusion", "64"): dict(batch=64, ms_per_step=404.0, img_per_s=158.4, params_m=295.9),
-    ("classifier", "64"): dict(batch=128, ms_per_step=241.3, img_per_s=530.5, params_m=65.44),
-    ("diffusion", "256"): dict(batch=16, ms_per_step=583.1, img_per_s=27.4, params_m=553.84),
-    ("classifier", "256"): dict(batch=64, ms_per_step=314.9, img_per_s=203.2, params_m=54.1),
-}
-REFERENCE_MATMUL_TFLOPS_H100 = 785.2
+# Where the reference's measured figures are (../shared/bench: README.md and its JSON files).
+REFERENCE_DIR_ENV = "GDIFF_BENCH_REFERENCE_DIR"
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
 
 
-def model_kwargs(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
-    """Keyword arguments for `create_model_and_diffusion` from the released flags of `config`.
+def build_model(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
+    """(diffusion network, diffusion) of a benchmark configuration.
 
-    `dtype` replaces the flags' `use_fp16` (bfloat16 is gdiff's reduced-precision mode; parameters
-    stay float32 either way).
+    The released configurations go through the reference-compatible API (`gdiff.compat.openai`)
+    with the README's flags; `dtype` replaces the flags' `use_fp16` (bfloat16 is gdiff's
+    reduced-precision mode; parameters stay float32 either way).
     """
-    from gdiff.compat import openai
-
     _check_choice("config", config, CONFIGS)
-    kw = openai.model_and_diffusion_defaults()
-    kw.update(openai.parse_flags(CONFIGS[config]["model"]))
-    kw = {k: v for k, v in kw.items() if k in openai.model_and_diffusion_defaults()}
+    if config == "tiny":
+        group = {**TINY_MODEL, "dtype": dtype, "attention_impl": attention_impl or ""}
+        diffusion = factory.diffusion_from_group(
+            TINY_DIFFUSION, learn_sigma=group["learn_sigma"], timestep_respacing=respacing
+        )
+        return factory.unet_from_group(group), diffusion
+    kw = released.model_and_diffusion_kwargs(RELEASED[config])
     kw.update(
         use_fp16=dtype == "bfloat16",
         timestep_respacing=respacing,
         dtype=dtype,
         attention_impl=attention_impl,
     )
-    return kw
-
-
-def classifier_kwargs(config: str, *, dtype: str, attention_impl: str | None):
-    """Keyword arguments for `create_classifier` from the released classifier flags of `config`."""
-    from gdiff.compat import openai
-
-    _check_choice("config", config, CONFIGS)
-    defaults = openai.classifier_defaults()
-    flags = openai.parse_flags(CONFIGS[config]["classifier"])
-    kw = {**defaults, **{k: v for k, v in flags.items() if k in defaults}}
-    kw.update(classifier_use_fp16=dtype == "bfloat16", dtype=dtype, attention_impl=attention_impl)
-    return kw
-
-
-def build_model(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
-    """(UNetModel, diffusion, the kwargs used) of a benchmark configuration, via the compat API."""
-    from gdiff.compat import openai
-
-    kw = model_kwargs(config, dtype=dtype, attention_impl=attention_impl, respacing=respacing)
-    model, diffusion = openai.create_model_and_diffusion(**kw)
-    return model, diffusion, kw
+    return openai.create_model_and_diffusion(**kw)
 
 
 def build_classifier(config: str, *, dtype: str, attention_impl: str | None):
-    """The noise-aware classifier of a benchmark configuration -> (module, image_size)."""
-    from gdiff.compat import openai
-
-    classifier = openai.create_classifier(
-        **classifier_kwargs(config, dtype=dtype, attention_impl=attention_impl)
-    )
+    """The noise-aware classifier of a benchmark configuration, at its model's image size."""
+    _check_choice("config", config, CONFIGS)
     if config == "tiny":
-        classifier = classifier.clone(**TINY_CLASSIFIER)
-    return classifier, int(classifier.image_size)
+        group = {**TINY_CLASSIFIER, "dtype": dtype, "attention_impl": attention_impl or ""}
+        return factory.classifier_from_group(group, TINY_MODEL["image_size"])
+    kw = released.classifier_kwargs(RELEASED[config])
+    kw.update(classifier_use_fp16=dtype == "bfloat16", dtype=dtype, attention_impl=attention_impl)
+    return openai.create_classifier(**kw)
 
 
 def _check_choice(what: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {sorted(choices)}; got {value!r}")
-
-
-def abstract_variables(module, *args, **kwargs):
-    """The variable pytree `module.init` would build, as ShapeDtypeStructs (nothing allocated)."""
-    # The abstract arguments must go through eval_shape (not a closure) to be traced.
-    return jax.eval_shape(
-        lambda a, k: module.init(jax.random.key(0), *a, **k), tuple(args), dict(kwargs)
-    )
 
 
 def random_variables(abstract, key: jax.Array, sharding=None):
@@ -201,10 +165,6 @@ def random_variables(abstract, key: jax.Array, sharding=None):
         return jax.tree_util.tree_unflatten(treedef, out)
 
     return jax.jit(make, out_shardings=sharding)(key)
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +341,57 @@ def matmul_peak_tflops(n: int, dtype=jnp.bfloat16, iters: int = 10) -> float:
     matmul = jax.jit(jnp.matmul)
     seconds = time_pipelined(lambda: matmul(a, b), warmup=2, iters=iters)
     return 2.0 * n**3 / seconds / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's figures
+
+
+def reference_dir() -> pathlib.Path:
+    """The folder of the reference's measured figures: $GDIFF_BENCH_REFERENCE_DIR, else
+    ../shared/bench beside the repository."""
+    return pathlib.Path(os.environ.get(REFERENCE_DIR_ENV) or REPO.parent / "shared" / "bench")
+
+
+def load_reference(name: str) -> list[dict[str, Any]]:
+    """The rows of one of the reference's JSON files (e.g. "reference_sampling_h100.json")."""
+    path = reference_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the reference's figures {path} are missing: the benchmarks compare with the files "
+            f"of ../shared/bench; set {REFERENCE_DIR_ENV} to the folder that holds them"
+        )
+    return json.loads(path.read_text())
+
+
+def reference_sampling(config: str, *, guided: bool, ddim: bool) -> dict[str, float] | None:
+    """The reference's H100 sampling row of a released configuration with the same guidance and
+    sampler (reference_sampling_h100.json), or None where it measured none (e.g. "tiny").
+
+    GFLOP per image-step follows the reference's convention: 2 FLOPs per multiply-add of the UNet
+    forward, plus 3x the classifier forward when guided.
+    """
+    if config not in RELEASED:
+        return None
+    for row in load_reference("reference_sampling_h100.json"):
+        if (row["config"], row["guided"], row["ddim"]) == (config, guided, ddim):
+            return {
+                "img_per_s": row["img_per_s"],
+                "ms_per_step": row["ms_per_step"],
+                "gflop_per_img_step": round(row["flops_per_img_step"] / 1e9, 1),
+            }
+    return None
+
+
+def reference_training(kind: str, config: str) -> dict[str, float] | None:
+    """The reference's H100 training-step row (reference_training_h100.json) of a network kind
+    ("diffusion" | "classifier") and released configuration, or None where it measured none."""
+    if config not in RELEASED:
+        return None
+    for row in load_reference("reference_training_h100.json"):
+        if (row["kind"], row["config"]) == (kind, config):
+            return {k: row[k] for k in ("batch", "ms_per_step", "img_per_s", "params_m")}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 
+from gdiff import factory  # noqa: E402
+
 DEVICES = 2
 
 
@@ -196,7 +198,7 @@ def test_random_variables_scales_by_fan_in():
     assert np.std(kernel) == pytest.approx(1 / np.sqrt(3 * 3 * 64), rel=0.05)
     np.testing.assert_array_equal(np.asarray(v["norm"]["scale"]), np.ones(128))
     np.testing.assert_array_equal(np.asarray(v["norm"]["bias"]), np.zeros(128))
-    assert common.count_params(v) == 3 * 3 * 64 * 128 + 2 * 128
+    assert sum(x.size for x in jax.tree.leaves(v)) == 3 * 3 * 64 * 128 + 2 * 128
 
 
 def test_resolve_attention_and_bad_choices():
@@ -207,21 +209,67 @@ def test_resolve_attention_and_bad_choices():
     with pytest.raises(ValueError, match="--attention"):
         common.resolve_attention("flash", "bfloat16")
     with pytest.raises(ValueError, match="config"):
-        common.model_kwargs("128", dtype="bfloat16", attention_impl=None)
+        common.build_model("128", dtype="bfloat16", attention_impl=None)
     with pytest.raises(ValueError, match="repeats"):
         common.time_calls(lambda: jnp.zeros(()), repeats=0)
 
 
 def test_released_flags_build_the_reference_networks():
-    """The 64x64 flags give the released model's and classifier's parameter counts."""
-    model, diffusion, kw = common.build_model("64", dtype="bfloat16", attention_impl="xla")
-    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    variables = common.abstract_variables(model, x, t, y=t)
+    """The 64x64 README flags give the released model's and classifier's parameter counts."""
+    model, diffusion = common.build_model("64", dtype="bfloat16", attention_impl="xla")
     # ../shared/bench/reference_training_h100.json: 295.9M (model), 65.44M (classifier, depth 4).
-    assert common.count_params(variables) / 1e6 == pytest.approx(295.9, abs=0.1)
-    classifier, size = common.build_classifier("64", dtype="bfloat16", attention_impl="xla")
-    assert size == 64
-    cvars = common.abstract_variables(classifier, x, t)
-    assert common.count_params(cvars) / 1e6 == pytest.approx(65.44, abs=0.01)
-    assert diffusion.num_timesteps == 1000 and kw["use_fp16"] is True
+    assert factory.param_count(model) / 1e6 == pytest.approx(295.9, abs=0.1)
+    classifier = common.build_classifier("64", dtype="bfloat16", attention_impl="xla")
+    assert classifier.image_size == 64 and classifier.num_res_blocks == 4
+    assert factory.param_count(classifier) / 1e6 == pytest.approx(65.44, abs=0.01)
+    assert diffusion.num_timesteps == 1000 and model.dtype == jnp.bfloat16
+
+
+def test_tiny_networks():
+    """The CPU stand-in: 16x16, two levels, attention at 8x8 in the model and the classifier."""
+    model, diffusion = common.build_model(
+        "tiny", dtype="float32", attention_impl="xla", respacing="ddim2"
+    )
+    classifier = common.build_classifier("tiny", dtype="float32", attention_impl="xla")
+    for net in (model, classifier):
+        assert net.image_size == 16 and net.channel_mult == (1, 2)
+        assert net.attention_resolutions == (2,)  # downsample rate 2: the 8x8 level
+    assert model.num_classes == 1000 and model.out_channels == 6 and model.dropout == 0.1
+    assert classifier.out_channels == 1000 and classifier.pool == "attention"
+    assert factory.param_count(model) == 956_358
+    assert factory.param_count(classifier) == 446_184
+    assert diffusion.num_timesteps == 2
+
+
+def test_reference_figures_come_from_the_reference_folder(tmp_path, monkeypatch):
+    row = dict(config="64", batch=256, respacing="ddim25", steps=25, seconds=20.0)
+    sampling = [
+        {**row, "guided": True, "ddim": True, "img_per_s": 12.0, "ms_per_step": 800.0,
+         "flops_per_img_step": 333_830_191_104},
+        {**row, "guided": True, "ddim": False, "img_per_s": 11.0, "ms_per_step": 900.0,
+         "flops_per_img_step": 333_830_191_104},
+    ]  # fmt: skip
+    training = [{"kind": "classifier", "config": "256", "batch": 64, "ms_per_step": 314.9,
+                 "img_per_s": 203.2, "params_m": 54.1, "peak_mem_gib": 40.4}]  # fmt: skip
+    (tmp_path / "reference_sampling_h100.json").write_text(json.dumps(sampling))
+    (tmp_path / "reference_training_h100.json").write_text(json.dumps(training))
+    monkeypatch.setenv(common.REFERENCE_DIR_ENV, str(tmp_path))
+    assert common.reference_sampling("64", guided=True, ddim=False) == {
+        "img_per_s": 11.0,
+        "ms_per_step": 900.0,
+        "gflop_per_img_step": 333.8,
+    }
+    assert common.reference_sampling("64", guided=False, ddim=True) is None
+    assert common.reference_training("classifier", "256") == {
+        "batch": 64,
+        "ms_per_step": 314.9,
+        "img_per_s": 203.2,
+        "params_m": 54.1,
+    }
+    missing = tmp_path / "absent"
+    monkeypatch.setenv(common.REFERENCE_DIR_ENV, str(missing))
+    # The tiny stand-in has no reference row and needs no reference files.
+    assert common.reference_sampling("tiny", guided=True, ddim=True) is None
+    with pytest.raises(FileNotFoundError) as err:
+        common.reference_training("diffusion", "64")
+    assert str(missing) in str(err.value) and common.REFERENCE_DIR_ENV in str(err.value)

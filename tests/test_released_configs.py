@@ -1,4 +1,5 @@
-"""Released-checkpoint configs: the reference README's flags and the released parameter counts.
+"""Released-checkpoint configs: the reference README's flags (gdiff.compat.released) and the
+released parameter counts.
 
 Counts come from the modules the configs build (`jax.eval_shape`, nothing allocated). The four
 the task states are checked by default; the rest (also derived from the reference architecture
@@ -10,7 +11,7 @@ import importlib
 import pytest
 
 from gdiff import factory
-from gdiff.compat import openai
+from gdiff.compat import flags, openai, released
 
 # name -> exact parameter count of the module the config builds.
 COUNTS = {
@@ -57,28 +58,27 @@ def test_param_count_equals_released_slow(name):
     assert _count(name) == SLOW_COUNTS[name]
 
 
+def test_every_released_config_has_its_readme_entry():
+    assert set(released.CHECKPOINTS) == set(ALL)
+
+
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_config_carries_the_readme_flags(name):
     config = _config(name)
-    module = importlib.import_module(f"configs.released.{name}")
-    base = (
-        module
-        if hasattr(module, "MODEL_FLAGS")
-        else importlib.import_module(f"configs.released.{name.removesuffix('_classifier')}")
+    checkpoint = released.CHECKPOINTS[name]
+    for key, value in openai.parse_flags(checkpoint.all_flags).items():
+        group, field, typed = flags.TO_CONFIG[key]
+        assert config[group][field] == typed(value), key
+    # Typed as the factory reads them: tuples of pixels, a compute dtype name.
+    assert isinstance(config.model.attention_resolutions, tuple)
+    assert config.model.dtype == (
+        "bfloat16" if "--use_fp16 True" in checkpoint.model_flags else "float32"
     )
-    for key, value in openai.parse_flags(base.MODEL_FLAGS).items():
-        if key == "diffusion_steps":
-            assert config.diffusion.steps == value
-        elif key == "noise_schedule":
-            assert config.diffusion.noise_schedule == value
-        elif key == "large_size":
-            assert config.model.image_size == value and config.model.super_res
-        elif key == "small_size":
-            assert config.model.small_size == value
-        else:
-            assert config.model[key] == value, key
-    assert config.torch_checkpoint.endswith(".pt")
-    assert config.convert_target == ("classifier" if name.endswith("_classifier") else "model")
+    if "--large_size" in checkpoint.model_flags:
+        assert config.model.small_size > 0 and config.data.image_size == config.model.image_size
+    assert config.torch_checkpoint == f"models/{checkpoint.file}"
+    assert config.convert_target == checkpoint.network
+    assert checkpoint.network == ("classifier" if name.endswith("_classifier") else "model")
 
 
 def test_guidance_scales_and_sampling_defaults():
@@ -86,7 +86,25 @@ def test_guidance_scales_and_sampling_defaults():
               "imagenet256_uncond": "10.0", "imagenet512": "4.0", "lsun_bedroom": "0"}  # fmt: skip
     for name, scale in scales.items():
         assert _config(name).sample.classifier_scale == scale, name
-    assert _config("imagenet64").classifier.classifier_depth == 4
-    assert _config("imagenet128").classifier.classifier_depth == 2
+    assert _config("imagenet64").classifier.depth == 4
+    assert _config("imagenet128").classifier.depth == 2
     assert _config("imagenet256").sample.timestep_respacing == "250"
     assert _config("lsun_cat").sample.timestep_respacing == "1000"
+
+
+def test_reference_kwargs_of_the_readme_flags():
+    """The kwargs that the reference's factories take, from the table (what benchmarks/ builds)."""
+    kw = released.model_and_diffusion_kwargs("imagenet64")
+    assert set(kw) == set(flags.model_and_diffusion_defaults())
+    assert (kw["num_channels"], kw["num_res_blocks"], kw["dropout"]) == (192, 3, 0.1)
+    assert released.classifier_kwargs("imagenet64_classifier") == {
+        **flags.classifier_defaults(),
+        "image_size": 64,
+        "classifier_depth": 4,
+    }
+    assert released.classifier_kwargs("imagenet256")["image_size"] == 256
+    sr = released.model_and_diffusion_kwargs("upsampler_128_512")
+    assert set(sr) == set(flags.SR_KEYS)
+    assert (sr["large_size"], sr["small_size"]) == (512, 128)
+    with pytest.raises(KeyError, match="imagenet64"):
+        released.get("imagenet65")

@@ -13,11 +13,14 @@ import ml_collections
 
 from configs import released
 from configs.released import imagenet128
+from gdiff.compat import released as ref_released
+
+CHECKPOINT = ref_released.CHECKPOINTS["imagenet128_classifier"]
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = released.as_classifier_config(
-        imagenet128.get_config(), torch_checkpoint="models/128x128_classifier.pt"
+        imagenet128.get_config(), torch_checkpoint=f"models/{CHECKPOINT.file}"
     )
     # Classifier training hyperparameters of the paper's appendix table.
     config.optim.lr = 0.0003

@@ -13,11 +13,14 @@ import ml_collections
 
 from configs import released
 from configs.released import imagenet256
+from gdiff.compat import released as ref_released
+
+CHECKPOINT = ref_released.CHECKPOINTS["imagenet256_classifier"]
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = released.as_classifier_config(
-        imagenet256.get_config(), torch_checkpoint="models/256x256_classifier.pt"
+        imagenet256.get_config(), torch_checkpoint=f"models/{CHECKPOINT.file}"
     )
     # Classifier training hyperparameters of the paper's appendix table.
     config.optim.lr = 0.0003

@@ -13,11 +13,14 @@ import ml_collections
 
 from configs import released
 from configs.released import imagenet512
+from gdiff.compat import released as ref_released
+
+CHECKPOINT = ref_released.CHECKPOINTS["imagenet512_classifier"]
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = released.as_classifier_config(
-        imagenet512.get_config(), torch_checkpoint="models/512x512_classifier.pt"
+        imagenet512.get_config(), torch_checkpoint=f"models/{CHECKPOINT.file}"
     )
     # Classifier training hyperparameters of the paper's appendix table.
     config.optim.lr = 0.0003

@@ -16,23 +16,15 @@ Expected parameter count: 295.9M (checked by tests/test_released_configs.py).
 import ml_collections
 
 from configs import released
+from gdiff.compat import released as ref_released
 
-MODEL_FLAGS = (
-    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
-    "--dropout 0.1 --image_size 64 --learn_sigma True --noise_schedule cosine "
-    "--num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown "
-    "True --use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
-)
-CLASSIFIER_FLAGS = "--classifier_scale 1.0 --classifier_depth 4"
-SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+CHECKPOINT = ref_released.CHECKPOINTS["imagenet64"]
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = released.base_config(data_name="imagenet_resized/64x64", num_classes=1000)
-    config.torch_checkpoint = "models/64x64_diffusion.pt"
-    released.apply_flags(config, MODEL_FLAGS)
-    released.apply_flags(config, CLASSIFIER_FLAGS)
-    released.apply_flags(config, SAMPLE_FLAGS)
+    config.torch_checkpoint = f"models/{CHECKPOINT.file}"
+    released.apply_flags(config, CHECKPOINT.all_flags)
     # Training hyperparameters of the paper's appendix table for this model.
     config.optim.lr = 0.0003
     config.train.batch_size = 2048

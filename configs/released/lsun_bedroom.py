@@ -15,11 +15,7 @@ import ml_collections
 
 from configs import released
 
-MODEL_FLAGS = released.LSUN_MODEL_FLAGS
-
 
 def get_config() -> ml_collections.ConfigDict:
     # Training iterations from the paper's appendix table for this model.
-    return released.lsun_config(
-        "bedroom", checkpoint="lsun_bedroom", num_steps=1920000, model_flags=MODEL_FLAGS
-    )
+    return released.lsun_config("lsun_bedroom", category="bedroom", num_steps=1920000)

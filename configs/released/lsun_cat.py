@@ -15,11 +15,7 @@ import ml_collections
 
 from configs import released
 
-MODEL_FLAGS = released.LSUN_MODEL_FLAGS
-
 
 def get_config() -> ml_collections.ConfigDict:
     # Training iterations from the paper's appendix table for this model.
-    return released.lsun_config(
-        "cat", checkpoint="lsun_cat", num_steps=200000, model_flags=MODEL_FLAGS
-    )
+    return released.lsun_config("lsun_cat", category="cat", num_steps=200000)

@@ -15,11 +15,7 @@ import ml_collections
 
 from configs import released
 
-MODEL_FLAGS = released.LSUN_MODEL_FLAGS
-
 
 def get_config() -> ml_collections.ConfigDict:
     # Training iterations from the paper's appendix table for this model.
-    return released.lsun_config(
-        "horse", checkpoint="lsun_horse", num_steps=2500000, model_flags=MODEL_FLAGS
-    )
+    return released.lsun_config("lsun_horse", category="horse", num_steps=2500000)

@@ -16,11 +16,7 @@ import ml_collections
 
 from configs import released
 
-MODEL_FLAGS = released.LSUN_MODEL_FLAGS.replace("--dropout 0.1", "--dropout 0.0")
-
 
 def get_config() -> ml_collections.ConfigDict:
     # Training iterations from the paper's appendix table for this model.
-    return released.lsun_config(
-        "horse", checkpoint="lsun_horse_nodropout", num_steps=2500000, model_flags=MODEL_FLAGS
-    )
+    return released.lsun_config("lsun_horse_nodropout", category="horse", num_steps=2500000)

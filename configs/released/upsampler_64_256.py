@@ -14,21 +14,15 @@ Expected parameter count: 312.1M (checked by tests/test_released_configs.py).
 import ml_collections
 
 from configs import released
+from gdiff.compat import released as ref_released
 
-MODEL_FLAGS = (
-    "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
-    "--large_size 256  --small_size 64 --learn_sigma True --noise_schedule linear "
-    "--num_channels 192 --num_heads 4 --num_res_blocks 2 --resblock_updown True "
-    "--use_fp16 True --use_scale_shift_norm True"
-)
-SAMPLE_FLAGS = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+CHECKPOINT = ref_released.CHECKPOINTS["upsampler_64_256"]
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = released.base_config(data_name="imagenet2012", num_classes=1000)
-    config.torch_checkpoint = "models/64_256_upsampler.pt"
-    released.apply_flags(config, MODEL_FLAGS)
-    released.apply_flags(config, SAMPLE_FLAGS)
+    config.torch_checkpoint = f"models/{CHECKPOINT.file}"
+    released.apply_flags(config, CHECKPOINT.all_flags)
     # Training hyperparameters of the paper's appendix table for this model.
     config.optim.lr = 0.0001
     config.train.batch_size = 256
