@@ -12,22 +12,37 @@ import os
 # TensorFlow (input pipeline only) must never grab accelerator memory that JAX needs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from gdiff import distributed  # noqa: E402
+from gdiff.compat import convert_checkpoint  # noqa: E402
+from gdiff.evaluation import evaluator  # noqa: E402
+from gdiff.pipeline import digits  # noqa: E402
+from gdiff.sampling import run, sweep  # noqa: E402
+from gdiff.train import classifier_trainer, diffusion_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/digits.py", "Experiment configuration file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/digits", "Where checkpoints, logs, samples go.")
-_MODE = flags.DEFINE_enum(
-    "mode",
-    "pipeline",
-    ["pipeline", "train", "train_classifier", "sample", "sweep", "evaluate", "convert"],
-    "What to run.",
-)
+# mode -> fn(config, workdir). Importing these builds no arrays, so jax.distributed can still be
+# initialised in main() before the first computation.
+MODES = {
+    "pipeline": digits.run,
+    "train": diffusion_trainer.train,
+    "train_classifier": classifier_trainer.train,
+    "sample": run.run,
+    "sweep": sweep.run,
+    "evaluate": evaluator.run,
+    "convert": convert_checkpoint.run,
+}
+_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
 
 
 def _hide_accelerators_from_tensorflow() -> None:
+    # The one deferred import: TensorFlow is only the input pipeline's, and heavy.
     try:
         import tensorflow as tf
     except ImportError:
@@ -43,12 +58,8 @@ def main(argv):
         # The newcomer's job prints its own stage lines and progress bars; library INFO lines
         # (orbax writes ~300 per run) would bury them. --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
-    from gdiff import distributed
-
     config = _CONFIG.value
-    distributed.maybe_initialize(config.get("distributed", "auto"))
-    import jax
-
+    distributed.maybe_initialize(config.distributed)
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
         jax.process_index(),
@@ -60,34 +71,7 @@ def main(argv):
     mode, workdir = _MODE.value, _WORKDIR.value
     if mode in ("train", "train_classifier", "pipeline"):
         _hide_accelerators_from_tensorflow()
-    if mode == "train":
-        from gdiff.train import diffusion_trainer
-
-        diffusion_trainer.train(config, workdir)
-    elif mode == "train_classifier":
-        from gdiff.train import classifier_trainer
-
-        classifier_trainer.train(config, workdir)
-    elif mode == "sample":
-        from gdiff.sampling import run
-
-        run.run(config, workdir)
-    elif mode == "sweep":
-        from gdiff.sampling import sweep
-
-        sweep.run(config, workdir)
-    elif mode == "evaluate":
-        from gdiff.evaluation import evaluator
-
-        evaluator.run(config, workdir)
-    elif mode == "convert":
-        from gdiff.compat import convert_checkpoint
-
-        convert_checkpoint.run(config, workdir)
-    elif mode == "pipeline":
-        from gdiff.pipeline import digits
-
-        digits.run(config, workdir)
+    MODES[mode](config, workdir)
 
 
 if __name__ == "__main__":

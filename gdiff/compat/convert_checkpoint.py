@@ -28,10 +28,10 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False) -> pathl
       ValueError: no checkpoint path, an unknown target, or a checkpoint that does not match the
         config's architecture (the message lists every offending layer with both shapes).
     """
-    path = str(config.get("torch_checkpoint", "") or "")
+    path = str(config.torch_checkpoint)
     if not path:
         raise ValueError("--mode=convert needs --config.torch_checkpoint=<released .pt file>")
-    target = str(config.get("convert_target", "model") or "model")
+    target = str(config.convert_target)
     if target == "model":
         module = factory.build_model(config)
     elif target == "classifier":

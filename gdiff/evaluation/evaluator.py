@@ -295,10 +295,10 @@ def run(config, workdir) -> dict:
         ev.sample_batch,
         ev.inception_weights,
         batch_size=int(ev.batch_size),
-        resize=str(ev.get("resize", "legacy")),
+        resize=str(ev.resize),
         workdir=workdir,
         output=ev.output or None,
-        is_split_size=int(ev.get("is_split_size", 5000)),
+        is_split_size=int(ev.is_split_size),
     )
 
 

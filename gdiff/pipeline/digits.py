@@ -211,7 +211,7 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
 
 def _guidance_log_prob(config, workdir: pathlib.Path):
     """fn(images uint8, labels) -> (mean log p(y|x, t=0), accuracy); None without a classifier."""
-    ckpt = config.sample.get("classifier_checkpoint", "") or str(workdir)
+    ckpt = config.sample.classifier_checkpoint or str(workdir)
     try:
         params = checkpointing.load_params(ckpt, kind="classifier")
     except FileNotFoundError:

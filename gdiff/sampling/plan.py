@@ -88,7 +88,7 @@ class SamplingPlan:
 
 def is_super_res(config) -> bool:
     """Whether the model upsamples (reads `sample.base_samples` as its low-resolution input)."""
-    return int(config.model.get("small_size", 0)) > 0
+    return int(config.model.small_size) > 0
 
 
 def output_dir(config, workdir: str) -> pathlib.Path:
@@ -167,7 +167,7 @@ def _classifier_checkpoint(config, workdir: str, guided: bool) -> str:
     """The classifier path to load ("" when unguided): sample.classifier_checkpoint, else the
     workdir when it holds a classifier trained there."""
     s = config.sample
-    given = s.get("classifier_checkpoint", "") or ""
+    given = s.classifier_checkpoint
     if not guided:
         return ""
     if given:
