@@ -195,23 +195,7 @@ def local_batches(
     split = split or (data.train_split if train else data.eval_split)
     crop = (data.random_crop if train else False) if random_crop is None else random_crop
     flip = (data.random_flip if train else False) if random_flip is None else random_flip
-    if data.source == "digits":
-        src = digits.DigitsSource(split, data.image_size, random_crop=crop, random_flip=flip)
-    elif data.source == "folder":
-        folder = data.folder if train else data.eval_folder
-        if not folder:
-            raise ValueError(
-                "no held-out folder: set data.eval_folder for evaluation with data.source=folder"
-            )
-        src = folder_source.FolderSource(
-            folder,
-            data.image_size,
-            class_cond=data.class_cond,
-            num_classes=data.num_classes,
-            random_crop=crop,
-            random_flip=flip,
-        )
-    else:
+    if data.source == "tfds":
         return tfds_source.tfds_batches(
             data.name,
             split=split,
@@ -227,6 +211,7 @@ def local_batches(
             data_dir=data.data_dir,
             repeat=train,
         )
+    src = _indexed_source(data, split, train=train, random_crop=crop, random_flip=flip)
     return indexed_batches(
         src,
         local_batch=b,
@@ -234,6 +219,27 @@ def local_batches(
         start_step=start_step,
         shuffle=train,
         prefetch=data.prefetch,
+    )
+
+
+def _indexed_source(data, split: str, *, train: bool, random_crop: bool, random_flip: bool):
+    """The in-memory / on-disk sources that `indexed_batches` reads by example index."""
+    if data.source == "digits":
+        return digits.DigitsSource(
+            split, data.image_size, random_crop=random_crop, random_flip=random_flip
+        )
+    folder = data.folder if train else data.eval_folder
+    if not folder:
+        raise ValueError(
+            "no held-out folder: set data.eval_folder for evaluation with data.source=folder"
+        )
+    return folder_source.FolderSource(
+        folder,
+        data.image_size,
+        class_cond=data.class_cond,
+        num_classes=data.num_classes,
+        random_crop=random_crop,
+        random_flip=random_flip,
     )
 
 
