@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.labels = "random"  # random | balanced | an int | a comma-separated list
     sample.model_checkpoint = ""  # orbax checkpoint dir (converted or trained); default: workdir
     sample.classifier_checkpoint = ""
-    sample.ema_rate = ""  # which EMA params to sample from ("" = the first of train.ema_rates)
+    sample.ema_rate = ""  # which EMA params to sample from ("" = the slowest of train.ema_rates)
     sample.base_samples = ""  # super-resolution: .npz of low-resolution samples
     sample.output_dir = ""  # default: <workdir>/samples
     sample.seed = 0

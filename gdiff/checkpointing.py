@@ -291,13 +291,26 @@ def load_params(
     ema = state.get("ema_params") or {}
     if not ema:
         return state["params"]
-    if ema_rate in (None, ""):
-        key = sorted(ema, key=float, reverse=True)[0] if len(ema) > 1 else next(iter(ema))
-    else:
-        matches = [k for k in ema if np.isclose(float(k), float(ema_rate))]
-        if not matches:
-            raise KeyError(
-                f"{found.path} step {found.step} has EMA rates {sorted(ema)}, not {ema_rate}"
-            )
-        key = matches[0]
+    key = ema_key(ema, ema_rate, where=f"{found.path} step {found.step}")
     return ema[key]
+
+
+def ema_key(rates, ema_rate: str | float | None = None, *, where: str = "the checkpoint") -> str:
+    """Which stored EMA copy to sample from: the one equal to `ema_rate`, else the slowest
+    (largest) rate, the one the reference samples from.
+
+    Args:
+      rates: the stored EMA rates (strings, e.g. the keys of `TrainState.ema_params`); not empty.
+      ema_rate: the requested rate, or None / "" for the default.
+      where: what holds them, for the error message.
+
+    Raises:
+      KeyError: `ema_rate` is not among `rates`.
+    """
+    rates = list(rates)
+    if ema_rate in (None, ""):
+        return max(rates, key=float)
+    matches = [k for k in rates if np.isclose(float(k), float(ema_rate))]
+    if not matches:
+        raise KeyError(f"{where} has EMA rates {sorted(rates)}, not {ema_rate}")
+    return matches[0]

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -92,25 +93,33 @@ def global_batch(local_tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """Gathers (possibly multi-host) global arrays into numpy arrays on every process."""
+    """Gathers (possibly multi-host) global arrays into numpy arrays on every process.
+
+    A collective when an array spans several processes: every process must call it.
+    """
 
     def fetch(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(a, tiled=True))
         return np.asarray(a)
 
     return jax.tree.map(fetch, tree)
 
 
+def host_copy(tree: Any) -> Any:
+    """Replicated (possibly multi-host) arrays -> numpy, from this process's own copy.
+
+    No collective: every process holds a full copy of a replicated array (parameters, the metrics
+    of a step), so its first addressable shard is the whole value.
+    """
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
-
-
-def process_index() -> int:
-    return jax.process_index()
-
-
-def process_count() -> int:
-    return jax.process_count()

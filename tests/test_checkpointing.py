@@ -118,6 +118,55 @@ def test_missing_checkpoints_name_what_was_expected(tmp_path):
         checkpointing.load_params(tmp_path, kind="classifier")
 
 
+def test_locate_finds_params_training_dirs_step_folders_and_workdirs(tmp_path):
+    params = tmp_path / "model_params"
+    params.mkdir()
+    (params / checkpointing.METADATA_FILE).write_text("{}")
+    train = tmp_path / "checkpoints"
+    # Orbax writes a step under a temporary name and renames it when complete.
+    for name in ("3", "12", "20.orbax-checkpoint-tmp-1"):
+        (train / name).mkdir(parents=True)
+    locate, Location = checkpointing.locate, checkpointing.Location
+    assert locate(params) == Location(params, "params", None)
+    assert locate(train) == Location(train, "training", 12)
+    assert locate(train / "3") == Location(train, "training", 3)
+    # A workdir: WORKDIR_LAYOUT order, the training directory first.
+    assert locate(tmp_path, "model") == Location(train, "training", 12)
+    for name in ("3", "12"):
+        (train / name).rmdir()
+    assert locate(tmp_path, "model") == Location(params, "params", None)
+
+
+def test_locate_names_what_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpointing.locate(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*expected a parameter"):
+        checkpointing.locate(tmp_path)  # a workdir is looked into only for a kind
+    train = tmp_path / "classifier_checkpoints"
+    (train / "5.orbax-checkpoint-tmp-9").mkdir(parents=True)
+    (train / checkpointing.CONFIG_FILE).write_text("{}")
+    with pytest.raises(FileNotFoundError, match="training checkpoint directory with no finished"):
+        checkpointing.locate(train)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no classifier checkpoint .* classifier_params \(.*classifier_checkpoints is a "
+        "training checkpoint directory with no finished step yet\\)",
+    ):
+        checkpointing.locate(tmp_path, "classifier")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        checkpointing.locate(tmp_path, "vae")
+
+
+def test_load_params_takes_a_location(tmp_path):
+    manager = checkpointing.CheckpointManager(tmp_path / "c", max_to_keep=2)
+    for step in (1, 2):
+        manager.save(step, _state(step, float(step)))
+    manager.close()
+    older = checkpointing.locate(tmp_path / "c" / "1")
+    params = checkpointing.load_params(older, ema_rate=0.5)
+    np.testing.assert_array_equal(params["dense"]["kernel"], np.full((3, 2), 3.0))
+
+
 def test_batches_must_divide_over_devices():
     n = jax.device_count()
     distributed.check_batch_divisible(2 * n)

@@ -35,6 +35,7 @@ config.train.num_steps = 4
 config.train.batch_size = 8
 config.train.log_every = 1
 config.train.save_every = 2
+config.train.sample_every = 4  # the preview grid gathers both processes' rows
 result = diffusion_trainer.train(config, {workdir!r})
 print("RESULT", json.dumps({{"process": jax.process_index(), "devices": jax.device_count(),
       "local": jax.local_device_count(), "ids": seen,
@@ -109,3 +110,4 @@ def test_two_processes_train_checkpoint_and_read_disjoint_shards(tmp_path):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4]
+    assert (workdir / "samples_train" / "step_0000004.png").exists()

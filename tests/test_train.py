@@ -11,10 +11,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny
 from gdiff import checkpointing, distributed
 from gdiff.data import pipeline
+from gdiff.sampling import grid as grid_lib
+from gdiff.sampling import run as sampling_run
+from gdiff.sampling import shards
 from gdiff.train import diffusion_trainer, loop_utils
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -206,7 +210,38 @@ def test_microbatches_accumulate_to_the_full_batch_gradient(reference, tmp_path)
     np.testing.assert_allclose(_losses(run), _losses(result)[:3], rtol=2e-4)
     grid = tmp_path / "samples_train" / "step_0000003.png"
     assert grid.exists()
-    from PIL import Image
-
     image = np.asarray(Image.open(grid))
     assert image.shape == (4 * 9 + 1, 4 * 9 + 1, 3) and image.std() > 0
+
+
+def test_training_preview_draws_what_mode_sample_draws(tmp_path):
+    """Preview example i is --mode=sample's example i (same seed, labels and parameters)."""
+    config = _config(sample_every=2)
+    diffusion_trainer.train(config, str(tmp_path), stop_at_step=2)
+    preview = np.asarray(Image.open(tmp_path / "samples_train" / "step_0000002.png"))
+    config.sample.num_samples = diffusion_trainer.PREVIEW_SAMPLES
+    config.sample.batch_size = 2  # per device: one batch of 16 on the 8 test devices
+    config.sample.labels = "balanced"
+    config.sample.classifier_scale = "0"
+    paths = sampling_run.run(config, str(tmp_path))
+    images, labels = shards.read_sample_file(paths[0.0])
+    np.testing.assert_array_equal(labels, np.arange(16) % 10)
+    np.testing.assert_array_equal(preview, grid_lib.make_grid(images, 4, pad=1, fill=0))
+    assert images.std() > 0
+
+
+def test_resume_checkpoint_starts_from_a_step_folder_and_refuses_parameters(reference, tmp_path):
+    _, result = reference
+    diffusion_trainer.train(_config(), str(tmp_path / "first"), stop_at_step=8)
+    config = _config(resume_checkpoint=str(tmp_path / "first" / "checkpoints" / "8"))
+    second = diffusion_trainer.train(config, str(tmp_path / "second"))
+    assert second["start_step"] == 8
+    np.testing.assert_array_equal(_losses(second), _losses(result)[8:])
+    # Inference weights carry no optimiser state or step: not something training can resume.
+    checkpointing.save_params(tmp_path / "params", second["state"].params)
+    config = _config(resume_checkpoint=str(tmp_path / "params"))
+    with pytest.raises(ValueError, match="parameter checkpoint .* not a resumable training state"):
+        diffusion_trainer.train(config, str(tmp_path / "third"))
+    config = _config(resume_checkpoint=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="train.resume_checkpoint=.*does not exist"):
+        diffusion_trainer.train(config, str(tmp_path / "fourth"))

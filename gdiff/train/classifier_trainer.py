@@ -16,22 +16,21 @@ from absl import logging
 
 from gdiff import distributed, factory
 from gdiff.data import pipeline
-from gdiff.diffusion import timestep_sampler
-from gdiff.train import loop_utils, optim, runner
+from gdiff.train import loop_utils, optim, runner, update
 from gdiff.train import state as state_lib
+from gdiff.train import task as task_lib
 
 CHECKPOINT_SUBDIR = "classifier_checkpoints"
 
 
 def fingerprint(config) -> dict:
-    return {
-        "task": "classifier",
-        "classifier": config.classifier.to_dict(),
-        "diffusion": config.diffusion.to_dict(),
-        "image_size": config.data.image_size,
-        "noised": bool(config.train.classifier_noised),
-        "grad_clip": bool(config.optim.grad_clip and config.optim.grad_clip > 0),
-    }
+    """What a classifier training checkpoint depends on (a resume with other values is refused)."""
+    return task_lib.fingerprint(
+        config,
+        "classifier",
+        classifier=config.classifier.to_dict(),
+        noised=bool(config.train.classifier_noised),
+    )
 
 
 def _noised_inputs(config, diffusion, sampler, sampler_state, rng, x):
@@ -66,11 +65,12 @@ def _summaries(prefix: str, terms: dict, t, num_t: int) -> dict:
     return out
 
 
-def make_train_step(config, classifier, diffusion, sampler, tx, num_devices: int):
+def make_train_step(config, classifier, diffusion, sampler, num_devices: int):
     """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`."""
     batch_size = config.train.classifier_batch_size
     num_micro = optim.check_microbatch(batch_size, config.train.microbatch, num_devices)
     num_t = int(diffusion.num_timesteps)
+    tx = optim.create_optimizer(config.optim)
 
     def train_step(state: state_lib.TrainState, batch: dict):
         x_t, t = _noised_inputs(
@@ -88,7 +88,7 @@ def make_train_step(config, classifier, diffusion, sampler, tx, num_devices: int
             loss_fn, state.params, inputs, num_micro, num_devices
         )
         lr = optim.learning_rate(config.optim, state.step, config.train.classifier_num_steps)
-        new_state, metrics = runner.apply_update(
+        new_state, metrics = update.apply_update(
             state, tx, grads, loss, lr, sampler_state=state.sampler_state
         )
         metrics["loss"] = loss
@@ -119,7 +119,9 @@ def make_eval_action(config, classifier, diffusion, sampler, mesh):
         acc = loop_utils.MetricAccumulator()
         for i in range(int(config.train.eval_batches)):
             batch = pipeline.to_global(next(batches), mesh)
-            m = runner._fetch(eval_fn(state.params, state.sampler_state, batch, jnp.int32(i)))
+            m = distributed.host_copy(
+                eval_fn(state.params, state.sampler_state, batch, jnp.int32(i))
+            )
             # Quartile sums add up over batches; plain means are per batch of equal size.
             acc.add(m)
         result = acc.result()
@@ -131,20 +133,11 @@ def make_eval_action(config, classifier, diffusion, sampler, mesh):
     return action
 
 
-def build_task(config, mesh) -> runner.Task:
+def build_task(config, mesh) -> task_lib.Task:
     batch_size = int(config.train.classifier_batch_size)
     distributed.check_batch_divisible(batch_size, "train.classifier_batch_size", mesh=mesh)
-    optim.check_microbatch(batch_size, config.train.microbatch, mesh.size)
     classifier = factory.build_classifier(config)
-    diffusion = factory.build_diffusion(config)
-    sampler = timestep_sampler.create_named_schedule_sampler(
-        config.train.schedule_sampler, diffusion
-    )
-    tx = optim.create_optimizer(config.optim)
-
-    def init_params(rng):
-        return factory.init_variables(classifier, rng, image_size=config.data.image_size)["params"]
-
+    diffusion, sampler = task_lib.training_diffusion(config)
     periodic = []
     if config.train.eval_every and config.train.eval_every > 0:
         periodic.append(
@@ -153,16 +146,16 @@ def build_task(config, mesh) -> runner.Task:
                 make_eval_action(config, classifier, diffusion, sampler, mesh),
             )
         )
-    return runner.Task(
+    return task_lib.Task(
         name="classifier",
         checkpoint_subdir=CHECKPOINT_SUBDIR,
         num_steps=int(config.train.classifier_num_steps),
         batch_size=batch_size,
-        init_params=init_params,
+        init_params=task_lib.params_initializer(classifier, config.data.image_size),
         ema_rates=[],
         # The reference never updates a loss-aware sampler while training the classifier.
         sampler_state=sampler.init_state(),
-        train_step=make_train_step(config, classifier, diffusion, sampler, tx, mesh.size),
+        train_step=make_train_step(config, classifier, diffusion, sampler, mesh.size),
         fingerprint=fingerprint(config),
         # The reference trains its classifiers with random crops (and flips) always.
         random_crop=True,
@@ -176,8 +169,4 @@ def train(config, workdir: str, *, mesh=None, stop_at_step: int | None = None) -
 
     Same resume, preemption and logging behaviour as the diffusion trainer.
     """
-    runner.initialize_distributed(config)
-    pipeline.check_data_config(config)
-    mesh = distributed.data_mesh() if mesh is None else mesh
-    task = build_task(config, mesh)
-    return runner.run(config, workdir, task, mesh=mesh, stop_at_step=stop_at_step)
+    return runner.train(config, workdir, build_task, mesh=mesh, stop_at_step=stop_at_step)

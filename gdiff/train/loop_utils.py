@@ -1,5 +1,7 @@
-"""Training-loop plumbing: metric writers, metric aggregation, SIGTERM handling.
+"""Training logs: metric writers, per-interval aggregation, and the loop's per-step metrics.
 
+`TrainMetrics` is what the loop hands each step's metrics to; `MetricsLog` writes rows (clu's
+writer and `metrics_<task>.jsonl`), `MetricAccumulator` averages them over a logging interval.
 Sample grids are drawn with `gdiff.sampling.grid`.
 
 Only process 0 writes logs and files; every process takes part in the computations (sampling and
@@ -12,13 +14,15 @@ import collections
 import json
 import os
 import pathlib
-import signal
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from gdiff import distributed
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,6 +63,8 @@ class MetricsLog:
         self.main = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
         try:
+            # Imported here, not at the top: clu's summary writer imports TensorFlow (seconds of
+            # start-up), which only a run that writes logs needs.
             from clu import metric_writers
 
             self.writer = metric_writers.create_default_writer(
@@ -143,8 +149,6 @@ def quartile_sums(name: str, values: jax.Array, t: jax.Array, num_timesteps: int
 
     Quartile k holds t with int(4 t / T) == k, as the reference's `log_loss_dict`.
     """
-    import jax.numpy as jnp
-
     q = (4 * t.astype(jnp.int32)) // num_timesteps
     out = {}
     for k in range(4):
@@ -152,42 +156,6 @@ def quartile_sums(name: str, values: jax.Array, t: jax.Array, num_timesteps: int
         out[f"{name}_q{k}/sum"] = jnp.sum(values.astype(jnp.float32) * mask)
         out[f"{name}_q{k}/count"] = jnp.sum(mask)
     return out
-
-
-class Preemption:
-    """Turns SIGTERM (preemption, `kill`) into a flag the loop polls: save, then exit cleanly.
-
-    On several processes the flag is agreed on collectively (every process must take part in the
-    final save), at `sync_every` step boundaries.
-    """
-
-    def __init__(self, sync_every: int = 1):
-        self.requested = False
-        self.sync_every = max(int(sync_every), 1)
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners): no handler
-            self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint, then stopping")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        if step % self.sync_every:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        return bool(np.any(flags))
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class StepTimer:
@@ -202,3 +170,87 @@ class StepTimer:
         out = steps / max(now - self._time, 1e-9)
         self._step, self._time = step, now
         return out
+
+
+class TrainMetrics:
+    """The training loop's per-step metrics: read one step late, checked, averaged, written.
+
+    Reading a step's metrics makes the host wait for the device, so `record` reads the previous
+    step's only once the next step has been dispatched (the device never idles on the host), and
+    the newest step's at a log row. Each read appends to `history`, warns about a skipped
+    non-finite step, and raises FloatingPointError once `max_nonfinite` consecutive steps were.
+
+    Args:
+      workdir: where `metrics_<name>.jsonl` (and clu's logs) go.
+      name: the task ("diffusion" or "classifier"): log prefix and file name.
+      batch_size: the global batch (for the `examples` column).
+      start_step: the step this invocation starts from (for steps_per_sec).
+      log_every: write a row every this many steps (and at the last one).
+      max_nonfinite: consecutive non-finite steps that stop the run.
+      last_keys: metric keys logged as their newest value rather than an interval mean.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        name: str,
+        *,
+        batch_size: int,
+        start_step: int,
+        log_every: int,
+        max_nonfinite: int,
+        last_keys: tuple[str, ...],
+    ):
+        self.name = name
+        self.log = MetricsLog(workdir, name=f"metrics_{name}.jsonl")
+        self.history: list[dict] = []
+        self._acc = MetricAccumulator(last=last_keys)
+        self._timer = StepTimer(start_step)
+        self._batch_size = batch_size
+        self._log_every = max(int(log_every), 1)
+        self._max_nonfinite = max_nonfinite
+        self._pending: tuple[int, dict] | None = None
+
+    def record(self, step: int, metrics: dict, last_step: int) -> None:
+        """Takes the (device) metrics after `step` steps; writes a row when one is due."""
+        self.flush()
+        self._pending = (step, metrics)
+        if step % self._log_every == 0 or step == last_step:
+            self.flush()
+            self._write_row(step)
+
+    def flush(self) -> None:
+        """Reads the metrics still pending, if any."""
+        if self._pending is not None:
+            step, metrics = self._pending
+            self._pending = None
+            self._read(step, metrics)
+
+    def close(self) -> None:
+        self.log.close()
+
+    def _read(self, step: int, metrics: dict) -> None:
+        m = {k: float(distributed.host_copy(v)) for k, v in metrics.items()}
+        self.history.append({"step": step, "loss": m["loss"], "finite": bool(m["finite"])})
+        if not m["finite"]:
+            logging.warning(
+                "%s step %d: non-finite loss or gradients; update skipped (%d skipped so far)",
+                self.name,
+                step,
+                int(m["num_skipped"]),
+            )
+        if m["nonfinite_streak"] >= self._max_nonfinite:
+            raise FloatingPointError(
+                f"{self.name} training stopped at step {step}: the loss or gradients were "
+                f"non-finite for {int(m['nonfinite_streak'])} consecutive steps (limit "
+                "train.max_nonfinite_steps); lower optim.lr, enable optim.grad_clip or check the "
+                "data. The last checkpoint was left as it was."
+            )
+        self._acc.add({k: v for k, v in m.items() if k != "finite"})
+
+    def _write_row(self, step: int) -> None:
+        scalars = self._acc.result()
+        scalars["steps_per_sec"] = self._timer.rate(step)
+        scalars["examples"] = step * self._batch_size
+        self.log.scalars(step, scalars)
+        self._acc.reset()

@@ -60,14 +60,6 @@ def parse_ema_rates(text: str) -> list[str]:
     return rates
 
 
-def update_ema(ema_params: dict[str, Any], params: Any) -> dict[str, Any]:
-    """ema <- rate * ema + (1 - rate) * params, for every rate (the reference's `update_ema`)."""
-    return {
-        rate: jax.tree.map(lambda e, p, r=float(rate): r * e + (1.0 - r) * p, ema, params)
-        for rate, ema in ema_params.items()
-    }
-
-
 def create(
     params: Any, tx, *, rng: jax.Array, ema_rates: list[str], sampler_state: Any = None
 ) -> TrainState:
