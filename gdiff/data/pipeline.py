@@ -12,6 +12,7 @@ generator. Resuming at step N therefore reproduces exactly the batches of an uni
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -88,17 +89,10 @@ def indexed_batches(
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     pool = concurrent.futures.ThreadPoolExecutor(num_threads)
+    order = functools.partial(batch_indices, source.num_examples, local_batch=local_batch)
 
     def make(step: int) -> dict[str, np.ndarray]:
-        ids = batch_indices(
-            source.num_examples,
-            step=step,
-            local_batch=local_batch,
-            seed=seed,
-            process_index=pi,
-            process_count=pc,
-            shuffle=shuffle,
-        )
+        ids = order(step=step, seed=seed, process_index=pi, process_count=pc, shuffle=shuffle)
         rngs = [np.random.default_rng([abs(seed), pi, step, j, 11]) for j in range(local_batch)]
         loaded = list(pool.map(source.load, ids.tolist(), rngs))
         return {
