@@ -88,7 +88,7 @@ def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
     """Why the training stage of `kind` ("model" | "classifier") need not run, or None: a
     checkpoint was named, or the workdir holds parameters or a training run that reached its
     `train` step count (what sampling will then load: checkpointing.locate finds both)."""
-    explicit = config.sample.get(f"{kind}_checkpoint", "")
+    explicit = config.sample[f"{kind}_checkpoint"]
     if explicit:
         return f"sample.{kind}_checkpoint={explicit}"
     try:
