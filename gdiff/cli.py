@@ -1,0 +1,197 @@
+"""The gdiff command line: one flag set, one function per mode.
+
+    gdiff --config <experiment> --workdir <dir> --mode <mode> [--config.group.key=value ...]
+    python main.py ...   # the same, from a checkout
+
+`--config` takes a config file's path, or the name of a shipped one (`tiny`, `digits`,
+`released/imagenet64`, `ablations/classifier_scale`, ...), so an installed gdiff runs from any
+directory. Modes: pipeline (the embedded digits job end to end; the default), train,
+train_classifier, sample, sweep, evaluate, convert.
+
+A missing config file or an unknown config key ends in a one-line message naming it (and the
+closest known key), not a traceback.
+"""
+
+import difflib
+import importlib.util
+import os
+import pathlib
+import sys
+
+# TensorFlow (input pipeline only) must never grab accelerator memory that JAX needs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import configs  # noqa: E402
+from gdiff import distributed  # noqa: E402
+from gdiff.compat import convert_checkpoint  # noqa: E402
+from gdiff.evaluation import evaluator  # noqa: E402
+from gdiff.pipeline import digits  # noqa: E402
+from gdiff.sampling import run, sweep  # noqa: E402
+from gdiff.train import classifier_trainer, diffusion_trainer  # noqa: E402
+
+CONFIG_DIR = pathlib.Path(configs.__file__).parent
+DEFAULT_CONFIG = "digits"
+# mode -> fn(config, workdir). Importing these builds no arrays, so jax.distributed can still be
+# initialised in main() before the first computation.
+MODES = {
+    "pipeline": digits.run,
+    "train": diffusion_trainer.train,
+    "train_classifier": classifier_trainer.train,
+    "sample": run.run,
+    "sweep": sweep.run,
+    "evaluate": evaluator.run,
+    "convert": convert_checkpoint.run,
+}
+
+
+class UsageError(Exception):
+    """A command-line mistake, reported in one line."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the config files shipped with gdiff (`released/imagenet64`, ...)."""
+    names = []
+    for path in sorted(CONFIG_DIR.rglob("*.py")):
+        name = path.relative_to(CONFIG_DIR).with_suffix("").as_posix()
+        if not path.name.startswith("_") and name != "common":
+            names.append(name)
+    return names
+
+
+def resolve_config(value: str) -> str:
+    """A config argument -> the path of the file: an existing path, else a shipped config's name
+    (with or without `.py`, with or without a leading `configs/`)."""
+    file, colon, arg = value.partition(":")
+    if os.path.isfile(file):
+        return value
+    name = file.removeprefix("configs/").removesuffix(".py")
+    path = CONFIG_DIR / f"{name}.py"
+    if name and path.is_file():
+        return f"{path}{colon}{arg}"
+    close = difflib.get_close_matches(name, shipped_configs(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UsageError(
+        f"config file {value!r} not found: give a path or a shipped config name{hint} "
+        f"(shipped: {', '.join(shipped_configs())})"
+    )
+
+
+def _split_arg(argv: list[str], i: int) -> tuple[str, str | None, int]:
+    """The flag at argv[i] -> (name, value or None, index of the next argument)."""
+    name, eq, value = argv[i].lstrip("-").partition("=")
+    if eq:
+        return name, value, i + 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return name, argv[i + 1], i + 2
+    return name, None, i + 1
+
+
+def check_overrides(config, argv: list[str]) -> None:
+    """Raises UsageError for a `--config.<key>` override whose key the config does not have."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0].split(".")
+        node, seen = config, []
+        for key in path:
+            if not hasattr(node, "keys") or key not in node:
+                known = list(node.keys()) if hasattr(node, "keys") else []
+                close = difflib.get_close_matches(key, known, n=1)
+                where = f"group {'.'.join(seen)!r}" if seen else "the config"
+                hint = f"; did you mean {'.'.join([*seen, close[0]])!r}?" if close else ""
+                raise UsageError(
+                    f"unknown config key {'.'.join(path)!r}: {where} has no {key!r}{hint}"
+                )
+            node, seen = node[key], [*seen, key]
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Resolves `--config` (path or shipped name; the default when absent) and checks every
+    `--config.<key>` override against the config, before absl parses anything."""
+    argv = list(argv)
+    index = next(
+        (i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None
+    )
+    if index is None:
+        argv[1:1] = [f"--config={resolve_config(DEFAULT_CONFIG)}"]
+    else:
+        _, value, nxt = _split_arg(argv, index)
+        if value is None:
+            raise UsageError("--config needs a value: a config file path or a shipped config name")
+        argv[index:nxt] = [f"--config={resolve_config(value)}"]
+    value = next(a for a in argv if a.startswith("--config=")).split("=", 1)[1]
+    check_overrides(load_config(value), argv)
+    return argv
+
+
+def load_config(value: str):
+    """The config a `--config=<path>[:<arg>]` value names (what config_flags will load)."""
+    path, _, arg = value.partition(":")
+    spec = importlib.util.spec_from_file_location("_gdiff_checked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Experiment config: a file path or a shipped name (default: digits).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/digits", "Where checkpoints, logs, samples go.")
+_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    # The one deferred import: TensorFlow is only the input pipeline's, and heavy.
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _MODE.value == "pipeline" and not flags.FLAGS["verbosity"].present:
+        # The newcomer's job prints its own stage lines and progress bars; library INFO lines
+        # (orbax writes ~300 per run) would bury them. --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    distributed.maybe_initialize(config.distributed)
+    logging.info(
+        "process %d/%d, %d local / %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.default_backend(),
+    )
+    mode, workdir = _MODE.value, _WORKDIR.value
+    if mode in ("train", "train_classifier", "pipeline"):
+        _hide_accelerators_from_tensorflow()
+    MODES[mode](config, workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `gdiff` command (and `python main.py`)."""
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "-?") for a in argv[1:]):
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        print("\nShipped configs: " + ", ".join(shipped_configs()))
+        print("All flags (absl's included): --helpfull")
+        return
+    if "--helpfull" not in argv:
+        try:
+            argv = prepare_argv(argv)
+        except UsageError as e:
+            sys.exit(f"gdiff: {e}")
+    app.run(_main, argv=argv)
