@@ -10,6 +10,10 @@ Two kinds live on disk:
   Layout `<dir>/params` (orbax) + `<dir>/gdiff_metadata.json`, built in a temporary folder and
   renamed into place, so a finished one is never half-overwritten.
 
+`locate` also recognises a reference (PyTorch) training run, the files guided-diffusion's
+`TrainLoop.save()` writes (`model<step>.pt`, `ema_<rate>_<step>.pt`, `opt<step>.pt`), so that
+`train.resume_checkpoint` can name one (gdiff/compat/reference_run.py imports it).
+
 `locate` is the one place that finds a checkpoint on disk (a path given by the user, a step folder,
 or a workdir); `load_params`, sampling, the digits pipeline and resuming training all go through it.
 Workdir conventions (what `locate(workdir, kind)` looks for, in order):
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -35,6 +40,8 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = "gdiff_config.json"
 METADATA_FILE = "gdiff_metadata.json"
 PARAMS_ITEM = "params"
+# The model file of a reference training run: `model{step:06d}.pt` (TrainLoop.save()).
+REFERENCE_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 WORKDIR_LAYOUT = {
     "model": ("checkpoints", "model_params"),
     "classifier": ("classifier_checkpoints", "classifier_params"),
@@ -189,10 +196,14 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 class Location:
     """Where a checkpoint is, as `locate` found it."""
 
-    path: pathlib.Path  # a save_params directory, or an orbax CheckpointManager directory
-    format: str  # "params" (save_params) or "training" (CheckpointManager steps)
+    # a save_params directory, an orbax CheckpointManager directory, or the folder of a reference
+    # training run's files
+    path: pathlib.Path
+    # "params" (save_params), "training" (CheckpointManager steps) or "reference_run"
+    # (model<step>.pt + ema_<rate>_<step>.pt + opt<step>.pt of guided-diffusion's TrainLoop)
+    format: str
     # "training": the step to restore (the step folder given, else the newest finished one);
-    # None for "params".
+    # "reference_run": the model file's step (the one given, else the newest); None for "params".
     step: int | None
 
 
@@ -214,7 +225,18 @@ def _checkpoint_at(path: pathlib.Path) -> Location | None:
         return Location(path, "training", steps[-1])
     if path.name.isdigit() and _finished_steps(path.parent):
         return Location(path.parent, "training", int(path.name))
-    return None
+    return _reference_run_at(path)
+
+
+def _reference_run_at(path: pathlib.Path) -> Location | None:
+    """A reference run's `model<step>.pt` file, or a folder holding some (the newest step)."""
+    match = REFERENCE_MODEL_FILE.match(path.name)
+    if path.is_file() and match:
+        return Location(path.parent, "reference_run", int(match.group(1)))
+    if not path.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in path.iterdir() if (m := REFERENCE_MODEL_FILE.match(p.name))]
+    return Location(path, "reference_run", max(steps)) if steps else None
 
 
 def _unfinished(path: pathlib.Path) -> str:
@@ -228,8 +250,9 @@ def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
     """Finds the checkpoint that `path` names.
 
     Args:
-      path: a save_params dir, a training checkpoint dir, one step folder of it, or (when kind is
-        "model" or "classifier") a workdir holding one of WORKDIR_LAYOUT[kind], tried in order.
+      path: a save_params dir, a training checkpoint dir, one step folder of it, a reference
+        training run (a `model<step>.pt` file or its folder), or (when kind is "model" or
+        "classifier") a workdir holding one of WORKDIR_LAYOUT[kind], tried in order.
       kind: None when `path` itself must be a checkpoint; "model" or "classifier" to also look
         inside a workdir.
 
@@ -247,8 +270,9 @@ def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
         return found
     if kind is None:
         raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}) or "
-            f"a training checkpoint directory (digit-named step folders){_unfinished(path)}"
+            f"no checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}), "
+            "a training checkpoint directory (digit-named step folders) or a reference training "
+            f"run (model<step>.pt){_unfinished(path)}"
         )
     candidates = [path / name for name in WORKDIR_LAYOUT[kind]]
     for candidate in candidates:
@@ -283,6 +307,12 @@ def load_params(
       The parameter pytree (nested dicts of arrays), ready for `module.apply({"params": p}, ...)`.
     """
     found = path if isinstance(path, Location) else locate(path, kind)
+    if found.format == "reference_run":
+        raise ValueError(
+            f"{found.path} holds a reference (PyTorch) training run (model{found.step:06d}.pt): "
+            "convert its model or EMA file with --mode=convert (config.torch_checkpoint) to sample "
+            "from it, or continue training it with train.resume_checkpoint"
+        )
     if found.format == "params":
         return ocp.StandardCheckpointer().restore(found.path / PARAMS_ITEM)
     manager = CheckpointManager(found.path)

@@ -58,6 +58,21 @@ def rel_l2(got, want) -> float:
     return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
 
 
+def perturbed(variables, seed: int = 0, scale: float = 0.05):
+    """`variables` plus N(0, scale^2) noise on every parameter: a network that looks trained.
+
+    A fresh network is initialised like the reference's, whose zero-initialised output layers make
+    it output exactly 0 and ignore its inputs; tests of what the inputs do start from this instead.
+    """
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
 def nchw_to_nhwc(a):
     return np.transpose(np.asarray(a), (0, 2, 3, 1))
 

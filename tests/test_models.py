@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import perturbed
 
 from gdiff.models import layers, unet
 
@@ -75,7 +76,8 @@ def tiny():
     t, y = jnp.array([1.0, 700.0]), jnp.array([3, 7])
     # Jitted init: op-by-op initialisation is slow on a loaded CPU.
     variables = jax.jit(lambda r: model.init(r, x, t, y=y))(jax.random.key(0))
-    return model, variables, x, t, y
+    # A fresh network's zero-initialised last layers would hide what dropout does.
+    return model, perturbed(variables), x, t, y
 
 
 def test_remat_and_dropout(tiny):

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import perturbed
 
 from configs import tiny as tiny_config
 from gdiff import checkpointing, distributed, factory
@@ -28,8 +29,10 @@ def ckpts(tmp_path_factory):
     training leaves), loaded back by run() through checkpointing.load_params."""
     root = tmp_path_factory.mktemp("ckpts")
     config = _tiny()
-    model_vars = factory.init_variables(factory.build_model(config), jax.random.key(0))
+    # Perturbed: a fresh network's zero-initialised output layers would ignore the inputs.
+    model_vars = perturbed(factory.init_variables(factory.build_model(config), jax.random.key(0)))
     cls_vars = factory.init_variables(factory.build_classifier(config), jax.random.key(1))
+    cls_vars = perturbed(cls_vars, seed=1, scale=0.2)  # sharp logits: visible guidance
     checkpointing.save_params(root / "model", model_vars["params"], metadata={"kind": "model"})
     checkpointing.save_params(root / "cls", cls_vars["params"], metadata={"kind": "classifier"})
     return root
@@ -168,7 +171,7 @@ def test_super_resolution_end_to_end_routes_each_base_image(tmp_path):
     changing one base image changes exactly the examples that cycle onto it."""
     config = _super_res_config(tmp_path / "sr", tmp_path / "out_a", tmp_path / "a.npz")
     module = factory.build_model(config)
-    variables = factory.init_variables(module, jax.random.key(3))
+    variables = perturbed(factory.init_variables(module, jax.random.key(3)), seed=3)
     checkpointing.save_params(tmp_path / "sr", variables["params"], metadata={"kind": "model"})
 
     rng = np.random.default_rng(0)

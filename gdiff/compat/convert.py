@@ -59,6 +59,25 @@ def _to_flax(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _to_reference(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    """Flax layout -> reference layout (the inverse of `_to_flax`)."""
+    leaf, module = path[-1], path[-2] if len(path) > 1 else ""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T[:, :, None] if module in _CONV1D_MODULES else array.T
+    if leaf == "positional_embedding":
+        return array.T
+    return array
+
+
+def to_state_dict(params) -> dict[str, np.ndarray]:
+    """The inverse of `convert_state_dict`: a Flax parameter tree (or anything shaped like it:
+    gradients, optimiser moments) -> {reference state-dict name: numpy array, reference layout}."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return {reference_name(path): _to_reference(path, np.asarray(v)) for path, v in flat.items()}
+
+
 def _natural_key(name: str):
     """Sorts `input_blocks.2` before `input_blocks.10`, so errors list layers in network order."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -90,7 +109,18 @@ def convert_state_dict(
       ValueError: listing, in one message, every missing key, every unexpected key and every
         mis-shaped key with the checkpoint's and the model's shapes (in the reference layout).
     """
-    expected = expected_params(module, image_size=image_size)
+    expected = flax.traverse_util.unflatten_dict(expected_params(module, image_size=image_size))
+    params = convert_params(expected, state_dict, target=type(module).__name__)
+    return {"params": params}
+
+
+def convert_params(params_like, state_dict: Mapping[str, np.ndarray], *, target: str) -> dict:
+    """`convert_state_dict` onto a known parameter tree: `params_like` is any pytree of nested
+    dicts shaped like the Flax parameters (arrays or ShapeDtypeStructs, e.g. a training state's
+    abstract `params`); `target` names it in the error message. Returns the nested dict of
+    float32 numpy arrays. Also converts anything laid out like parameters (EMA copies, optimiser
+    moments)."""
+    expected = flax.traverse_util.flatten_dict(params_like)
     params, missing, mismatched = {}, [], []
     used = set()
     for path, spec in expected.items():
@@ -119,7 +149,7 @@ def convert_state_dict(
                 rows = sorted(rows, key=_natural_key)
                 sections.append(f"{len(rows)} {title}:\n" + "\n".join(rows))
         raise ValueError(
-            f"checkpoint does not match {type(module).__name__} "
-            "(wrong config for these weights?)\n" + "\n".join(sections)
+            f"checkpoint does not match {target} (wrong config for these weights?)\n"
+            + "\n".join(sections)
         )
-    return {"params": flax.traverse_util.unflatten_dict(params)}
+    return flax.traverse_util.unflatten_dict(params)

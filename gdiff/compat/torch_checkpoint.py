@@ -272,28 +272,34 @@ def _load_zip(path: str) -> object:
         return _StateDictUnpickler(stream, records, byteorder).load()
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a state dict written by `torch.save(module.state_dict(), path)`.
+def _contiguous(obj: object) -> object:
+    """Every array of a loaded object as a C-contiguous copy owning its memory (containers kept)."""
+    if isinstance(obj, np.ndarray):
+        return np.array(obj, order="C")
+    if isinstance(obj, dict):
+        return type(obj)((k, _contiguous(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
 
-    Args:
-      path: a zip-format torch.save file (PyTorch >= 1.6; the released ADM checkpoints) or a legacy
-        one (older PyTorch; the pytorch-fid Inception weights).
 
-    Returns:
-      {reference parameter name: numpy array}, with the saved dtype (float16 checkpoints stay
-      float16; `convert_state_dict` casts to float32) and native byte order; each array is a
-      contiguous copy, also where the file's tensors share a storage.
+def load_torch_file(path: str | os.PathLike) -> object:
+    """Loads any `torch.save` file made of tensors, dicts, lists, tuples and plain values.
+
+    E.g. `torch.optim.AdamW.state_dict()` (what the reference's TrainLoop.save() writes to
+    `opt*.pt`): {"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]}.
+    Tensors become numpy arrays (C-contiguous copies, saved dtype); the same restricted unpickler
+    as `load_torch_state_dict`, so nothing from the file is imported or executed.
 
     Raises:
-      ValueError: neither torch.save format, truncated, corrupt, or not a flat state dict.
-      pickle.UnpicklingError (wrapped in ValueError): the pickle names anything beyond tensors.
+      ValueError: neither torch.save format, truncated, corrupt, or naming any other global.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             legacy = f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
             f.seek(0)
-            kind = "legacy torch.save file" if legacy else "state dict"
+            kind = "legacy torch.save file" if legacy else "torch.save file"
             obj = _load_legacy(f) if legacy else _load_zip(path)
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from e
@@ -305,7 +311,26 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: {e}") from e
     except Exception as e:  # anything else a damaged pickle stream can raise
         raise ValueError(f"{path}: corrupt {kind}: {e!r}") from e
+    return _contiguous(obj)
 
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a state dict written by `torch.save(module.state_dict(), path)`.
+
+    Args:
+      path: a zip-format torch.save file (PyTorch >= 1.6; the released ADM checkpoints) or a legacy
+        one (older PyTorch; the pytorch-fid Inception weights).
+
+    Returns:
+      {reference parameter name: numpy array}, in the file's order, with the saved dtype (float16
+      checkpoints stay float16; `convert_state_dict` casts to float32) and native byte order; each
+      array is a contiguous copy, also where the file's tensors share a storage.
+
+    Raises:
+      ValueError: neither torch.save format, truncated, corrupt, or not a flat state dict.
+      pickle.UnpicklingError (wrapped in ValueError): the pickle names anything beyond tensors.
+    """
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (a mapping), got {type(obj).__name__}")
     out = {}
@@ -315,5 +340,5 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; save "
                 "model.state_dict() itself"
             )
-        out[str(key)] = np.array(value, order="C")  # a C-contiguous copy owning its memory
+        out[str(key)] = value
     return out

@@ -27,9 +27,18 @@ class UniformSampler:
 
     def sample(self, state: dict, rng, batch_size: int):
         """Returns (t int32 [B], weights float32 [B])."""
+        return self.from_uniform(state, jax.random.uniform(rng, (batch_size,)))
+
+    def from_uniform(self, state: dict, u):
+        """t = floor(u * T) for u [B] uniform in [0, 1): (t int32 [B], weights float32 [B] = 1)."""
         del state
-        t = jax.random.randint(rng, (batch_size,), 0, self.num_timesteps, dtype=jnp.int32)
-        return t, jnp.ones((batch_size,), jnp.float32)
+        t = jnp.clip(jnp.floor(u * self.num_timesteps), 0, self.num_timesteps - 1)
+        return t.astype(jnp.int32), jnp.ones(u.shape, jnp.float32)
+
+    def importance_weights(self, state: dict, t):
+        """The loss weights [B] of given timesteps t [B]: all 1."""
+        del state
+        return jnp.ones(jnp.shape(t), jnp.float32)
 
     def update(self, state: dict, t, losses) -> dict:
         del t, losses
@@ -65,11 +74,33 @@ class LossSecondMomentResampler:
 
     def sample(self, state: dict, rng, batch_size: int):
         """Importance-samples (t int32 [B], weights float32 [B] = 1 / (T p_t))."""
+        return self.from_uniform(state, jax.random.uniform(rng, (batch_size,)))
+
+    def from_uniform(self, state: dict, u):
+        """Inverse-CDF sampling: t = the first timestep whose cumulative probability exceeds u.
+
+        Args:
+          u: float [B], uniform in [0, 1) (drawn once per step for the whole batch, so a batch
+            split into micro-batches, each sampling from the state its predecessors updated, uses
+            the same random numbers as the unsplit batch).
+
+        Returns:
+          (t int32 [B], weights float32 [B] = 1 / (T p_t)).
+        """
+        p = self._probabilities(state)
+        cdf = jnp.cumsum(p)
+        t = jnp.searchsorted(cdf, u * cdf[-1], side="right")
+        t = jnp.clip(t, 0, self.num_timesteps - 1).astype(jnp.int32)
+        return t, self.importance_weights(state, t)
+
+    def importance_weights(self, state: dict, t):
+        """The loss weights [B] = 1 / (T p_t) of given timesteps t [B] (a replayed draw)."""
+        p = self._probabilities(state)
+        return (1.0 / (self.num_timesteps * p[t])).astype(jnp.float32)
+
+    def _probabilities(self, state: dict) -> jnp.ndarray:
         w = self.weights(state)
-        p = w / jnp.sum(w)
-        t = jax.random.choice(rng, self.num_timesteps, (batch_size,), p=p).astype(jnp.int32)
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t, weights.astype(jnp.float32)
+        return w / jnp.sum(w)
 
     def update(self, state: dict, t, losses) -> dict:
         """Appends each (t_j, loss_j) of the GLOBAL batch to t_j's history, in batch order.

@@ -90,7 +90,8 @@ class AttentionBlock(nn.Module):
         attn = qkv_attention(
             qkv, heads, new_order=self.use_new_attention_order, implementation=self.attention_impl
         )
-        out = layers.dense(self.channels, self.dtype, "proj_out")(attn)
+        # Zero-initialised (the reference's zero_module): a fresh block is the identity.
+        out = layers.dense(self.channels, self.dtype, "proj_out", zero_init=True)(attn)
         return (flat + out).reshape(b, h, w, c)
 
 

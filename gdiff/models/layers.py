@@ -3,14 +3,20 @@
 Everything is NHWC. Parameters are float32; `dtype` is the compute dtype of convolutions and dense
 layers. Normalisation always runs in float32 (the reference's `GroupNorm32` upcasts too), because
 bfloat16 statistics over large feature maps lose too many bits.
+
+Initialisation is the reference's: PyTorch's default initialisers for every convolution, dense
+layer and embedding, and zeros for the layers the reference wraps in `zero_module` (each caller
+passes `zero_init=True` for those), so a fresh network starts where a fresh reference network does.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -56,33 +62,85 @@ def normalize(norm: nn.Module, x: jax.Array) -> jax.Array:
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def conv3x3(features: int, dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
-    """A 3x3 convolution padded by one pixel on every side.
+# PyTorch's default initialisers, which the reference keeps everywhere it does not zero a layer:
+# Conv and Linear weights kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) (variance 1/(3 fan_in)),
+# biases U(+-1/sqrt(fan_in)) with the weight's fan_in (input channels x kernel area).
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default bias initialiser of a layer with `fan_in` inputs: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _init_kwargs(fan_in: int, zero_init: bool) -> dict:
+    """kernel_init/bias_init: zeros (the reference's `zero_module`) or PyTorch's defaults."""
+    if zero_init:
+        return {"kernel_init": nn.initializers.zeros, "bias_init": nn.initializers.zeros}
+    return {"kernel_init": TORCH_KERNEL_INIT, "bias_init": torch_bias_init(fan_in)}
+
+
+Layer = Callable[[jax.Array], jax.Array]
+
+
+def _conv(features: int, size: int, dtype: Dtype, name: str, *, stride: int, padding, zero_init):
+    """A size x size `nn.Conv` created on first call, when its input width C (the fan-in of
+    PyTorch's bias initialiser) is known; inside the calling module's compact method."""
+
+    def apply(x: jax.Array) -> jax.Array:
+        return nn.Conv(
+            features,
+            (size, size),
+            strides=(stride, stride),
+            padding=padding,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name=name,
+            **_init_kwargs(size * size * x.shape[-1], zero_init),
+        )(x)
+
+    return apply
+
+
+def conv3x3(
+    features: int, dtype: Dtype, name: str, stride: int = 1, *, zero_init: bool = False
+) -> Layer:
+    """A 3x3 convolution padded by one pixel on every side, initialised like PyTorch's Conv2d.
 
     Explicit ((1, 1), (1, 1)) padding, not "SAME": for stride 2 on even sizes "SAME" pads (0, 1)
     and shifts every downsampled feature map by half a pixel relative to the reference.
+
+    Returns a function of x [B, H, W, C] that creates the `nn.Conv` (parameters under `name`) when
+    called, inside the calling module's compact method: the bias initialiser needs C.
     """
-    return nn.Conv(
-        features,
-        (3, 3),
-        strides=(stride, stride),
-        padding=((1, 1), (1, 1)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    padding = ((1, 1), (1, 1))
+    return _conv(features, 3, dtype, name, stride=stride, padding=padding, zero_init=zero_init)
 
 
-def conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
+def conv1x1(features: int, dtype: Dtype, name: str, *, zero_init: bool = False) -> Layer:
     """A 1x1 convolution (the reference's skip connections and the adaptive pool's head)."""
-    return nn.Conv(
-        features, (1, 1), padding="VALID", dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return _conv(features, 1, dtype, name, stride=1, padding="VALID", zero_init=zero_init)
 
 
-def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    """A dense layer with float32 parameters (the reference's Linear and 1x1 Conv1d)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+def dense(features: int, dtype: Dtype, name: str, *, zero_init: bool = False) -> Layer:
+    """A dense layer with float32 parameters (the reference's Linear and 1x1 Conv1d), initialised
+    like them (see `conv3x3` for why it returns a function of x [..., C])."""
+
+    def apply(x: jax.Array) -> jax.Array:
+        return nn.Dense(
+            features,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name=name,
+            **_init_kwargs(x.shape[-1], zero_init),
+        )(x)
+
+    return apply
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -138,3 +196,34 @@ def bilinear_resize(x: jax.Array, height: int, width: int) -> jax.Array:
     """
     b, _, _, c = x.shape
     return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=False)
+
+
+def _area_windows(size_in: int, size_out: int) -> np.ndarray:
+    """0/1 matrix [size_out, size_in]: output i covers inputs floor(i * in / out) up to
+    ceil((i + 1) * in / out) - 1, PyTorch's adaptive average pooling windows."""
+    i = np.arange(size_out)
+    start = (i * size_in) // size_out
+    end = -((-(i + 1) * size_in) // size_out)
+    j = np.arange(size_in)
+    return ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).astype(np.float32)
+
+
+def area_resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Resizes [B, h, w, C] to [B, height, width, C] like torch `interpolate(mode="area")`.
+
+    That is adaptive average pooling: each output pixel is the mean of its window of input pixels
+    (non-overlapping blocks when the sizes divide). The reference's super_res_train.py makes its
+    low-resolution inputs this way. Window sums are exact matrix products (highest precision, so
+    TF32 never rounds the pixels), divided by the window size as PyTorch does.
+    """
+    rows = _area_windows(x.shape[1], height)
+    cols = _area_windows(x.shape[2], width)
+    sums = jnp.einsum(
+        "oh,bhwc,pw->bopc",
+        rows,
+        x.astype(jnp.float32),
+        cols,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    counts = rows.sum(axis=1)[:, None, None] * cols.sum(axis=1)[None, :, None]
+    return (sums / counts).astype(x.dtype)

@@ -62,7 +62,8 @@ class ResBlock(nn.Module):
         h = nn.silu(h)
         if self.dropout > 0:
             h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = layers.conv3x3(self.out_channels, self.dtype, "out_layers_3")(h)
+        # Zero-initialised (the reference's zero_module): a fresh block is the identity.
+        h = layers.conv3x3(self.out_channels, self.dtype, "out_layers_3", zero_init=True)(h)
 
         if channels == self.out_channels:
             skip = x
@@ -202,7 +203,11 @@ class UNetModel(nn.Module):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape [{x.shape[0]}], got {y.shape}")
             emb = emb + nn.Embed(
-                self.num_classes, emb.shape[-1], param_dtype=jnp.float32, name="label_emb"
+                self.num_classes,
+                emb.shape[-1],
+                param_dtype=jnp.float32,
+                embedding_init=nn.initializers.normal(1.0),  # PyTorch's nn.Embedding: N(0, 1)
+                name="label_emb",
             )(y)
 
         h, hs = blocks.encoder(x.astype(self.dtype), emb, train)
@@ -231,7 +236,8 @@ class UNetModel(nn.Module):
         # The output head runs in float32, as the reference casts back before `self.out`.
         h = h.astype(jnp.float32)
         h = nn.silu(layers.group_norm("out_0")(h))
-        return layers.conv3x3(self.out_channels, jnp.float32, "out_2")(h)
+        # Zero-initialised like the reference's: a fresh model outputs exactly 0.
+        return layers.conv3x3(self.out_channels, jnp.float32, "out_2", zero_init=True)(h)
 
 
 class SuperResModel(UNetModel):
@@ -301,7 +307,8 @@ class EncoderUNetModel(nn.Module):
         h = nn.silu(layers.group_norm("out_0")(h.astype(jnp.float32)))
         if self.pool == "adaptive":
             h = h.mean(axis=(1, 2), keepdims=True)
-            return layers.conv1x1(self.out_channels, jnp.float32, "out_3")(h)[:, 0, 0]
+            head = layers.conv1x1(self.out_channels, jnp.float32, "out_3", zero_init=True)
+            return head(h)[:, 0, 0]  # zero-initialised, as the reference's adaptive head
         ds = 2 ** (len(self.channel_mult) - 1)
         return attention.AttentionPool2d(
             spatial_dim=self.image_size // ds,

@@ -33,15 +33,27 @@ def fingerprint(config) -> dict:
     )
 
 
-def _noised_inputs(config, diffusion, sampler, sampler_state, rng, x):
-    """(x_t, t): x noised to t ~ sampler, or (x, 0) with `train.classifier_noised` off."""
-    b = x.shape[0]
+def noised_inputs(config, diffusion, sampler, sampler_state, rng, batch: dict) -> dict:
+    """The classifier's inputs: dict(x = x_t [B, H, W, C], t [B], y [B]).
+
+    With `train.classifier_noised`, x_t = q_sample(image, t, noise) with t ~ the timestep sampler
+    and Gaussian noise, drawn once for the whole batch as classifier_train.py does, unless the
+    batch carries recorded `t` [B] / `noise` [B, H, W, C] (a replayed reference step); without
+    it, the clean images at t = 0.
+    """
+    x, b = batch["image"], batch["image"].shape[0]
     if not config.train.classifier_noised:
-        return x, jnp.zeros([b], jnp.int32)
+        return {"x": x, "t": jnp.zeros([b], jnp.int32), "y": batch["label"]}
     k_t, k_noise = jax.random.split(rng)
-    t, _ = sampler.sample(sampler_state, k_t, b)
-    noise = jax.random.normal(k_noise, x.shape, x.dtype)
-    return diffusion.q_sample(x, t, noise), t
+    if "t" in batch:
+        t = batch["t"].astype(jnp.int32)
+    else:
+        t, _ = sampler.sample(sampler_state, k_t, b)
+    if "noise" in batch:
+        noise = batch["noise"].astype(x.dtype)
+    else:
+        noise = jax.random.normal(k_noise, x.shape, x.dtype)
+    return {"x": diffusion.q_sample(x, t, noise), "t": t, "y": batch["label"]}
 
 
 def _per_example(logits, labels):
@@ -65,34 +77,55 @@ def _summaries(prefix: str, terms: dict, t, num_t: int) -> dict:
     return out
 
 
-def make_train_step(config, classifier, diffusion, sampler, num_devices: int):
-    """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`."""
+def make_gradient_fn(config, classifier, num_devices: int):
+    """The pure loss-and-gradient part of a step: `grad_fn(params, inputs) -> (loss, grads,
+    terms)` for `noised_inputs`' dict; loss the mean cross-entropy (micro-batches weighted by
+    their share of the batch, as classifier_train.py's `loss * len(sub_batch) / len(batch)`),
+    terms per-example loss and top-1/top-5 hits [B]."""
     batch_size = config.train.classifier_batch_size
     num_micro = optim.check_microbatch(batch_size, config.train.microbatch, num_devices)
+
+    def loss_fn(params, mb, i, carry):
+        del i
+        logits = classifier.apply({"params": params}, mb["x"], mb["t"])
+        terms = _per_example(logits, mb["y"])
+        return jnp.mean(terms["loss"]), (terms, carry)
+
+    def grad_fn(params, inputs):
+        loss, grads, terms, _ = optim.accumulate_gradients(
+            loss_fn, params, inputs, num_micro, num_devices
+        )
+        return loss, grads, terms
+
+    return grad_fn
+
+
+def make_train_step(config, classifier, diffusion, sampler, num_devices: int):
+    """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`.
+
+    The learning rate follows classifier_train.py: annealed before each step, so step k uses
+    `optim.learning_rate(..., anneal_after_step=False)`.
+    """
     num_t = int(diffusion.num_timesteps)
     tx = optim.create_optimizer(config.optim)
+    grad_fn = make_gradient_fn(config, classifier, num_devices)
 
     def train_step(state: state_lib.TrainState, batch: dict):
-        x_t, t = _noised_inputs(
-            config, diffusion, sampler, state.sampler_state, state.step_key(), batch["image"]
+        inputs = noised_inputs(
+            config, diffusion, sampler, state.sampler_state, state.step_key(), batch
         )
-        inputs = {"x": x_t, "t": t, "y": batch["label"]}
-
-        def loss_fn(params, mb, i):
-            del i
-            logits = classifier.apply({"params": params}, mb["x"], mb["t"])
-            terms = _per_example(logits, mb["y"])
-            return jnp.mean(terms["loss"]), terms
-
-        loss, grads, terms = optim.accumulate_gradients(
-            loss_fn, state.params, inputs, num_micro, num_devices
+        loss, grads, terms = grad_fn(state.params, inputs)
+        lr = optim.learning_rate(
+            config.optim,
+            state.step,
+            config.train.classifier_num_steps,
+            anneal_after_step=False,
         )
-        lr = optim.learning_rate(config.optim, state.step, config.train.classifier_num_steps)
         new_state, metrics = update.apply_update(
             state, tx, grads, loss, lr, sampler_state=state.sampler_state
         )
         metrics["loss"] = loss
-        metrics.update(_summaries("train", terms, t, num_t))
+        metrics.update(_summaries("train", terms, inputs["t"], num_t))
         return new_state, metrics
 
     return train_step
@@ -106,9 +139,9 @@ def make_eval_action(config, classifier, diffusion, sampler, mesh):
 
     def eval_step(params, sampler_state, batch, index):
         rng = jax.random.fold_in(jax.random.key(config.seed + 1), index)
-        x_t, t = _noised_inputs(config, diffusion, sampler, sampler_state, rng, batch["image"])
-        logits = classifier.apply({"params": params}, x_t, t)
-        return _summaries("val", _per_example(logits, batch["label"]), t, num_t)
+        inputs = noised_inputs(config, diffusion, sampler, sampler_state, rng, batch)
+        logits = classifier.apply({"params": params}, inputs["x"], inputs["t"])
+        return _summaries("val", _per_example(logits, inputs["y"]), inputs["t"], num_t)
 
     eval_fn = jax.jit(eval_step, in_shardings=(repl, repl, batch_sh, repl), out_shardings=repl)
 

@@ -1,10 +1,17 @@
-"""--mode=train: the diffusion model (the reference's `scripts/image_train.py` + `train_util.py`).
+"""--mode=train: the diffusion model (the reference's `scripts/image_train.py` + `train_util.py`,
+and `super_res_train.py` when `model.small_size > 0`).
 
-One jitted, data-parallel step over the global batch: sample t (uniform or loss-second-moment, the
-sampler's state inside the TrainState), q_sample with fresh noise, the configured loss (MSE, hybrid
-MSE+VB, KL, ...), gradients accumulated over micro-batches, AdamW, EMA for every rate, the sampler
-updated from the global batch's timesteps and losses. Because the loss is a mean over the global
-batch sharded over the mesh, XLA's SPMD partitioner inserts the gradient all-reduce itself.
+One jitted, data-parallel step over the global batch, in the reference TrainLoop's order: per
+micro-batch, t from the timestep sampler (uniform or loss-second-moment; its state inside the
+TrainState and updated after every micro-batch, as the reference's `forward_backward` does),
+q_sample with fresh noise, the configured loss (MSE, hybrid MSE+VB, KL, ...) and its gradient; then
+AdamW at this step's learning rate, EMA for every rate. A super-resolution model is conditioned on
+the batch's area-downsampled copy (`low_res`), like the reference's `load_superres_data`. Because
+the loss is a mean over the global batch sharded over the mesh, XLA's SPMD partitioner inserts the
+gradient all-reduce itself.
+
+A batch may carry recorded draws, `t` int [B] and/or `noise` [B, H, W, C]; the step then uses
+them instead of drawing its own (replaying a reference run's step, tests/test_training_parity.py).
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import numpy as np
 from absl import logging
 
 from gdiff import checkpointing, distributed, factory
+from gdiff.models import layers
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import plan as plan_lib
 from gdiff.sampling import sampler as sampling_lib
 from gdiff.train import loop_utils, optim, runner, update
 from gdiff.train import state as state_lib
@@ -39,52 +48,109 @@ def fingerprint(config) -> dict:
     )
 
 
-def make_train_step(config, model, diffusion, sampler, num_devices: int):
-    """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`."""
-    class_cond = bool(config.model.class_cond)
+def draw_inputs(batch: dict, key: jax.Array) -> dict:
+    """The step's inputs: the batch plus its random draws, unless the batch carries them.
+
+    Args:
+      batch: image [B, H, W, C], label [B]; optionally recorded t [B] and noise [B, H, W, C].
+      key: the step's key for the draws.
+
+    Returns:
+      dict(x, y, noise, and t [B] when recorded, else u [B]: uniform numbers in [0, 1) that the
+      timestep sampler turns into t micro-batch by micro-batch, see `make_gradient_fn`).
+    """
+    x = batch["image"]
+    k_u, k_noise = jax.random.split(key)
+    inputs = {"x": x, "y": batch["label"]}
+    if "noise" in batch:
+        inputs["noise"] = batch["noise"].astype(x.dtype)
+    else:
+        inputs["noise"] = jax.random.normal(k_noise, x.shape, x.dtype)
+    if "t" in batch:
+        inputs["t"] = batch["t"].astype(jnp.int32)
+    else:
+        inputs["u"] = jax.random.uniform(k_u, (x.shape[0],))
+    return inputs
+
+
+def model_kwargs(model, micro: dict, small_size: int) -> dict:
+    """The conditioning the model is called with: labels (class-conditional) and, for a
+    super-resolution model, `low_res` = the images area-downsampled to small_size (the reference's
+    `F.interpolate(batch, small_size, mode="area")`)."""
+    kwargs = {}
+    if model.num_classes is not None:
+        kwargs["y"] = micro["y"]
+    if small_size > 0:
+        kwargs["low_res"] = layers.area_resize(micro["x"], small_size, small_size)
+    return kwargs
+
+
+def make_gradient_fn(config, model, diffusion, sampler, num_devices: int):
+    """The pure loss-and-gradient part of a step.
+
+    Returns `grad_fn(params, sampler_state, inputs, dropout_key) -> (loss, grads, aux,
+    sampler_state)`: `inputs` as `draw_inputs` makes them; loss the mean importance-weighted loss
+    (the reference's `(losses["loss"] * weights).mean()`) and grads its gradient; aux dict(terms
+    (per-example loss, mse/vb where the loss type has them), t [B], weights [B]); the sampler's
+    state after every micro-batch's update with its unweighted losses.
+    """
     num_micro = optim.check_microbatch(
         config.train.batch_size, config.train.microbatch, num_devices
     )
+    small_size = int(config.model.small_size)
+
+    def grad_fn(params, sampler_state, inputs, dropout_key):
+        def loss_fn(params, mb, i, sampler_state):
+            # Drawn here, not up front: micro-batch i samples from the state micro-batches
+            # 0..i-1 updated, as in the reference.
+            if "t" in mb:
+                t, w = mb["t"], sampler.importance_weights(sampler_state, mb["t"])
+            else:
+                t, w = sampler.from_uniform(sampler_state, mb["u"])
+            kwargs = model_kwargs(model, mb, small_size)
+            rngs = {"dropout": jax.random.fold_in(dropout_key, i)}
+
+            def model_fn(x_t, ts):
+                return model.apply({"params": params}, x_t, ts, train=True, rngs=rngs, **kwargs)
+
+            terms = diffusion.training_losses(model_fn, mb["x"], t, mb["noise"])
+            new_state = sampler.update(sampler_state, t, jax.lax.stop_gradient(terms["loss"]))
+            aux = {"terms": terms, "t": t, "weights": w}
+            return jnp.mean(terms["loss"] * w), (aux, new_state)
+
+        return optim.accumulate_gradients(
+            loss_fn, params, inputs, num_micro, num_devices, sampler_state
+        )
+
+    return grad_fn
+
+
+def make_train_step(config, model, diffusion, sampler, num_devices: int):
+    """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`.
+
+    The learning rate follows the diffusion TrainLoop: annealed after each step, so step k uses
+    `optim.learning_rate(..., anneal_after_step=True)`.
+    """
     num_t = int(diffusion.num_timesteps)
     tx = optim.create_optimizer(config.optim)
+    grad_fn = make_gradient_fn(config, model, diffusion, sampler, num_devices)
 
     def train_step(state: state_lib.TrainState, batch: dict):
-        x = batch["image"]
-        b = x.shape[0]
-        k_t, k_noise, k_drop = jax.random.split(state.step_key(), 3)
-        t, weights = sampler.sample(state.sampler_state, k_t, b)
-        noise = jax.random.normal(k_noise, x.shape, x.dtype)
-        inputs = {"x": x, "y": batch["label"], "t": t, "w": weights, "noise": noise}
-
-        def loss_fn(params, mb, i):
-            def model_fn(x_t, ts):
-                return model.apply(
-                    {"params": params},
-                    x_t,
-                    ts,
-                    y=mb["y"] if class_cond else None,
-                    train=True,
-                    rngs={"dropout": jax.random.fold_in(k_drop, i)},
-                )
-
-            terms = diffusion.training_losses(model_fn, mb["x"], mb["t"], mb["noise"])
-            return jnp.mean(terms["loss"] * mb["w"]), terms
-
-        loss, grads, terms = optim.accumulate_gradients(
-            loss_fn, state.params, inputs, num_micro, num_devices
+        k_draw, k_drop = jax.random.split(state.step_key())
+        inputs = draw_inputs(batch, k_draw)
+        loss, grads, aux, new_sampler = grad_fn(state.params, state.sampler_state, inputs, k_drop)
+        lr = optim.learning_rate(
+            config.optim, state.step, config.train.num_steps, anneal_after_step=True
         )
-        # The loss-aware sampler learns from the unweighted losses of the whole global batch.
-        new_sampler = sampler.update(state.sampler_state, t, jax.lax.stop_gradient(terms["loss"]))
-        lr = optim.learning_rate(config.optim, state.step, config.train.num_steps)
         new_state, metrics = update.apply_update(
             state, tx, grads, loss, lr, sampler_state=new_sampler
         )
         metrics["loss"] = loss
-        for key, values in terms.items():
-            weighted = values * weights  # the reference logs importance-weighted terms
+        for key, values in aux["terms"].items():
+            weighted = values * aux["weights"]  # the reference logs importance-weighted terms
             if key != "loss":
                 metrics[key] = jnp.mean(weighted)
-            metrics.update(loop_utils.quartile_sums(key, weighted, t, num_t))
+            metrics.update(loop_utils.quartile_sums(key, weighted, aux["t"], num_t))
         return new_state, metrics
 
     return train_step
@@ -140,18 +206,31 @@ def _preview_ema_rate(config) -> str | None:
 
 def _preview_rows(config, num_samples: int, mesh) -> dict[str, np.ndarray]:
     """This process's rows of the preview batch: example ids 0..num_samples-1 (padded up to a
-    multiple of the device count), balanced labels, guidance scale 0; as `--mode=sample` lays out
-    its first batch."""
+    multiple of the device count), guidance scale 0 and balanced labels, as `--mode=sample` lays
+    out its first batch; a super-resolution model upsamples `sample.base_samples` (example i its
+    row i mod N, with that row's label), as `--mode=sample` does."""
     total = math.ceil(num_samples / mesh.size) * mesh.size
     local = distributed.local_batch_size(total, mesh)
     ids = jax.process_index() * local + np.arange(local)
+    rows = {"ids": ids.astype(np.int32), "scales": np.zeros([local], np.float32)}
+    if plan_lib.is_super_res(config):
+        try:
+            low_res, base_labels = plan_lib.load_base_samples(
+                config.sample.base_samples, int(config.model.small_size)
+            )
+            labels = plan_lib.plan_labels(config, total, False, base_labels)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(
+                f"the super-resolution training preview (train.sample_every) upsamples "
+                f"sample.base_samples; set it or train.sample_every=0: {e}"
+            ) from e
+        rows["low_res"] = low_res[ids % low_res.shape[0]]
+        rows["labels"] = (np.zeros(total, np.int32) if labels is None else labels)[ids]
+        return rows
     num_classes = max(int(config.model.num_classes), 1)
     labels = labels_lib.make_labels("balanced", total, num_classes, int(config.sample.seed))
-    return {
-        "ids": ids.astype(np.int32),
-        "labels": labels[ids],
-        "scales": np.zeros([local], np.float32),
-    }
+    rows["labels"] = labels[ids]
+    return rows
 
 
 def build_task(config, mesh) -> task_lib.Task:

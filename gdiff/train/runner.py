@@ -20,6 +20,7 @@ import tqdm
 from absl import logging
 
 from gdiff import checkpointing, distributed
+from gdiff.compat import reference_run
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, preemption
 from gdiff.train import state as state_lib
@@ -200,8 +201,9 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
 
 
 def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.TrainState:
-    """The workdir's newest checkpoint, else `train.resume_checkpoint`, else a fresh state; every
-    one born replicated on the mesh."""
+    """The workdir's newest checkpoint, else `train.resume_checkpoint` (a gdiff training
+    checkpoint, or a reference PyTorch run: gdiff/compat/reference_run.py), else a fresh state;
+    every one born replicated on the mesh."""
     tx = optim.create_optimizer(config.optim)
     base_key = jax.random.key(config.seed)
 
@@ -216,18 +218,30 @@ def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.Tra
     if latest is not None:
         logging.info("%s: resuming from %s step %d", task.name, manager.directory, latest)
         return manager.restore(abstract)
-    if config.train.resume_checkpoint:
-        logging.info("%s: starting from %s", task.name, config.train.resume_checkpoint)
-        return _restore_external(config.train.resume_checkpoint, abstract)
-    return jax.jit(init_state, out_shardings=repl)()
-
-
-def _restore_external(path: str, abstract: Any) -> state_lib.TrainState:
-    """Restores `train.resume_checkpoint`: a training checkpoint directory or one of its steps."""
+    path = config.train.resume_checkpoint
+    if not path:
+        return jax.jit(init_state, out_shardings=repl)()
+    logging.info("%s: starting from %s", task.name, path)
     try:
         loc = checkpointing.locate(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"train.resume_checkpoint={path!r}: {e}") from e
+    if loc.format == "reference_run":
+        state = reference_run.load_train_state(
+            loc,
+            params_like=abstract.params,
+            tx=tx,
+            ema_rates=task.ema_rates,
+            rng=base_key,
+            sampler_state=task.sampler_state,
+            optim_config=config.optim,
+        )
+        return jax.device_put(state, repl)
+    return _restore_external(path, loc, abstract)
+
+
+def _restore_external(path: str, loc: checkpointing.Location, abstract: Any):
+    """Restores `train.resume_checkpoint`: a training checkpoint directory or one of its steps."""
     if loc.format != "training":
         raise ValueError(
             f"train.resume_checkpoint={path!r} is a parameter checkpoint (inference weights "
