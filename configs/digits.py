@@ -3,21 +3,29 @@
     .venv/bin/python main.py --workdir workdir/digits
     # the same as: main.py --mode=pipeline --config configs/digits.py --workdir workdir/digits
 
-What it reproduces: the trend of the paper's classifier-scale ablation (Dhariwal & Nichol 2021,
-Table 4 and Fig. 4) on a toy scale. A class-conditional diffusion model and a noise-aware
-classifier are trained on the 8x8 digits; the sampler then draws the same balanced labels from
-the same noise at every guidance scale of `sample.classifier_scale`, and a separate clean-image
-classifier (trained on the training digits, minus a held-back real-data row) measures each scale
-against the held-out digits. As in the paper, a larger classifier scale makes samples more
-recognisably the requested class (accuracy at the requested labels, the guidance classifier's
-log-probability, precision and IS rise) while the samples cover less of the real distribution
-(recall falls, FID rises).
+What it reproduces: the paper's classifier-scale ablation (Dhariwal & Nichol 2021, Table 4 and
+Fig. 4) on a toy scale, both halves. A class-conditional and an unconditional diffusion model
+(`sweep.models`: the same network, trained with and without labels) and one noise-aware classifier
+are trained on the 8x8 digits; the sampler then draws the same balanced labels from the same noise
+for every model at every guidance scale (the conditional model's `sample.classifier_scale`, the
+unconditional model's own, larger ones), and a separate clean-image classifier (trained on the
+training digits, minus a held-back real-data row) measures every (model, scale) against the
+held-out digits through the same scoring engine as `--mode=sweep`. As in the paper, a larger
+classifier scale makes the conditional model's samples more recognisably the requested class
+(accuracy, the guidance classifier's log-probability, precision and IS rise) while they cover less
+of the real distribution (recall falls, FID rises); and guidance turns the unconditional model into
+a class-conditional one (accuracy at the requested labels from chance at scale 0 to ~0.99 at 32),
+needing a larger scale than the conditional model, with a worse FID at scale 1 than unguided, as
+in Table 4.
 
-Expected: about 6-7 minutes on an idle 2-core CPU for the whole run (train the diffusion model
-~3 min, the classifier ~1 min, the evaluation network ~20 s, sample 6 scales x 300 digits
-~1.5 min, evaluate ~10 s). The measured table, plot and grids live in docs/digits_results/.
-A rerun skips finished stages; see gdiff/pipeline/digits.py for how to swap one stage (e.g. a
-longer-trained model).
+Expected: about 8 minutes on an idle 2-core CPU, estimated from the conditional-only job's stage
+times measured idle on this machine (each diffusion model ~2 min, the classifier ~35 s, the
+evaluation network ~10 s, sampling 13 (model, scale) pairs x 300 digits ~2.5 min, evaluation
+~10 s). Measured 2026-11-30 on that machine while it ran other jobs too (load average ~4 on its 2
+cores, so pessimistic): 11 min 26 s wall (diffusion models 166 s + 168 s, classifier 49 s,
+evaluation network 16 s, sampling 272 s, evaluation 7 s). The measured table, plot and grids live in
+docs/digits_results/. A rerun skips finished stages; see gdiff/pipeline/digits.py for how to swap
+one stage (e.g. a longer-trained model).
 """
 
 import ml_collections
@@ -83,9 +91,25 @@ def get_config() -> ml_collections.ConfigDict:
     sample.batch_size = 150  # per device; each batch runs all scales (900 rows) in one program
     sample.use_ddim = True
     sample.timestep_respacing = "ddim25"
-    sample.classifier_scale = "0,0.5,1,2,4,8"
+    sample.classifier_scale = "0,0.5,1,2,4,8"  # the conditional model's scales
     sample.labels = "balanced"
     sample.seed = 0
+
+    # Table 4's two halves: the class-conditional model above, and the same network trained
+    # without labels (same steps), guided by the same classifier over the same noise and labels.
+    # Without labels the model needs larger scales to become class-conditional (the paper: 10.0
+    # against 1.0), so its sweep reaches further.
+    # Each trains in <workdir>/<name> and samples from there unless its sample.model_checkpoint is
+    # set (--config.sweep.models.unconditional.sample.model_checkpoint=DIR).
+    config.sweep.models = ml_collections.ConfigDict(
+        {
+            "conditional": {"sample": {"model_checkpoint": ""}},
+            "unconditional": {
+                "model": {"class_cond": False},
+                "sample": {"classifier_scale": "0,1,2,4,8,16,32", "model_checkpoint": ""},
+            },
+        }
+    )
 
     # Stage budgets and outputs of gdiff/pipeline/digits.py.
     config.pipeline = pipeline = ml_collections.ConfigDict()

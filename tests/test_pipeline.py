@@ -1,4 +1,5 @@
-"""The digits pipeline end to end with a tiny budget, its rerun, and its report helpers."""
+"""The digits pipeline end to end with a tiny budget (a conditional and an unconditional model),
+its rerun, and the report helpers it shares with --mode=sweep."""
 
 import csv
 import math
@@ -10,7 +11,8 @@ from PIL import Image
 
 from configs import digits as digits_config
 from gdiff import checkpointing
-from gdiff.pipeline import digits, report
+from gdiff.evaluation import report
+from gdiff.pipeline import digits
 
 
 def tiny_config():
@@ -36,6 +38,7 @@ def tiny_config():
     s.batch_size = 2
     s.timestep_respacing = "ddim3"
     s.classifier_scale = "0,4"
+    config.sweep.models.unconditional.sample.classifier_scale = "0,8"
     p = config.pipeline
     p.eval_classifier_steps = 5
     p.eval_classifier_batch_size = 32
@@ -50,26 +53,39 @@ def pipeline_run(tmp_path_factory):
     return workdir, first
 
 
+STAGES = (
+    "diffusion/conditional",
+    "diffusion/unconditional",
+    "classifier",
+    "eval_net",
+    "sample",
+    "evaluate",
+)
+PAIRS = [("conditional", 0.0), ("conditional", 4.0), ("unconditional", 0.0), ("unconditional", 8.0)]
+
+
 def test_pipeline_writes_parseable_results(pipeline_run):
     workdir, first = pipeline_run
-    assert first["ran"] == list(digits.STAGES)
+    assert first["ran"] == list(STAGES)
     assert first["skipped"] == []
     with open(workdir / digits.RESULTS_CSV, newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == report.COLUMNS
         rows = list(reader)
-    assert [float(r["scale"]) for r in rows] == [0.0, 4.0]
+    assert [(r["model"], float(r["scale"])) for r in rows] == PAIRS
     for r in rows:
-        values = {k: float(v) for k, v in r.items()}
+        values = {k: float(v) for k, v in r.items() if k != "model"}
         assert all(math.isfinite(v) for v in values.values()), values
-        assert 0.0 <= values["accuracy"] <= 1.0
-        assert 0.0 <= values["precision"] <= 1.0 and 0.0 <= values["recall"] <= 1.0
+        for key in ("eval_accuracy", "classifier_accuracy", "precision", "recall"):
+            assert 0.0 <= values[key] <= 1.0
         assert values["log_prob"] <= 0.0
-        assert values["fid"] >= 0.0
+        assert values["fid"] >= 0.0 and values["sfid"] >= 0.0
     # The CSV is the program's measurement: it agrees with what run() returned.
-    assert np.allclose([float(r["accuracy"]) for r in rows], [r["accuracy"] for r in first["rows"]])
+    got = [float(r["eval_accuracy"]) for r in rows]
+    assert np.allclose(got, [r["eval_accuracy"] for r in first["rows"]])
     md = (workdir / digits.RESULTS_MD).read_text()
-    assert "| scale |" in md and "real digits" in md and first["summary"] in md
+    assert "| model | scale |" in md and "| real digits |" in md and first["summary"] in md
+    assert "| unconditional | 8 |" in md
     for png in [
         workdir / digits.PLOT,
         workdir / digits.SWEEP_FIGURE,
@@ -79,14 +95,22 @@ def test_pipeline_writes_parseable_results(pipeline_run):
             im.load()
             assert im.size[0] > 10 and im.size[1] > 10
     # Grid rows are classes: 20 balanced samples cover all 10 digits -> 10 rows of cells.
-    with Image.open(first["paths"]["grids"][4.0]) as im:
+    with Image.open(first["paths"]["grids"][("conditional", 4.0)]) as im:
         h = im.size[1]
     cell = 8 * tiny_config().pipeline.grid_zoom
     assert h >= 10 * cell
-    for path in first["paths"]["samples"].values():
-        with np.load(path) as z:
-            assert z["arr_0"].shape == (20, 8, 8, 3) and z["arr_0"].dtype == np.uint8
-            assert np.bincount(z["arr_1"], minlength=10).tolist() == [2] * 10
+    labels = []
+    for paths in first["paths"]["samples"].values():
+        for path in paths.values():
+            with np.load(path) as z:
+                assert z["arr_0"].shape == (20, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+                labels.append(z["arr_1"])
+    # Both models drew the same balanced labels.
+    assert all(np.array_equal(labels[0], other) for other in labels)
+    assert np.bincount(labels[0], minlength=10).tolist() == [2] * 10
+    # Each model trained in its own workdir.
+    for model in ("conditional", "unconditional"):
+        assert checkpointing.locate(workdir / model, "model").step == 3
 
 
 def test_real_digit_row_was_never_shown_to_the_evaluation_network(pipeline_run):
@@ -99,7 +123,7 @@ def test_real_digit_row_was_never_shown_to_the_evaluation_network(pipeline_run):
     assert labels[held_back].tolist() == list(range(10)) * 2
     # A seeded choice, not the first digits of each class (those come from a few writers).
     assert held_back.tolist() != digits.balanced_subset(labels, 20, 10).tolist()
-    assert first["baseline"] is not None and 0.0 <= first["baseline"]["accuracy"] <= 1.0
+    assert first["baseline"] is not None and 0.0 <= first["baseline"]["eval_accuracy"] <= 1.0
 
 
 def test_rerun_skips_every_stage(pipeline_run):
@@ -107,12 +131,12 @@ def test_rerun_skips_every_stage(pipeline_run):
     outputs = [
         workdir / digits.RESULTS_CSV,
         workdir / digits.PLOT,
-        *first["paths"]["samples"].values(),
+        *[p for paths in first["paths"]["samples"].values() for p in paths.values()],
     ]
     before = {p: p.stat().st_mtime_ns for p in outputs}
     second = digits.run(tiny_config(), str(workdir))
     assert second["ran"] == []
-    assert second["skipped"] == list(digits.STAGES)
+    assert second["skipped"] == list(STAGES)
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
     assert second["rows"] == first["rows"]
     assert second["summary"] == first["summary"]
@@ -127,44 +151,57 @@ def test_bad_config_raises_clear_errors(tmp_path):
     config.sample.num_samples = 1
     with pytest.raises(ValueError, match="num_samples"):
         digits.run(config, str(tmp_path))
+    config = tiny_config()
+    config.sweep.models.unconditional.sample.classifier_scale = "0"
+    with pytest.raises(ValueError, match="'unconditional' is unconditional and unguided"):
+        digits.run(config, str(tmp_path))
+
+
+def _row(model, scale, acc, recall, fid=10.0):
+    return dict(
+        model=model,
+        scale=scale,
+        fid=fid,
+        sfid=2 * fid,
+        inception_score=3.0,
+        precision=0.5,
+        recall=recall,
+        eval_accuracy=acc,
+        classifier_accuracy=acc,
+        log_prob=-1.0 / (1 + scale),
+    )
 
 
 def test_summary_follows_the_numbers():
-    def row(scale, acc, recall, fid=10.0):
-        return dict(
-            scale=scale,
-            accuracy=acc,
-            log_prob=-1.0 / (1 + scale),
-            fid=fid,
-            precision=0.5,
-            recall=recall,
-            inception_score=3.0,
-        )
-
-    text = report.summarize([row(0, 0.4, 0.8), row(2, 0.7, 0.7, 5.0), row(8, 0.95, 0.3, 20.0)])
+    rows = [_row("c", 0, 0.4, 0.8), _row("c", 2, 0.7, 0.7, 5.0), _row("c", 8, 0.95, 0.3, 20.0)]
+    text = report.summarize(rows)
     assert "rises from 0.4 at scale 0 to 0.95 at scale 8" in text
     assert "falls from 0.8 at scale 0 to 0.3 at scale 8" in text
     assert "lowest (5) at scale 2" in text
     assert "paper's trade-off" in text
-    flat = report.summarize([row(0, 0.9, 0.5), row(8, 0.5, 0.6)])
+    flat = report.summarize([_row("c", 0, 0.9, 0.5), _row("c", 8, 0.5, 0.6)])
     assert "Unlike the paper" in flat and "accuracy does not rise" in flat
     with pytest.raises(ValueError, match="no results"):
         report.summarize([])
 
 
-def test_read_csv_round_trip_and_missing_columns(tmp_path):
+def test_summary_compares_models():
     rows = [
-        dict(
-            scale=s,
-            accuracy=0.1 * s,
-            log_prob=-s,
-            fid=1.5,
-            precision=0.2,
-            recall=0.3,
-            inception_score=2.0,
-        )
-        for s in (0.0, 1.0)
+        _row("conditional", 0, 0.9, 0.8, 2.0),
+        _row("conditional", 4, 1.0, 0.5, 3.0),
+        _row("unconditional", 0, 0.1, 0.9, 2.5),
+        _row("unconditional", 16, 0.97, 0.4, 4.0),
     ]
+    text = report.summarize(rows, chance=0.1)
+    assert text.startswith("Conditional model: Accuracy at the requested labels rises from 0.9")
+    assert "Unconditional model: Accuracy at the requested labels rises from 0.1 at scale 0" in text
+    assert "Unguided (scale 0), accuracy at the requested labels is conditional 0.9 (FID 2)" in text
+    assert "unconditional 0.1 (FID 2.5) (chance: 0.1)" in text
+    assert "unconditional 0.97 (FID 4) at scale 16" in text
+
+
+def test_read_csv_round_trip_and_missing_columns(tmp_path):
+    rows = [_row(m, s, 0.1 * s, 0.3) for m in ("a", "b") for s in (0.0, 1.0)]
     path = report.write_csv(rows, tmp_path / "r.csv")
     assert report.read_csv(path) == rows
     bad = tmp_path / "bad.csv"

@@ -3,12 +3,10 @@
 Reproduces the guidance-scale trade-off of Dhariwal & Nichol (2021), "Diffusion Models Beat GANs
 on Image Synthesis": Fig. 4 (sample quality vs. the scale of the classifier gradients for a
 class-conditional ImageNet model: as the scale grows, IS and precision rise while recall falls,
-and FID is best at a moderate scale) and Table 4 (guidance on a conditional and an unconditional
-ImageNet 256x256 model: scale 1.0 improves the conditional model's FID, sFID, IS and precision at
-some cost in recall; the unconditional model needs a much larger scale, 10.0). Here the
-class-conditional 64x64 model and its noise-aware classifier are swept over several scales; every
-scale is sampled in ONE compiled program over the SAME noise and labels, so the differences between
-rows of the table come from the scale alone.
+and FID is best at a moderate scale; Table 4, the conditional and unconditional 256x256 models,
+is configs/ablations/table4.py). Here the class-conditional 64x64 model and its noise-aware
+classifier are swept over several scales; every scale is sampled in ONE compiled program over the
+SAME noise and labels, so the differences between rows of the table come from the scale alone.
 
 Needs the converted released checkpoints (--mode=convert of 64x64_diffusion.pt and
 64x64_classifier.pt), the reference batch VIRTUAL_imagenet64_labeled.npz and the FID Inception
@@ -21,9 +19,10 @@ weights (pt_inception-2015-12-05 or classify_image_graph_def.pb). Command:
         --config.eval.ref_batch=reference/VIRTUAL_imagenet64_labeled.npz \
         --config.eval.inception_weights=reference/pt_inception-2015-12-05.pth
 
-Output in the workdir: samples/scale_<s>/samples_<N>x64x64x3.npz per scale, scale_sweep.csv,
-scale_sweep.md (scale, FID, sFID, IS, precision, recall, classifier accuracy of the samples at the
-requested labels) and scale_sweep.png (metrics vs scale). The paper's numbers use 50,000 samples
+Output in the workdir: samples/scale_<s>/samples_<N>x64x64x3.npz per scale (each one scores in
+--mode=evaluate exactly as in the table), scale_sweep.csv and scale_sweep.md (model, scale, FID,
+sFID, IS, precision, recall, the guidance classifier's accuracy and log p(y|x) at the requested
+labels) and scale_sweep.png (metrics vs scale). The paper's numbers use 50,000 samples
 and 250 sampling steps; the default here (10,000 samples per scale, 250 steps, 6 scales: 60,000
 guided samples, many GPU-hours) gives FIDs biased upwards relative to 50k-sample FIDs (the trend
 across scales is what this ablation shows); set --config.sample.num_samples=50000 for

@@ -224,6 +224,49 @@ def load_inception_variables(path) -> dict:
 # ----------------------------------------------------------------------------- entry points
 
 
+def build_extractor(weights_path, *, batch_size: int = 64, resize: str = "legacy"):
+    """The ADM evaluator's FID Inception-v3 from a weights file (`load_inception_variables`), run
+    in batches of `batch_size` after resizing to 299 with `resize` ("legacy" | "halfpixel")."""
+    return features.InceptionExtractor(
+        load_inception_variables(weights_path), batch_size=batch_size, resize=resize
+    )
+
+
+def load_reference(
+    ref_path, extractor, *, weights_path="", resize="legacy", workdir=None, batch=None
+) -> dict:
+    """What every sample batch is scored against: a reference batch's statistics and activations.
+
+    The batch's own `mu`, `sigma`, `mu_s`, `sigma_s` (whole-dataset statistics) are kept, as the
+    reference evaluator keeps them; its images' `pool` / `spatial` activations (precision/recall,
+    and FID/sFID when the batch has no statistics) are computed once and cached next to the batch
+    (`_cache_path`, keyed by the batch, the weights file and `resize`; no cache without a weights
+    file).
+
+    Returns:
+      dict with any of mu, sigma, mu_s, sigma_s and pool [M, D], spatial [M, D2].
+
+    `batch` is `read_reference_batch(ref_path)` when the caller has already read (validated) it.
+    """
+    ref_images, ref_stats = batch if batch is not None else read_reference_batch(ref_path)
+    ref = dict(ref_stats)
+    if ref_images is None:
+        return ref
+    cache = _cache_path(ref_path, weights_path, resize, workdir) if weights_path else None
+    if cache is not None and cache.exists():
+        print(f"reading cached reference activations {cache}")
+        with np.load(cache) as z:
+            ref.update({k: z[k] for k in z.files})
+        return ref
+    print("computing reference batch activations...")
+    acts = extractor(ref_images)
+    ref.update(pool=acts["pool"], spatial=acts["spatial"])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, pool=acts["pool"], spatial=acts["spatial"])
+    return ref
+
+
 def evaluate_files(
     ref_path,
     sample_path,
@@ -242,32 +285,30 @@ def evaluate_files(
       dict(inception_score, fid, sfid, precision, recall).
     """
     # Validate both files before the (slow) network is built.
-    ref_images, ref_stats = read_reference_batch(ref_path)
+    ref_batch = read_reference_batch(ref_path)
     sample_images = read_sample_batch(sample_path)
     if extractor is None:
-        extractor = features.InceptionExtractor(
-            load_inception_variables(weights_path), batch_size=batch_size, resize=resize
-        )
-    ref = dict(ref_stats)
-    if ref_images is not None:
-        cache = _cache_path(ref_path, weights_path, resize, workdir) if weights_path else None
-        if cache is not None and cache.exists():
-            print(f"reading cached reference activations {cache}")
-            with np.load(cache) as z:
-                ref.update({k: z[k] for k in z.files})
-        else:
-            print("computing reference batch activations...")
-            acts = extractor(ref_images)
-            ref.update(pool=acts["pool"], spatial=acts["spatial"])
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(cache, pool=acts["pool"], spatial=acts["spatial"])
+        extractor = build_extractor(weights_path, batch_size=batch_size, resize=resize)
+    ref = load_reference(
+        ref_path,
+        extractor,
+        weights_path=weights_path,
+        resize=resize,
+        workdir=workdir,
+        batch=ref_batch,
+    )
     print("computing sample batch activations...")
     sample = extractor(sample_images)
     print("computing evaluations...")
     results = metrics_from_activations(ref, sample, is_split_size=is_split_size)
     for key in METRIC_NAMES:
         print(f"{PRINT_NAMES[key]}: {results[key]}")
+    _write_record(results, ref_path, sample_path, output, workdir)
+    return results
+
+
+def _write_record(results: dict, ref_path, sample_path, output, workdir) -> None:
+    """The metrics JSON: `output`, else next to the sample batch (else in the workdir)."""
     if output is None:
         sample_path = pathlib.Path(sample_path)
         output = sample_path.with_name(sample_path.stem + "_metrics.json")
@@ -278,7 +319,6 @@ def evaluate_files(
     record = dict(results, ref_batch=str(ref_path), sample_batch=str(sample_path))
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
-    return results
 
 
 def run(config, workdir) -> dict:

@@ -1,21 +1,28 @@
 """`--mode=pipeline`: the whole method on scikit-learn's digits, start to finish, on a CPU.
 
-Five stages, each writing into the workdir and each skipped when its output is already there, so
-an interrupted run resumes and one stage can be swapped by hand:
+The paper's Table 4 on a toy scale: a class-conditional and an unconditional diffusion model
+(`sweep.models`), one noise-aware classifier guiding both. Stages, each writing into the workdir and
+each skipped when its output is already there, so an interrupted run resumes and one stage can be
+swapped by hand:
 
-  1. diffusion   train the class-conditional diffusion model     -> checkpoints/
-  2. classifier  train the noise-aware guidance classifier        -> classifier_checkpoints/
-  3. eval_net    train a clean-image classifier on the training
-                 digits: the feature network of the metrics       -> eval_classifier/
-  4. sample      sample every `sample.classifier_scale` over
-                 shared noise and balanced labels (gdiff/sampling) -> samples/scale_<s>/
-  5. evaluate    per scale: FID, precision, recall (evaluation features vs held-out real
-                 digits), accuracy at the requested labels, the guidance classifier's
-                 log p(y|x)  -> results.md, results.csv, results.json, scale_sweep.png,
-                 sweep_grid.png, grids/scale_<s>.png
+  1. diffusion/<model>  train each diffusion model            -> <model>/checkpoints/
+  2. classifier         train the noise-aware guidance classifier -> classifier_checkpoints/
+  3. eval_net           train a clean-image classifier on the training
+                        digits: the feature network of the metrics -> eval_classifier/
+  4. sample             sample every model at every scale of its `sample.classifier_scale`, all
+                        over the same noise and balanced labels     -> samples/<model>/scale_<s>/
+  5. evaluate           per (model, scale), through gdiff.evaluation.scoring (the evaluator's
+                        five numbers in the evaluation network's features vs held-out real
+                        digits; accuracy at the requested labels of the evaluation network and of
+                        the guidance classifier; its log p(y|x)) and gdiff.evaluation.report
+                        -> results.md, results.csv, results.json (rows: model x scale, plus the
+                        real-digit row), scale_sweep.png (one line per model), sweep_grid.png,
+                        grids/<model>_scale_<s>.png
 
-Swapping a stage: point `sample.model_checkpoint` (or `sample.classifier_checkpoint`) at another
-checkpoint, or drop one into `<workdir>/model_params` / `<workdir>/classifier_params`
+Swapping a stage: point a model's `sample.model_checkpoint`
+(`--config.sweep.models.<model>.sample.model_checkpoint`, or `sample.model_checkpoint` for a model
+that does not override it) or `sample.classifier_checkpoint` at another checkpoint, or drop one
+into `<workdir>/<model>/model_params` / `<workdir>/classifier_params`
 (`gdiff.checkpointing.save_params`); the training stage is then skipped. Delete `samples/` and
 `results.csv` to sample and evaluate again with it (samples are never silently overwritten).
 """
@@ -29,18 +36,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory
+from gdiff import checkpointing, distributed
 from gdiff.data import digits as digits_data
-from gdiff.evaluation import features, metrics, small_classifier
-from gdiff.pipeline import report
+from gdiff.evaluation import features, report, scoring, small_classifier
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
-from gdiff.sampling import run as sample_run
-from gdiff.sampling import shards
+from gdiff.sampling import shards, sweep
 from gdiff.train import classifier_trainer, diffusion_trainer
 
 EVAL_CLASSIFIER_DIR = "eval_classifier"
@@ -50,29 +54,40 @@ RESULTS_JSON = "results.json"
 PLOT = "scale_sweep.png"
 GRID_DIR = "grids"
 SWEEP_FIGURE = "sweep_grid.png"
-STAGES = ("diffusion", "classifier", "eval_net", "sample", "evaluate")
+BASELINE = "real digits"
+# The stages after training the diffusion models ("diffusion/<model>", one per model).
+LATER_STAGES = ("classifier", "eval_net", "sample", "evaluate")
+
+
+def stages(models: list[sweep.SweepModel]) -> tuple[str, ...]:
+    """The pipeline's stages for these diffusion models, in order."""
+    return tuple(f"diffusion/{m.name}" for m in models) + LATER_STAGES
 
 
 @dataclasses.dataclass
 class StageLog:
     """Prints one line per stage (ran / skipped, with timing) and remembers what happened."""
 
+    stages: tuple[str, ...]
     ran: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def skip(self, stage: str, why: str) -> None:
         self.skipped.append(stage)
-        self._say(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: skipped ({why})")
+        self._say(f"{self._counter(stage)} {stage}: skipped ({why})")
 
     def start(self, stage: str, what: str) -> float:
-        self._say(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {what}")
+        self._say(f"{self._counter(stage)} {stage}: {what}")
         return time.perf_counter()
 
     def done(self, stage: str, t0: float) -> None:
         self.ran.append(stage)
         self.seconds[stage] = time.perf_counter() - t0
         self._say(f"    {stage} finished in {self.seconds[stage]:.0f}s")
+
+    def _counter(self, stage: str) -> str:
+        return f"[{self.stages.index(stage) + 1}/{len(self.stages)}]"
 
     @staticmethod
     def _say(text: str) -> None:
@@ -99,12 +114,6 @@ def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
         return f"found parameters {found.path}"
     want = int(config.train.num_steps if kind == "model" else config.train.classifier_num_steps)
     return f"found step {found.step} in {found.path}" if found.step >= want else None
-
-
-def _train(config, workdir: pathlib.Path, kind: str, mesh) -> None:
-    """Runs (or resumes) the training of `kind`; `train.progress` shows its step bar."""
-    trainer = diffusion_trainer if kind == "model" else classifier_trainer
-    trainer.train(config, str(workdir), mesh=mesh)
 
 
 def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,18 +152,30 @@ def balanced_subset(
     return np.asarray(out)
 
 
-def _check_config(config) -> None:
+def _check_config(config, models: list[sweep.SweepModel]) -> None:
     if config.data.source != "digits":
         raise ValueError(
             f"the digits pipeline needs data.source='digits' (got {config.data.source!r}); use "
             "--mode=train / train_classifier / sweep for other data sets"
         )
-    if not config.model.class_cond:
-        raise ValueError("the digits pipeline samples given labels: set model.class_cond=True")
+    for m in models:
+        scales = labels_lib.parse_scales(m.config.sample.classifier_scale)
+        if not (m.config.model.class_cond or any(s != 0 for s in scales)):
+            raise ValueError(
+                f"the digits pipeline scores samples at the labels they were drawn for, but model "
+                f"{m.name!r} is unconditional and unguided: set its model.class_cond=True or give "
+                "it a non-zero classifier scale"
+            )
     if "pipeline" not in config:
         raise ValueError("config has no `pipeline` group; start from configs/digits.py")
     if int(config.sample.num_samples) < 2:
         raise ValueError("sample.num_samples must be at least 2 to measure FID and recall")
+
+
+def _is_guided(models: list[sweep.SweepModel]) -> bool:
+    return any(
+        s != 0 for m in models for s in labels_lib.parse_scales(m.config.sample.classifier_scale)
+    )
 
 
 # ----------------------------------------------------------------------------- stages
@@ -209,93 +230,46 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
     return module, variables, meta
 
 
-def _guidance_log_prob(config, workdir: pathlib.Path):
-    """fn(images uint8, labels) -> (mean log p(y|x, t=0), accuracy); None without a classifier."""
-    ckpt = config.sample.classifier_checkpoint or str(workdir)
-    try:
-        params = checkpointing.load_params(ckpt, kind="classifier")
-    except FileNotFoundError:
-        return None
-    classifier = factory.build_classifier(config)
-    variables = sample_run._as_variables(params)
-
-    @jax.jit
-    def logp(x_uint8, y):
-        x = x_uint8.astype(jnp.float32) / 127.5 - 1.0
-        logits = classifier.apply(variables, x, jnp.zeros((x.shape[0],), jnp.int32))
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0], jnp.argmax(lp, -1) == y
-
-    def fn(images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-        lps, hits = [], []
-        for s in range(0, len(images), 256):
-            lp, hit = logp(jnp.asarray(images[s : s + 256]), jnp.asarray(labels[s : s + 256]))
-            lps.append(np.asarray(lp))
-            hits.append(np.asarray(hit))
-        return float(np.mean(np.concatenate(lps))), float(np.mean(np.concatenate(hits)))
-
-    return fn
-
-
-def _score(extractor, ref_acts, logp_fn, images, labels) -> dict[str, float]:
-    """One row's metrics (without the scale) for uint8 images [N, S, S, 3] drawn for `labels`."""
-    acts = extractor(images)  # one pass of the evaluation network: features and class probs
-    # FID, precision/recall and IS only: sFID's [N, H*W*C] spatial covariance is rank-deficient
-    # with a hundred samples and its matrix square root alone would take minutes on a CPU.
-    fid = metrics.frechet_distance(
-        *metrics.compute_statistics(acts["pool"]), *metrics.compute_statistics(ref_acts["pool"])
-    )
-    precision, recall = metrics.precision_recall(ref_acts["pool"], acts["pool"])
-    log_prob = logp_fn(images, labels)[0] if logp_fn is not None else float("nan")
-    return {
-        "accuracy": float(np.mean(np.argmax(acts["probs"], axis=-1) == labels)),
-        "log_prob": log_prob,
-        "fid": float(fid),
-        "precision": float(precision),
-        "recall": float(recall),
-        "inception_score": float(metrics.inception_score(acts["probs"], len(images))),
-    }
-
-
 def _grid(images: np.ndarray, labels: np.ndarray, per_class: int, zoom: int) -> np.ndarray:
     grid = grid_lib.class_grid(images, labels, per_class=per_class)
     return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
 
 
+def _pairs(sample_paths) -> list[tuple[str, float]]:
+    return sorted((name, float(s)) for name, paths in sample_paths.items() for s in paths)
+
+
 def _stored_results(workdir: pathlib.Path, sample_paths) -> dict[str, Any] | None:
     """An earlier evaluation's results when they are newer than every input and cover the same
-    scales, else None."""
+    (model, scale) pairs, else None."""
     csv_path, json_path = workdir / RESULTS_CSV, workdir / RESULTS_JSON
-    inputs = [*sample_paths.values(), workdir / EVAL_CLASSIFIER_DIR / checkpointing.METADATA_FILE]
+    inputs = [p for paths in sample_paths.values() for p in paths.values()]
+    inputs.append(workdir / EVAL_CLASSIFIER_DIR / checkpointing.METADATA_FILE)
     newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
     if not (csv_path.exists() and json_path.exists() and csv_path.stat().st_mtime >= newest_input):
         return None
-    rows = report.read_csv(csv_path)
-    if sorted(r["scale"] for r in rows) != sorted(sample_paths):
+    try:
+        rows = report.read_csv(csv_path)
+    except ValueError as e:  # a table of an older layout: evaluate again
+        logging.warning("%s", e)
+        return None
+    if sorted((r["model"], r["scale"]) for r in rows) != _pairs(sample_paths):
         return None
     stored = json.loads(json_path.read_text())
     return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}
 
 
-def _score_scales(config, workdir: pathlib.Path, sample_paths, score) -> tuple[list, dict]:
-    """Per scale, ascending: the metrics row (`score(images, labels)`) and the samples grid.
-
-    Returns:
-      (rows, {scale: (uint8 images [N, S, S, 3], int32 labels [N])})
-    """
+def _save_grids(config, workdir: pathlib.Path, sample_paths) -> dict[tuple[str, float], tuple]:
+    """grids/<model>_scale_<s>.png (rows = classes); returns {(model, scale): (images, labels)}."""
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
-    rows, samples = [], {}
-    for scale in sorted(sample_paths):
-        images, labels = shards.read_sample_file(sample_paths[scale])
-        if labels is None:
-            raise ValueError(f"{sample_paths[scale]} has no labels (arr_1); cannot score accuracy")
-        labels = np.asarray(labels, np.int32)
-        samples[scale] = images, labels
-        row = {"scale": float(scale), **score(images, labels)}
-        rows.append(row)
-        grid_lib.save_png(_grid_path(workdir, scale), _grid(images, labels, per_class, zoom))
-        logging.info("scale %s: %s", report.format_scale(scale), row)
-    return rows, samples
+    samples = {}
+    for name, scale in _pairs(sample_paths):
+        images, labels = shards.read_sample_file(sample_paths[name][scale])
+        samples[(name, scale)] = images, np.asarray(labels, np.int32)
+        grid_lib.save_png(
+            _grid_path(workdir, name, scale), _grid(*samples[(name, scale)], per_class, zoom)
+        )
+    return samples
 
 
 def _held_back_digits(config, workdir: pathlib.Path, meta, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -319,53 +293,63 @@ def _held_back_digits(config, workdir: pathlib.Path, meta, n: int) -> tuple[np.n
     return train_images[idx], train_labels[idx]
 
 
-def _evaluate(config, workdir, sample_paths, eval_net, log: StageLog, timings) -> dict[str, Any]:
+def _scorer(config, workdir: pathlib.Path, eval_net) -> tuple[scoring.Scorer, int]:
+    """The sweep's scorer: evaluation-network features of held-out real digits as the reference,
+    the guidance classifier's columns, the evaluator's IS chunk size. Returns (scorer, reference
+    size)."""
+    module, variables, _ = eval_net
+    extractor = features.ClassifierExtractor(module, variables)
+    ref_images, _ = real_digits(config.data.eval_split, int(config.data.image_size))
+    scorer = scoring.Scorer(
+        extractor,
+        scoring.reference_from_images(extractor, ref_images),
+        is_split_size=int(config.eval.is_split_size),
+        guidance=sweep.load_guidance(config, workdir),
+        eval_accuracy=True,
+    )
+    return scorer, len(ref_images)
+
+
+def _evaluate(config, workdir, models, sample_paths, eval_net, log, timings) -> dict[str, Any]:
     """Stage 5: the table, plot, grids and summary (skipped when results.csv is up to date)."""
     stored = _stored_results(workdir, sample_paths)
     if stored is not None:
         log.skip("evaluate", f"found {workdir / RESULTS_CSV}")
         return stored
-    scales = sorted(sample_paths)
-    t0 = log.start("evaluate", f"score {len(scales)} scale(s) against held-out real digits")
-    module, variables, meta = eval_net
-    extractor = features.ClassifierExtractor(module, variables)
-    ref_images, _ = real_digits(config.data.eval_split, int(config.data.image_size))
-    ref_acts = extractor(ref_images)
-    logp_fn = _guidance_log_prob(config, workdir)
-
-    def score(images, labels):
-        return _score(extractor, ref_acts, logp_fn, images, labels)
-
-    rows, samples = _score_scales(config, workdir, sample_paths, score)
-    n = len(samples[scales[0]][0])
-    baseline = score(*_held_back_digits(config, workdir, meta, n))
-    results = {
-        "rows": rows,
-        "baseline": baseline,
-        "summary": report.summarize(rows, baseline=baseline),
-    }
-    details = _details(config, workdir, n, len(ref_images), meta, timings)
+    pairs = _pairs(sample_paths)
+    t0 = log.start("evaluate", f"score {len(pairs)} (model, scale) pairs against real digits")
+    scorer, num_ref = _scorer(config, workdir, eval_net)
+    rows = sweep.score_models(scorer, sample_paths)
+    samples = _save_grids(config, workdir, sample_paths)
+    n = len(samples[pairs[0]][0])
+    baseline = scorer(*_held_back_digits(config, workdir, eval_net[2], n))
+    summary = report.summarize(
+        rows, baseline=baseline, baseline_name=BASELINE, chance=1.0 / int(config.data.num_classes)
+    )
+    results = {"rows": rows, "baseline": baseline, "summary": summary}
+    details = _details(config, workdir, models, num_ref, eval_net[2], timings)
     _write_results(config, workdir, results, samples, details)
     log.done("evaluate", t0)
     return results
 
 
-def _details(config, workdir: pathlib.Path, n: int, num_ref: int, meta, timings) -> dict:
+def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings) -> dict:
     """The set-up lines of results.md."""
-    s = config.sample
+    training = "; ".join(
+        f"{m.name} {m.config.train.num_steps} steps x batch {m.config.train.batch_size}"
+        for m in models
+    )
+    scales = "; ".join(f"{m.name} {m.config.sample.classifier_scale}" for m in models)
     return {
         "command": f"python main.py --mode=pipeline --config configs/digits.py --workdir {workdir}",
         "image size": f"{config.data.image_size}x{config.data.image_size}",
-        "diffusion training": f"{config.train.num_steps} steps x batch {config.train.batch_size}",
+        "diffusion training": training,
         "classifier training": (
             f"{config.train.classifier_num_steps} steps x batch "
             f"{config.train.classifier_batch_size}"
         ),
-        "sampling": (
-            f"{'DDIM' if s.use_ddim else 'ancestral'}, respacing "
-            f"{s.timestep_respacing or config.diffusion.timestep_respacing or 'none'}, "
-            f"{n} samples per scale, labels {s.labels}, seed {s.seed}"
-        ),
+        "sampling": sweep.sampling_description(config),
+        "classifier scales": scales,
         "reference set": f"{num_ref} held-out real digits (split {config.data.eval_split})",
         "evaluation network held-out accuracy": _fmt_opt(meta.get("held_out_accuracy")),
         "stage times (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "n/a",
@@ -376,9 +360,9 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details) -> 
     """results.csv / .json / .md, the metrics-vs-scale plot and the sweep figure."""
     rows, baseline = results["rows"], results["baseline"]
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
-    report.plot(rows, workdir / PLOT, baseline=baseline)
+    report.plot(rows, workdir / PLOT, baseline=baseline, baseline_name=BASELINE)
     report.save_sweep_figure(
-        {s: _grid(*samples[s], min(per_class, 5), 1) for s in sorted(samples)},
+        {key: _grid(*samples[key], min(per_class, 5), 1) for key in samples},
         workdir / SWEEP_FIGURE,
         zoom=zoom,
     )
@@ -387,15 +371,22 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details) -> 
     report.write_markdown(
         rows,
         workdir / RESULTS_MD,
+        title="Classifier guidance on digits: conditional and unconditional models",
         baseline=baseline,
+        baseline_name=BASELINE,
+        notes=[
+            f"The {BASELINE} row scores real training digits that the evaluation network never "
+            "saw (as many as samples per scale, same label balance) the same way: the values "
+            "real data reaches on this measuring stick."
+        ],
         summary=results["summary"],
         details=details,
         images=[PLOT, SWEEP_FIGURE],
     )
 
 
-def _grid_path(workdir: pathlib.Path, scale: float) -> pathlib.Path:
-    return workdir / GRID_DIR / f"scale_{report.format_scale(scale)}.png"
+def _grid_path(workdir: pathlib.Path, model: str, scale: float) -> pathlib.Path:
+    return workdir / GRID_DIR / f"{model}_scale_{labels_lib.format_scale(scale)}.png"
 
 
 def _fmt_opt(value) -> str:
@@ -405,49 +396,55 @@ def _fmt_opt(value) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _train_networks(config, workdir: pathlib.Path, mesh, guided: bool, log: StageLog) -> None:
-    """Stages 1 and 2: the two networks the paper trains (each skipped when found)."""
-    for stage, kind, steps in (
-        ("diffusion", "model", config.train.num_steps),
-        ("classifier", "classifier", config.train.classifier_num_steps),
-    ):
-        if kind == "classifier" and not guided:
-            log.skip(stage, "every classifier scale is 0: no guidance")
-            continue
-        why = _trained_elsewhere(config, workdir, kind)
+def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) -> None:
+    """Stages 1 and 2: the networks the paper trains (each skipped when found)."""
+    for m in models:
+        stage = f"diffusion/{m.name}"
+        why = _trained_elsewhere(m.config, m.workdir, "model")
         if why:
             log.skip(stage, why)
             continue
-        what = "diffusion model" if kind == "model" else "noise-aware classifier"
-        t0 = log.start(stage, f"train the {what} ({steps} steps)")
-        _train(config, workdir, kind, mesh)
+        kind = "class-conditional" if m.config.model.class_cond else "unconditional"
+        t0 = log.start(
+            stage, f"train the {kind} diffusion model ({m.config.train.num_steps} steps)"
+        )
+        diffusion_trainer.train(m.config, str(m.workdir), mesh=mesh)
         log.done(stage, t0)
+    if not _is_guided(models):
+        log.skip("classifier", "every classifier scale is 0: no guidance")
+        return
+    why = _trained_elsewhere(config, workdir, "classifier")
+    if why:
+        log.skip("classifier", why)
+        return
+    steps = config.train.classifier_num_steps
+    t0 = log.start("classifier", f"train the noise-aware classifier ({steps} steps)")
+    classifier_trainer.train(config, str(workdir), mesh=mesh)
+    log.done("classifier", t0)
 
 
-def _sample(config, workdir: pathlib.Path, mesh, scales, log: StageLog) -> dict:
-    """Stage 4: every scale in one compiled program over the same noise and labels."""
-    out = sample_run.output_dir(config, str(workdir))
-    n = int(config.sample.num_samples)
-    size = int(config.model.image_size)
-    expected = {s: shards.merged_path(out, s, (n, size, size, 3)) for s in scales}
-    if all(p.exists() for p in expected.values()):
-        log.skip("sample", f"found {len(expected)} merged sample file(s) under {out}")
-        return expected
-    t0 = log.start(
-        "sample", f"{n} samples x {len(scales)} scale(s) ({config.sample.classifier_scale})"
-    )
-    sample_paths = sample_run.run(config, str(workdir), mesh=mesh)
+def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> dict:
+    """Stage 4: every model at every scale, over the same noise and labels."""
+    plans = sweep.plan_models(models, workdir, mesh)
+    merged = {name: dict(plan.merged) for name, plan in plans.items()}
+    if all(p.exists() for paths in merged.values() for p in paths.values()):
+        log.skip("sample", f"found {len(_pairs(merged))} merged sample file(s)")
+        return merged
+    n = int(models[0].config.sample.num_samples)
+    what = ", ".join(f"{m.name} {m.config.sample.classifier_scale}" for m in models)
+    t0 = log.start("sample", f"{n} samples per model and scale ({what})")
+    sample_paths = sweep.sample_models(models, workdir, mesh)
     log.done("sample", t0)
     return sample_paths
 
 
-def _output_paths(workdir: pathlib.Path, scales, sample_paths) -> dict[str, Any]:
+def _output_paths(workdir: pathlib.Path, sample_paths) -> dict[str, Any]:
     return {
         "csv": workdir / RESULTS_CSV,
         "markdown": workdir / RESULTS_MD,
         "plot": workdir / PLOT,
         "sweep_figure": workdir / SWEEP_FIGURE,
-        "grids": {s: _grid_path(workdir, s) for s in scales},
+        "grids": {(m, s): _grid_path(workdir, m, s) for m, s in _pairs(sample_paths)},
         "samples": sample_paths,
     }
 
@@ -461,33 +458,33 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
       mesh: the device mesh for training and sampling (default: every device).
 
     Returns:
-      dict(rows=[per-scale dicts with report.COLUMNS], baseline=the real-digit row,
+      dict(rows=[per (model, scale) dicts with report.COLUMNS], baseline=the real-digit row,
       summary=str, ran=[stages run], skipped=[stages skipped], paths=dict of output files).
     """
-    _check_config(config)
     workdir = pathlib.Path(workdir)
+    models = sweep.sweep_models(config, workdir)
+    _check_config(config, models)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = distributed.data_mesh() if mesh is None else mesh
-    scales = labels_lib.parse_scales(config.sample.classifier_scale)
-    log = StageLog()
-    _train_networks(config, workdir, mesh, any(s != 0 for s in scales), log)
+    log = StageLog(stages(models))
+    _train_networks(config, workdir, models, mesh, log)
     # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).
     eval_net = _eval_network(config, workdir, log)
-    sample_paths = _sample(config, workdir, mesh, scales, log)
+    sample_paths = _sample(workdir, models, mesh, log)
     # 5: measure and report.
     results = {}
     if distributed.is_main_process():
-        results = _evaluate(config, workdir, sample_paths, eval_net, log, dict(log.seconds))
+        results = _evaluate(config, workdir, models, sample_paths, eval_net, log, dict(log.seconds))
         print("\n" + results["summary"], flush=True)
         print(
             f"\nResults: {workdir / RESULTS_MD} (table), {workdir / RESULTS_CSV}, "
             f"{workdir / PLOT} (metrics vs scale), {workdir / SWEEP_FIGURE} and "
-            f"{workdir / GRID_DIR}/ (samples per scale, one row per digit).",
+            f"{workdir / GRID_DIR}/ (samples per model and scale, one row per digit).",
             flush=True,
         )
     return {
         **results,
         "ran": log.ran,
         "skipped": log.skipped,
-        "paths": _output_paths(workdir, scales, sample_paths),
+        "paths": _output_paths(workdir, sample_paths),
     }

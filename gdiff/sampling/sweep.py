@@ -1,73 +1,184 @@
-"""`--mode=sweep`: the classifier-scale ablation (the paper's Fig. 4 / Table 4).
+"""`--mode=sweep`: the classifier-scale ablation (the paper's Table 4 and Fig. 4).
 
-Samples every scale of `sample.classifier_scale` in one compiled program over shared noise and
-labels (gdiff/sampling/run.py), evaluates each scale's samples against `eval.ref_batch`, and writes
-to the workdir:
+    python main.py --mode=sweep --config configs/ablations/<ablation>.py --workdir <dir> \
+        --config.eval.ref_batch=REF.npz --config.eval.inception_weights=WEIGHTS
 
-    scale_sweep.csv   scale, fid, sfid, inception_score, precision, recall, classifier_accuracy
-    scale_sweep.md    the same as a markdown table
-    scale_sweep.png   each metric against the scale (matplotlib, Agg backend)
+One or more diffusion models (`sweep.models`, e.g. a class-conditional and an unconditional one)
+are guided by the same classifier. Each is sampled at every scale of its `sample.classifier_scale`
+in one compiled program (gdiff/sampling/run.py), and all models draw the same labels from the same
+noise (per-example keys from `sample.seed`), so rows differ by the model and the scale alone. Every
+(model, scale)'s merged samples are scored by `gdiff.evaluation.scoring.Scorer` against
+`eval.ref_batch` exactly as `--mode=evaluate` scores that file (the batch's own mu / sigma / mu_s /
+sigma_s, the FID Inception at `eval.resize`, `eval.is_split_size`; the reference activations are
+computed once per sweep and cached next to the batch), plus the guidance classifier's accuracy and
+log p(y|x) at the requested labels.
 
-Metrics come from any `gdiff.evaluation.FeatureExtractor` (the FID Inception-v3 for ImageNet
-configs, built from `eval.inception_weights`); `classifier_accuracy` is the top-1 accuracy of the
-guidance classifier (at t = 0) on the samples at the labels they were drawn for.
+Models: `sweep.models` maps a name to overrides of config groups, e.g.
+`{"unconditional": {"model": {"class_cond": False}, "sample": {"classifier_scale": "0,1,10"}}}`;
+empty, the config's own model is swept alone (named "conditional" or "unconditional" after
+`model.class_cond`). A named model is loaded from its `sample.model_checkpoint`, else from
+`<workdir>/<name>` (a `--mode=convert` or `--mode=train` workdir); the classifier from
+`sample.classifier_checkpoint`, else the workdir.
+
+Outputs in the workdir (an interrupted sweep resumes from the shards on disk):
+
+    samples/<model>/scale_<s>/samples_<N>x<H>x<W>x3.npz  per model and scale (the reference's
+                      format; samples/scale_<s>/ when one model is swept)
+    scale_sweep.csv   model, scale, fid, sfid, inception_score, precision, recall,
+                      classifier_accuracy, log_prob: one row per (model, scale), every digit
+    scale_sweep.md    the same table (4 significant digits), the columns' meanings, a summary
+    scale_sweep.png   each metric against the scale, one line per model
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import copy
+import dataclasses
 import os
 import pathlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
-from matplotlib import figure
 
 from gdiff import checkpointing, distributed, factory
-from gdiff.evaluation import evaluator, features
+from gdiff.evaluation import evaluator, report, scoring
 from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import plan as plan_lib
 from gdiff.sampling import run as sample_run
 from gdiff.sampling import shards
 
-COLUMNS = ("scale", "fid", "sfid", "inception_score", "precision", "recall", "classifier_accuracy")
-METRICS = COLUMNS[1:]
+TABLE_CSV = "scale_sweep.csv"
+TABLE_MD = "scale_sweep.md"
+PLOT = "scale_sweep.png"
+# Groups a model of a sweep may override; the guidance classifier is shared by all of them.
+MODEL_GROUPS = ("model", "diffusion", "optim", "train", "sample")
+# What every model of a sweep must share (keys of its sampling manifest): the noise comes from the
+# seed and the example ids.
+SHARED_SETTINGS = ("seed", "num_samples", "image_shape")
 
 
-def compute_metrics(extractor, ref, images: np.ndarray) -> dict[str, float]:
-    """FID, sFID, IS, precision, recall of uint8 `images` [N, H, W, 3] against `ref`.
+@dataclasses.dataclass(frozen=True)
+class SweepModel:
+    """One diffusion model of a sweep."""
+
+    name: str
+    config: ml_collections.ConfigDict  # the full config with this model's overrides applied
+    workdir: pathlib.Path  # where it is trained, and loaded from without sample.model_checkpoint
+
+    def sampling_config(self) -> ml_collections.ConfigDict:
+        """`config` with `sample.model_checkpoint` defaulting to this model's workdir."""
+        config = copy.deepcopy(self.config)
+        config.sample.model_checkpoint = config.sample.model_checkpoint or str(self.workdir)
+        return config
+
+
+def _with_overrides(config, name: str, entry) -> ml_collections.ConfigDict:
+    """A copy of `config` with `entry` ({group: {key: value}}) written into it, typed."""
+    config = copy.deepcopy(config)
+    for group, values in entry.items():
+        if group not in MODEL_GROUPS:
+            raise KeyError(
+                f"sweep.models.{name}.{group}: a model of a sweep may override only "
+                f"{', '.join(MODEL_GROUPS)} (the guidance classifier is shared)"
+            )
+        for key, value in values.items():
+            if key not in config[group]:
+                raise KeyError(f"sweep.models.{name}.{group}.{key} is not a key of {group}")
+            # FieldReferences stay linked: model.class_cond also sets data.class_cond.
+            config[group][key] = value
+    return config
+
+
+def sweep_models(config, workdir: str | os.PathLike) -> list[SweepModel]:
+    """The models `config.sweep.models` declares (or the config's own model alone)."""
+    workdir = pathlib.Path(workdir)
+    entries = config.sweep.models
+    if not entries:
+        name = "conditional" if config.model.class_cond else "unconditional"
+        return [SweepModel(name, config, workdir)]
+    if config.sample.model_checkpoint:
+        raise ValueError(
+            f"sample.model_checkpoint={config.sample.model_checkpoint} names one checkpoint, but "
+            f"sweep.models declares {len(entries)} models: set "
+            "sweep.models.<name>.sample.model_checkpoint for each (default <workdir>/<name>)"
+        )
+    out = plan_lib.output_dir(config, str(workdir))
+    models = []
+    for name, entry in entries.items():
+        model_config = _with_overrides(config, name, entry)
+        model_config.sample.output_dir = str(out / name)
+        models.append(SweepModel(name, model_config, workdir / name))
+    return models
+
+
+def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.SamplingPlan]:
+    """Every model's sampling plan (checkpoints located, settings validated), checking that all
+    models draw the same labels and image shape: the rows of a sweep differ by model and scale
+    only. Raises before anything is sampled."""
+    topology = sample_run.topology(mesh)
+    plans = {
+        m.name: plan_lib.make_plan(m.sampling_config(), str(workdir), topology) for m in models
+    }
+    first = plans[models[0].name].manifest
+    for name, plan in plans.items():
+        differ = [k for k in SHARED_SETTINGS if plan.manifest[k] != first[k]]
+        if differ:
+            raise ValueError(
+                f"the models of a sweep draw the same noise and samples, but {models[0].name} and "
+                f"{name} differ in {', '.join(f'sample.{k}' for k in differ)}"
+            )
+    labelled = {n: p.labels for n, p in plans.items() if p.labels is not None}
+    if labelled and any(
+        not np.array_equal(v, next(iter(labelled.values()))) for v in labelled.values()
+    ):
+        raise ValueError(
+            f"the models of a sweep must draw the same labels; {sorted(labelled)} do not (do "
+            "their model.num_classes and sample.labels / sample.seed agree?)"
+        )
+    return plans
+
+
+def sample_models(models: list[SweepModel], workdir, mesh) -> dict[str, dict[float, pathlib.Path]]:
+    """Samples every model at its scales (resumable); {model: {scale: merged .npz}}."""
+    plan_models(models, workdir, mesh)
+    return {m.name: sample_run.run(m.sampling_config(), str(workdir), mesh=mesh) for m in models}
+
+
+def load_guidance(config, workdir) -> scoring.ClassifierScore | None:
+    """The guidance classifier's scorer (`sample.classifier_checkpoint`, else the workdir's
+    classifier), or None when there is none."""
+    try:
+        found = checkpointing.locate(config.sample.classifier_checkpoint or workdir, "classifier")
+    except FileNotFoundError:
+        return None
+    params = checkpointing.load_params(found)
+    return scoring.ClassifierScore(
+        factory.build_classifier(config), sample_run._as_variables(params)
+    )
+
+
+def score_models(scorer: scoring.Scorer, sample_paths) -> list[dict[str, Any]]:
+    """One row per (model, scale), scales ascending: `scorer` on the merged samples and the
+    labels they were drawn for.
 
     Args:
-      extractor: any `gdiff.evaluation.FeatureExtractor` (images -> dict(pool, spatial, probs)).
-      ref: reference images uint8 [M, H, W, 3] or a dict of reference activations / statistics
-        (what `gdiff.evaluation.evaluate_samples` accepts).
+      scorer: the sweep's `scoring.Scorer`.
+      sample_paths: {model: {scale: merged samples .npz}} (`sample_models`).
     """
-    out = evaluator.evaluate_samples(
-        extractor, ref, images, is_split_size=min(5000, max(1, len(images)))
-    )
-    return {k: float(out[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")}
+    rows = []
+    for name, paths in sample_paths.items():
+        for scale in sorted(paths):
+            images, labels = shards.read_sample_file(paths[scale])
+            row = {"model": name, "scale": float(scale), **scorer(images, labels)}
+            logging.info("%s, scale %s: %s", name, labels_lib.format_scale(scale), row)
+            rows.append(row)
+    return rows
 
 
-def guidance_accuracy(classifier, variables, images: np.ndarray, labels, batch_size: int = 256):
-    """Top-1 accuracy of the noise-aware classifier at t = 0 on uint8 samples [N, H, W, 3]."""
-    apply = jax.jit(
-        lambda v, x: classifier.apply(
-            v, x.astype(jnp.float32) / 127.5 - 1.0, jnp.zeros((x.shape[0],), jnp.int32)
-        )
-    )
-    labels = np.asarray(labels)
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = np.asarray(apply(variables, images[start : start + batch_size]))
-        correct += int(np.sum(np.argmax(logits, -1) == labels[start : start + batch_size]))
-    return correct / max(len(images), 1)
-
-
-def _reference(config, extractor):
-    """Checks the evaluation inputs BEFORE hours of sampling; returns (extractor, ref)."""
+def _reference_batch(config) -> tuple:
+    """Checks the evaluation inputs BEFORE hours of sampling; returns the read reference batch."""
     ev = config.eval
     if not ev.ref_batch:
         raise ValueError(
@@ -76,98 +187,94 @@ def _reference(config, extractor):
         )
     if not os.path.exists(ev.ref_batch):
         raise FileNotFoundError(f"eval.ref_batch={ev.ref_batch} does not exist")
-    ref_images, ref_stats = evaluator.read_reference_batch(ev.ref_batch)
+    return evaluator.read_reference_batch(ev.ref_batch)
+
+
+def reference_scorer(config, workdir, ref_batch, extractor=None) -> scoring.Scorer:
+    """The scorer `--mode=evaluate` would be: eval.ref_batch's statistics and (cached)
+    activations, the FID Inception of eval.inception_weights at eval.resize (or `extractor`),
+    eval.is_split_size; plus the guidance classifier's columns (`load_guidance`).
+
+    Args:
+      ref_batch: `evaluator.read_reference_batch(config.eval.ref_batch)`.
+    """
+    ev = config.eval
     if extractor is None:
         # Raises FileNotFoundError with download instructions when the weights are missing.
-        variables = evaluator.load_inception_variables(ev.inception_weights)
-        extractor = features.InceptionExtractor(variables, batch_size=int(ev.batch_size))
-    if ref_images is None:
-        return extractor, dict(ref_stats)
-    return extractor, ref_images
-
-
-def write_table(rows: list[dict[str, Any]], directory) -> tuple[pathlib.Path, pathlib.Path]:
-    """Writes `scale_sweep.csv` and `scale_sweep.md` (one row per scale, COLUMNS)."""
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = directory / "scale_sweep.csv", directory / "scale_sweep.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in COLUMNS})
-    lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows:
-        cells = [labels_lib.format_scale(row["scale"])]
-        cells += [_fmt(row[k]) for k in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def _fmt(value: float) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{value:.4g}")
+        extractor = evaluator.build_extractor(
+            ev.inception_weights, batch_size=int(ev.batch_size), resize=str(ev.resize)
+        )
+    reference = evaluator.load_reference(
+        ev.ref_batch,
+        extractor,
+        weights_path=ev.inception_weights,
+        resize=str(ev.resize),
+        workdir=workdir,
+        batch=ref_batch,
+    )
+    return scoring.Scorer(
+        extractor,
+        reference,
+        is_split_size=int(ev.is_split_size),
+        guidance=load_guidance(config, workdir),
     )
 
 
-def plot(rows: list[dict[str, Any]], path) -> pathlib.Path:
-    """scale_sweep.png: one panel per metric against the guidance scale."""
-    scales = [r["scale"] for r in rows]
-    fig = figure.Figure(figsize=(3.2 * len(METRICS), 3.0))
-    axes = fig.subplots(1, len(METRICS))
-    for ax, key in zip(axes, METRICS, strict=True):
-        ax.plot(scales, [r[key] for r in rows], marker="o")
-        ax.set_xlabel("classifier scale")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+def sampling_description(config) -> str:
+    """How a sweep samples, in one line of its report."""
+    s = config.sample
+    respacing = s.timestep_respacing or config.diffusion.timestep_respacing or "none"
+    return (
+        f"{'DDIM' if s.use_ddim else 'ancestral'}, respacing {respacing}, {s.num_samples} samples "
+        f"per model and scale, labels {s.labels}, seed {s.seed}"
+    )
+
+
+def write_report(config, rows, workdir) -> dict[str, pathlib.Path]:
+    """scale_sweep.csv / .md / .png in the workdir."""
+    workdir = pathlib.Path(workdir)
+    details = {
+        "reference batch": config.eval.ref_batch,
+        "sampling": sampling_description(config),
+    }
+    return {
+        "csv": report.write_csv(rows, workdir / TABLE_CSV),
+        "markdown": report.write_markdown(
+            rows,
+            workdir / TABLE_MD,
+            title="Classifier-scale sweep",
+            summary=report.summarize(rows),
+            details=details,
+            images=[PLOT],
+        ),
+        "plot": report.plot(rows, workdir / PLOT),
+    }
 
 
 def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, Any]]:
-    """Samples every scale, evaluates each, and writes the table and the plot to `workdir`.
+    """Samples every model at every scale, scores each, and writes the table and the plot.
 
     Args:
-      config: a gdiff config whose `sample.classifier_scale` lists the scales.
+      config: a gdiff config: `sweep.models` (the models), each model's `sample.classifier_scale`
+        (its scales), `eval` (the reference batch and feature network).
       workdir: checkpoints (defaults) and outputs.
-      extractor: the feature extractor for the metrics; default the FID Inception-v3 from
-        `eval.inception_weights` (a clear error when that or `eval.ref_batch` is missing).
+      extractor: the feature network; default the FID Inception-v3 from `eval.inception_weights`
+        (a clear error, before any sampling, when that or `eval.ref_batch` is missing).
       mesh: the sampling device mesh (default: all devices).
 
     Returns:
-      The table rows: dicts with COLUMNS.
+      The table rows on process 0 (dicts with report.COLUMNS), [] on the others.
     """
-    scales = labels_lib.parse_scales(config.sample.classifier_scale)
-    extractor, ref = _reference(config, extractor)
-    paths = sample_run.run(config, workdir, mesh=mesh)
-
-    classifier = classifier_vars = None
-    if any(s != 0 for s in scales):
-        classifier = factory.build_classifier(config)
-        ckpt = config.sample.classifier_checkpoint or workdir
-        classifier_vars = sample_run._as_variables(
-            checkpointing.load_params(ckpt, kind="classifier")
-        )
-    rows = []
-    for scale in scales:
-        images, labels = shards.read_sample_file(paths[scale])
-        row = {"scale": float(scale), **compute_metrics(extractor, ref, images)}
-        row["classifier_accuracy"] = (
-            guidance_accuracy(classifier, classifier_vars, images, labels)
-            if classifier is not None and labels is not None
-            else float("nan")
-        )
-        logging.info("scale %s: %s", labels_lib.format_scale(scale), row)
-        rows.append(row)
+    mesh = distributed.data_mesh() if mesh is None else mesh
+    ref_batch = _reference_batch(config)
+    models = sweep_models(config, workdir)
+    plan_models(models, workdir, mesh)
+    scorer = None
     if distributed.is_main_process():
-        write_table(rows, workdir)
-        plot(rows, pathlib.Path(workdir) / "scale_sweep.png")
+        scorer = reference_scorer(config, workdir, ref_batch, extractor)
+    sample_paths = sample_models(models, workdir, mesh)
+    if scorer is None:
+        return []
+    rows = score_models(scorer, sample_paths)
+    write_report(config, rows, workdir)
     return rows

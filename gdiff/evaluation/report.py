@@ -1,0 +1,358 @@
+"""The one report of sweeps: rows (model x scale) -> CSV, markdown table, plot, sample figure,
+and a plain-language summary derived from the numbers. `--mode=sweep` and the digits pipeline
+both write through it.
+
+A row is a dict: `model` (str), `scale` (float) and metric columns (floats, NaN where a row has no
+value); which metric columns a table has is whatever `gdiff.evaluation.scoring.Scorer` produced.
+Every number written here comes from the rows; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import figure
+
+from gdiff.sampling import labels as labels_lib
+
+# Every column a table may have, in table order (the paper's Table 4 first, then the columns at
+# the requested labels); a table has those its rows hold.
+COLUMNS = (
+    "model",
+    "scale",
+    "fid",
+    "sfid",
+    "inception_score",
+    "precision",
+    "recall",
+    "eval_accuracy",
+    "classifier_accuracy",
+    "log_prob",
+)
+DESCRIPTIONS = {
+    "model": "the diffusion model sampled (all models share the noise, the labels and the "
+    "guidance classifier)",
+    "scale": "the classifier scale s of the guidance gradient s * grad log p(y|x_t)",
+    "eval_accuracy": "the evaluation network's top-1 accuracy at the requested labels (an "
+    "independent clean-image classifier: class fidelity)",
+    "classifier_accuracy": "the guidance classifier's top-1 accuracy at the requested labels (t=0)",
+    "log_prob": "mean log p(requested label | sample, t=0) under the guidance classifier",
+    "fid": "Frechet distance to the reference in the feature network's pooled features (lower is "
+    "better)",
+    "sfid": "the same in its spatial features (lower is better)",
+    "inception_score": "Inception Score from the feature network's class probabilities",
+    "precision": "fraction of samples inside the reference's k=3 feature manifold (fidelity)",
+    "recall": "fraction of the reference inside the samples' k=3 feature manifold (diversity)",
+}
+TITLES = {
+    "eval_accuracy": "accuracy at requested label",
+    "classifier_accuracy": "guidance classifier accuracy",
+    "log_prob": "guidance classifier log p(y|x)",
+    "fid": "FID",
+    "sfid": "sFID",
+    "inception_score": "IS",
+    "precision": "precision",
+    "recall": "recall",
+}
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: 4 significant digits, scientific below 1e-3, n/a for None / NaN."""
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The table's columns: those of COLUMNS that the rows hold, in COLUMNS order."""
+    if not rows:
+        raise ValueError("no rows to report")
+    return [c for c in COLUMNS if c in rows[0]]
+
+
+def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [c for c in columns(rows) if c not in ("model", "scale")]
+
+
+def models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The models of the rows, in order of first appearance."""
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:
+    """One row per (model, scale); floats as repr, so the file holds every digit computed."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = columns(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] if k == "model" else repr(float(row[k])) for k in cols})
+    os.replace(tmp, path)  # a half-written table never looks finished to a rerun
+    return path
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str] = ("model", "scale")) -> list[dict]:
+    """The rows of a table written by `write_csv` (ValueError when `required` columns are
+    missing)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing}; delete it to re-evaluate")
+        return [{k: v if k == "model" else float(v) for k, v in r.items()} for r in reader]
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+) -> list[str]:
+    """The table's lines: one row per (model, scale), then the baseline row (no scale)."""
+    cols, metrics = columns(rows), metric_columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [str(row["model"]), labels_lib.format_scale(row["scale"])]
+        lines.append("| " + " | ".join(cells + [fmt(row[k]) for k in metrics]) + " |")
+    if baseline:
+        cells = [baseline_name, ""] + [fmt(baseline.get(k)) for k in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+    notes: Sequence[str] = (),
+    summary: str = "",
+    details: Mapping[str, Any] | None = None,
+    images: Sequence[str] = (),
+) -> pathlib.Path:
+    """The table, paragraphs of `notes`, the column meanings, the summary, images, run details."""
+    lines = [f"# {title}", ""]
+    lines += markdown_table(rows, baseline=baseline, baseline_name=baseline_name) + [""]
+    for note in notes:
+        lines += [note, ""]
+    lines += ["Columns:", ""]
+    lines += [f"- `{k}`: {DESCRIPTIONS[k]}" for k in columns(rows)]
+    lines.append("")
+    if summary:
+        lines += ["## What the table says", "", summary, ""]
+    for image in images:
+        lines += [f"![{image}]({image})", ""]
+    if details:
+        lines += ["## Run", ""]
+        lines += [f"- {k}: {v}" for k, v in details.items()]
+        lines.append("")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+) -> pathlib.Path:
+    """One panel per metric against the classifier scale, one line per model (the baseline as a
+    dashed line). The x axis is symlog so scale 0 and the large scales share one plot."""
+    metrics = metric_columns(rows)
+    scales = sorted({r["scale"] for r in rows})
+    ncols = min(4, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig = figure.Figure(figsize=(3.2 * ncols, 2.8 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    for ax, key in zip(axes, metrics, strict=False):
+        for model in models(rows):
+            mine = [r for r in rows if r["model"] == model]
+            ax.plot([r["scale"] for r in mine], [r[key] for r in mine], marker="o", label=model)
+        if baseline and np.isfinite(baseline.get(key, math.nan)):
+            ax.axhline(baseline[key], color="grey", ls="--", lw=1, label=baseline_name)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xticks(scales, [labels_lib.format_scale(s) for s in scales], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("classifier scale")
+        ax.set_title(TITLES[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def save_sweep_figure(
+    grids: Mapping[tuple[str, float], np.ndarray], path: str | os.PathLike, *, zoom: int = 1
+) -> pathlib.Path:
+    """Every (model, scale)'s sample grid (uint8 [H, W, 3]) in one picture: a row per model, a
+    column per scale, titled."""
+    names = list(dict.fromkeys(m for m, _ in grids))
+    per_model = {m: [s for n, s in grids if n == m] for m in names}
+    ncols = max(len(v) for v in per_model.values())
+    height, width = np.asarray(next(iter(grids.values()))).shape[:2]
+    panel = max(1.2, width * zoom / 100.0)
+    fig = figure.Figure(figsize=(panel * ncols, (panel * height / width + 0.4) * len(names)))
+    axes = np.asarray(fig.subplots(len(names), ncols, squeeze=False))
+    for i, model in enumerate(names):
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(per_model[model]):
+                scale = per_model[model][j]
+                ax.imshow(np.asarray(grids[(model, scale)]), interpolation="nearest")
+                title = f"scale {labels_lib.format_scale(scale)}"
+                ax.set_title(f"{model}, {title}" if len(names) > 1 else title, fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _trend(values: Sequence[float], scales: Sequence[float]) -> str:
+    """'rises from X at scale a to Y at scale b' (or falls / stays), from first to last scale."""
+    first, last = float(values[0]), float(values[-1])
+    a, b = labels_lib.format_scale(scales[0]), labels_lib.format_scale(scales[-1])
+    if abs(last - first) <= 0.02 * max(abs(first), abs(last), 1e-12):
+        return f"stays near {fmt(first, 3)} ({fmt(first, 3)} at scale {a}, {fmt(last, 3)} at {b})"
+    verb = "rises" if last > first else "falls"
+    return f"{verb} from {fmt(first, 3)} at scale {a} to {fmt(last, 3)} at scale {b}"
+
+
+def _accuracy_key(rows) -> str | None:
+    """The accuracy the summary speaks of: the independent evaluation network's when present."""
+    for key in ("eval_accuracy", "classifier_accuracy"):
+        if key in rows[0] and np.any(np.isfinite([r[key] for r in rows])):
+            return key
+    return None
+
+
+def _model_sentences(rows: Sequence[Mapping[str, Any]], acc: str | None) -> list[str]:
+    """The trend of each metric over one model's scales, and whether it is the paper's trade-off."""
+    scales = [r["scale"] for r in rows]
+    col = {k: [r[k] for r in rows] for k in metric_columns(rows)}
+    parts = []
+    if acc:
+        parts.append(f"Accuracy at the requested labels {_trend(col[acc], scales)}.")
+    if "log_prob" in col and np.all(np.isfinite(col["log_prob"])):
+        parts.append(f"The guidance classifier's log p(y|x) {_trend(col['log_prob'], scales)}.")
+    best_fid = int(np.nanargmin(col["fid"])) if np.any(np.isfinite(col["fid"])) else 0
+    parts += [
+        f"Recall (diversity) {_trend(col['recall'], scales)}; precision (fidelity) "
+        f"{_trend(col['precision'], scales)}.",
+        f"FID {_trend(col['fid'], scales)}, lowest ({fmt(col['fid'][best_fid], 3)}) at scale "
+        f"{labels_lib.format_scale(scales[best_fid])}.",
+    ]
+    acc_up = acc is not None and col[acc][-1] > col[acc][0]
+    recall_down = col["recall"][-1] < col["recall"][0]
+    if acc_up and recall_down:
+        parts.append(
+            "This is the paper's trade-off (Table 4, Fig. 4): a larger classifier scale buys "
+            "class fidelity at the price of diversity."
+        )
+        return parts
+    missing = ["accuracy does not rise with the scale"] if not acc_up else []
+    missing += ["recall does not fall at large scales"] if not recall_down else []
+    parts.append(
+        "Unlike the paper's ablation, " + " and ".join(missing) + " in this run; the models may "
+        "be undertrained for this budget."
+    )
+    return parts
+
+
+def _finite(value: float) -> float:
+    """NaN as -inf, so the largest of a column is a number."""
+    return -math.inf if math.isnan(value) else value
+
+
+def _comparison(rows: Sequence[Mapping[str, Any]], acc: str, chance: float | None) -> str:
+    """Across models: accuracy and FID unguided (scale 0) and at each model's most accurate
+    scale, the comparison Table 4 makes."""
+
+    def cell(r) -> str:
+        return f"{r['model']} {fmt(r[acc], 3)} (FID {fmt(r['fid'], 3)})"
+
+    names = models(rows)
+    unguided = [r for r in rows if r["scale"] == 0]
+    best = [max((r for r in rows if r["model"] == m), key=lambda r: _finite(r[acc])) for m in names]
+    text = ""
+    if unguided:
+        text = "Unguided (scale 0), accuracy at the requested labels is " + ", ".join(
+            cell(r) for r in unguided
+        )
+        text += f" (chance: {fmt(chance, 3)}). " if chance else ". "
+    return (
+        text
+        + "The most accurate scale of each model: "
+        + ", ".join(f"{cell(r)} at scale {labels_lib.format_scale(r['scale'])}" for r in best)
+        + "."
+    )
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+    chance: float | None = None,
+) -> str:
+    """A few plain sentences about the sweep, computed from the rows: per model, each metric's
+    trend over the scale; across models, the unguided and best-accuracy rows."""
+    if not rows:
+        raise ValueError("no results to summarize")
+    names = models(rows)
+    acc = _accuracy_key(rows)
+    parts = []
+    for model in names:
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["scale"])
+        lead = f"{model.capitalize()} model: " if len(names) > 1 else ""
+        if len(mine) == 1:
+            r = mine[0]
+            parts.append(
+                f"{lead}only scale {labels_lib.format_scale(r['scale'])} was sampled: FID "
+                f"{fmt(r['fid'], 3)}, precision {fmt(r['precision'], 3)}, recall "
+                f"{fmt(r['recall'], 3)}."
+            )
+            continue
+        parts.append(lead + " ".join(_model_sentences(mine, acc)))
+    if len(names) > 1 and acc:
+        parts.append(_comparison(rows, acc, chance))
+    if baseline:
+        acc_text = f"accuracy {fmt(baseline.get(acc), 3)}, " if acc in baseline else ""
+        parts.append(
+            f"The {baseline_name} row, on the same measuring stick: {acc_text}FID "
+            f"{fmt(baseline['fid'], 3)}, recall {fmt(baseline['recall'], 3)}."
+        )
+    return "\n\n".join(parts)
