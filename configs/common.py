@@ -1,10 +1,11 @@
 """The base configuration every experiment file starts from.
 
 Groups mirror the stages of the method: `data`, `model` (the diffusion UNet), `diffusion`,
-`classifier` (the noise-aware classifier), `optim`, `train`, `sample`, `eval`. Values are typed
-(sizes as ints, channel multipliers and attention resolutions as tuples, a compute dtype name);
-`gdiff/factory.py` builds every network and diffusion from them. A fact is declared once: the
-image size, the number of classes and class conditioning live in `data`, and `model` /
+`classifier` (the noise-aware classifier), `optim`, `train`, `sample`, `eval`, `sweep` (the
+diffusion models a classifier-scale sweep compares). Values are typed (sizes as ints, channel
+multipliers and attention resolutions as tuples, a compute dtype name); `gdiff/factory.py` builds
+every network and diffusion from them. A fact is declared once: the image size, the number of
+classes and class conditioning live in `data`, and `model` /
 `classifier` refer to them. A reference flag string (the reference's MODEL_FLAGS, classifier and
 sampling flags) is written into a config through one table, `gdiff.compat.flags.TO_CONFIG`
 (`configs.released.apply_flags`). Every key the code reads is declared here, so each one can be
@@ -63,7 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.use_new_attention_order = False
     model.dtype = "float32"  # compute dtype ("bfloat16": the reference's use_fp16); params float32
     model.attention_impl = ""  # "" = jax.nn.dot_product_attention's choice | "xla" | "cudnn"
-    model.small_size = 0  # > 0: a SuperResModel upsampling from small_size to image_size
+    # > 0: a SuperResModel upsampling from small_size to image_size, trained (like the reference's
+    # super_res_train.py) on each batch area-downsampled to small_size as its low_res input.
+    model.small_size = 0
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.steps = 1000
@@ -92,7 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 1e-4
     optim.weight_decay = 0.0
-    optim.anneal_lr = False  # linear decay to 0 over train.num_steps (the reference's classifiers)
+    # Linear decay to 0 over train.num_steps (diffusion: set after each step, as the TrainLoop's
+    # lr_anneal_steps, so steps 0 and 1 use lr) or train.classifier_num_steps (classifier: set
+    # before each step, as classifier_train.py's anneal_lr).
+    optim.anneal_lr = False
     optim.grad_clip = 0.0  # 0 disables; the reference does not clip
     optim.b1 = 0.9
     optim.b2 = 0.999
@@ -110,6 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every = 0  # classifier held-out evaluation
     train.eval_batches = 4
     train.max_to_keep = 3
+    # Where a fresh workdir starts from: a gdiff training checkpoint (its directory or one step
+    # folder), or a reference PyTorch run to continue (its model<step>.pt, or the folder: newest).
     train.resume_checkpoint = ""
     train.profile = False
     train.progress = True  # a per-step tqdm bar on process 0
@@ -144,4 +152,19 @@ def get_config() -> ml_collections.ConfigDict:
     ev.resize = "legacy"  # legacy: TF1 bilinear as the reference evaluator; halfpixel: pytorch-fid
     ev.is_split_size = 5000  # Inception Score chunk size, as the reference evaluator
     ev.output = ""  # where the metrics JSON goes (default: next to the sample batch)
+    # --mode=nll (the reference's image_nll.py): bits/dim of data.eval_split under the model of
+    # sample.model_checkpoint (default: the workdir) / sample.ema_rate.
+    ev.nll_num_samples = 1000
+    ev.nll_batch_size = 1  # per device, as the reference's per rank
+    ev.nll_clip_denoised = True
+    ev.nll_output_dir = ""  # default: <workdir>/nll
+
+    config.sweep = sweep = ml_collections.ConfigDict()
+    # The diffusion models of a classifier-scale sweep (--mode=sweep, the digits pipeline), all
+    # guided by the one classifier over the same noise and labels: name -> overrides of the
+    # model / diffusion / optim / train / sample groups, e.g. {"unconditional": {"model":
+    # {"class_cond": False}, "sample": {"classifier_scale": "0,1,10"}}}. A named model lives in
+    # <workdir>/<name> unless its sample.model_checkpoint says otherwise. Empty: the config's own
+    # model alone (gdiff/sampling/sweep.py).
+    sweep.models = ml_collections.ConfigDict()
     return config

@@ -6,7 +6,12 @@
 `--config` takes a config file's path, or the name of a shipped one (`tiny`, `digits`,
 `released/imagenet64`, `ablations/classifier_scale`, ...), so an installed gdiff runs from any
 directory. Modes: pipeline (the embedded digits job end to end; the default), train,
-train_classifier, sample, sweep, evaluate, convert.
+train_classifier, sample, sweep, evaluate, convert, nll.
+
+A flag string of the reference's scripts drives a run too: `--reference_flags="$MODEL_FLAGS
+$DIFFUSION_FLAGS $TRAIN_FLAGS" --reference_script=image_train` writes those flags into the loaded
+config (through `gdiff.compat.flags.TO_CONFIG`, where that script puts them) before the mode runs,
+and logs what means something else in gdiff or nothing at all.
 
 A missing config file or an unknown config key ends in a one-line message naming it (and the
 closest known key), not a traceback.
@@ -28,7 +33,8 @@ from ml_collections import config_flags  # noqa: E402
 import configs  # noqa: E402
 from gdiff import distributed  # noqa: E402
 from gdiff.compat import convert_checkpoint  # noqa: E402
-from gdiff.evaluation import evaluator  # noqa: E402
+from gdiff.compat import flags as ref_flags  # noqa: E402
+from gdiff.evaluation import evaluator, nll  # noqa: E402
 from gdiff.pipeline import digits  # noqa: E402
 from gdiff.sampling import run, sweep  # noqa: E402
 from gdiff.train import classifier_trainer, diffusion_trainer  # noqa: E402
@@ -45,6 +51,7 @@ MODES = {
     "sweep": sweep.run,
     "evaluate": evaluator.run,
     "convert": convert_checkpoint.run,
+    "nll": nll.run,
 }
 
 
@@ -145,6 +152,25 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/digits", "Where checkpoints, logs, samples go.")
 _MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
+_REFERENCE_FLAGS = flags.DEFINE_string(
+    "reference_flags",
+    None,
+    'Flags of the reference\'s scripts, pasted (e.g. "$MODEL_FLAGS $TRAIN_FLAGS"), written into '
+    "the config before the mode runs; needs --reference_script.",
+)
+_REFERENCE_SCRIPT = flags.DEFINE_enum(
+    "reference_script",
+    None,
+    list(ref_flags.SCRIPTS),
+    "The reference script the --reference_flags are for: it decides which flags exist and where "
+    "some go (batch_size is train.batch_size for image_train, sample.batch_size for image_sample).",
+)
+_REFERENCE_DEFAULTS = flags.DEFINE_bool(
+    "reference_defaults",
+    False,
+    "Start from --reference_script's own defaults for every flag not given (the reference's run "
+    "exactly) instead of the config's values.",
+)
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -157,6 +183,28 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "TPU")
 
 
+def apply_reference_flags(config, flag_string: str | None, script: str | None, defaults: bool):
+    """Writes a pasted reference flag string into `config` and logs the notes on it.
+
+    Raises:
+      UsageError: no script named, an unknown flag (with the closest known one) or a bad value.
+    """
+    if flag_string is None and not defaults:
+        return
+    if script is None:
+        raise UsageError(
+            f"--reference_flags needs --reference_script (one of {', '.join(ref_flags.SCRIPTS)})"
+        )
+    try:
+        notes = ref_flags.write_flags(config, flag_string or "", script, with_defaults=defaults)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"--reference_flags: {e}") from e
+    if not defaults:
+        logging.info("%s flags not given keep the config's values", script)
+    for line in notes:
+        logging.warning("reference flag %s", line)
+
+
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -165,6 +213,12 @@ def _main(argv):
         # (orbax writes ~300 per run) would bury them. --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    try:
+        apply_reference_flags(
+            config, _REFERENCE_FLAGS.value, _REFERENCE_SCRIPT.value, _REFERENCE_DEFAULTS.value
+        )
+    except UsageError as e:
+        sys.exit(f"gdiff: {e}")
     distributed.maybe_initialize(config.distributed)
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
@@ -175,7 +229,7 @@ def _main(argv):
         jax.default_backend(),
     )
     mode, workdir = _MODE.value, _WORKDIR.value
-    if mode in ("train", "train_classifier", "pipeline"):
+    if mode in ("train", "train_classifier", "pipeline", "nll"):
         _hide_accelerators_from_tensorflow()
     MODES[mode](config, workdir)
 

@@ -121,5 +121,20 @@ def host_copy(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
+def all_agree(local_flags: np.ndarray) -> np.ndarray:
+    """Elementwise AND of a bool vector over all processes: what every process holds (e.g. the
+    batches every host has finished, so that all of them skip the same collective programs)."""
+    if jax.process_count() == 1:
+        return local_flags
+    gathered = multihost_utils.process_allgather(local_flags.astype(np.int32))
+    return np.all(np.asarray(gathered).reshape(jax.process_count(), -1) > 0, axis=0)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing to wait for on one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0

@@ -71,8 +71,9 @@ def test_flag_table_places_and_types():
     }
     assert groups["classifier"] == {"dtype": "float32"}
     assert groups["sample"] == {"classifier_scale": "2.0"}
-    with pytest.raises(KeyError, match="--lr has no place"):
-        flags.to_config({"lr": 1e-4})
+    assert flags.to_config({"lr": 1e-4}) == {"optim": {"lr": 1e-4}}
+    with pytest.raises(KeyError, match="--learning_rate has no place"):
+        flags.to_config({"learning_rate": 1e-4})
     with pytest.raises(TypeError, match="did you mean --num_channels"):
         flags.parse_flags("--num_chanels 64")
 

@@ -67,7 +67,7 @@ def test_config_carries_the_readme_flags(name):
     config = _config(name)
     checkpoint = released.CHECKPOINTS[name]
     for key, value in openai.parse_flags(checkpoint.all_flags).items():
-        group, field, typed = flags.TO_CONFIG[key]
+        group, field, typed = flags.TO_CONFIG[key][:3]
         assert config[group][field] == typed(value), key
     # Typed as the factory reads them: tuples of pixels, a compute dtype name.
     assert isinstance(config.model.attention_resolutions, tuple)

@@ -15,29 +15,25 @@ Workflow (one workdir per resolution):
 """
 
 import ml_collections
+from absl import logging
 
 from configs import common
 from gdiff.compat import flags as ref_flags
 from gdiff.compat import released as ref_released
 
-# Flags of the reference's scripts that only name files: paths are given on the command line.
-_PATH_FLAGS = ("model_path", "classifier_path")
 
-
-def apply_flags(config: ml_collections.ConfigDict, flags: str) -> None:
+def apply_flags(config: ml_collections.ConfigDict, flags: str, script: str | None = None) -> None:
     """Writes a reference flag string (MODEL_FLAGS / classifier flags / SAMPLE_FLAGS) into config.
 
     Each flag goes where `gdiff.compat.flags.TO_CONFIG` says, typed: model flags to `config.model`
     (`large_size` / `small_size` make it a super-resolution model), diffusion flags to
     `config.diffusion`, `classifier_*` flags to `config.classifier`, `classifier_scale` and the
-    sampling flags to `config.sample`. File-path flags (`model_path`, `classifier_path`) and flags
-    with no place in a gdiff config are rejected with a KeyError naming the flag.
+    sampling flags to `config.sample` (or, for another reference `script`, where that script puts
+    them). Flags that mean nothing in gdiff (`model_path`, ...) are logged with the reason; an
+    unknown flag raises TypeError naming the closest known one.
     """
-    parsed = ref_flags.parse_flags(flags)
-    for name in parsed:
-        if name in _PATH_FLAGS:
-            raise KeyError(f"reference flag --{name} names a file: give it on the command line")
-    ref_flags.write_config(config, parsed)
+    for line in ref_flags.write_flags(config, flags, script):
+        logging.info("reference flag %s", line)
 
 
 def base_config(*, data_name: str, num_classes: int = 1000) -> ml_collections.ConfigDict:

@@ -5,6 +5,12 @@ Images are read as encoded bytes (`SkipDecoding`) so that skipping ahead on resu
 decoding; each example is then decoded and preprocessed with the reference's PIL pipeline (BOX
 halving, BICUBIC, centre or random crop, flip), seeded by its position in the stream.
 
+Pixels equal the reference's, which decodes with PIL: JPEGs are decoded with the accurate integer
+inverse DCT (`dct_method="INTEGER_ACCURATE"`, libjpeg's JDCT_ISLOW, PIL's default) instead of TF's
+default fast one (up to 5 levels apart), other formats with `decode_image`. LSUN images get the
+reference's LSUN export resize (one BOX resize, see gdiff/data/preprocess.py), everything else the
+reference data loader's BOX-halving + BICUBIC resize.
+
 Resume: the stream is deterministic for a given seed and process count (seeded file order and
 shuffle, deterministic maps), and `start_step` skips `start_step * local_batch` encoded examples,
 so a resumed run sees the batches an uninterrupted run would have seen. The skip still reads those
@@ -48,6 +54,57 @@ def check_name(name: str) -> str:
 
 def has_labels(name: str) -> bool:
     return not name.split(":")[0].startswith(_UNLABELLED_PREFIXES)
+
+
+def resize_method(name: str) -> str:
+    """How images of dataset `name` reach the target size (`preprocess.RESIZES`): LSUN as the
+    reference's LSUN exporter, everything else as the reference's data loader."""
+    return "lsun" if name.split(":")[0].startswith("lsun/") else "imagenet"
+
+
+def decode_image(tf, encoded):
+    """Encoded image bytes (a scalar tf.string) -> uint8 [H, W, 3], the pixels PIL decodes.
+
+    JPEGs go through libjpeg's accurate integer inverse DCT, as in PIL; grey images come out
+    repeated to RGB and alpha is dropped, as PIL's `convert("RGB")` does.
+    """
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
+
+
+def make_example_fn(
+    tf, name: str, *, image_size: int, seed: int, random_crop: bool, random_flip: bool
+):
+    """The per-example map of dataset `name`'s stream: (position, {"image": encoded bytes,
+    "label"}) -> dict(image float32 [S, S, 3] in [-1, 1], label int32 []).
+
+    The example's augmentation (crop, flip) is seeded by (seed, position), its position in the
+    stream, so a resumed stream augments every example as an uninterrupted one does.
+    """
+    labelled = has_labels(name)
+    resize = resize_method(name)
+
+    def numpy_preprocess(pixels, position):
+        return preprocess.preprocess_image(
+            pixels,
+            image_size,
+            rng=np.random.default_rng([abs(seed), int(position)]),
+            random_crop=random_crop,
+            random_flip=random_flip,
+            resize=resize,
+        )
+
+    def example_fn(position, example):
+        pixels = decode_image(tf, example["image"])
+        image = tf.numpy_function(numpy_preprocess, [pixels, position], tf.float32)
+        image.set_shape([image_size, image_size, 3])
+        label = tf.cast(example["label"], tf.int32) if labelled else tf.zeros([], tf.int32)
+        return {"image": image, "label": label}
+
+    return example_fn
 
 
 def _import_tf():
@@ -106,25 +163,14 @@ def tfds_batches(
     # Skip encoded records (cheap) before decoding; positions keep counting from the skip point.
     ds = ds.skip(start_step * local_batch)
     ds = ds.enumerate(start=start_step * local_batch)
-    labelled = has_labels(name)
-
-    def _numpy_preprocess(encoded_pixels, position):
-        rng = np.random.default_rng([abs(seed), int(position)])
-        return preprocess.preprocess_image(
-            encoded_pixels,
-            image_size,
-            rng=rng,
-            random_crop=random_crop,
-            random_flip=random_flip,
-        )
-
-    def _map(position, example):
-        pixels = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-        image = tf.numpy_function(_numpy_preprocess, [pixels, position], tf.float32)
-        image.set_shape([image_size, image_size, 3])
-        label = tf.cast(example["label"], tf.int32) if labelled else tf.zeros([], tf.int32)
-        return {"image": image, "label": label}
-
-    ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    example_fn = make_example_fn(
+        tf,
+        name,
+        image_size=image_size,
+        seed=seed,
+        random_crop=random_crop,
+        random_flip=random_flip,
+    )
+    ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
     yield from tfds.as_numpy(ds)

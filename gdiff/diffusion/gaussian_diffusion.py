@@ -672,23 +672,31 @@ class GaussianDiffusion:
         return losses.mean_flat(kl_prior) / np.log(2.0)
 
     def calc_bpd_loop(
-        self, model_fn: ModelFn, x_start, rng, clip_denoised: bool = True, noise=None
+        self,
+        model_fn: ModelFn,
+        x_start,
+        rng,
+        clip_denoised: bool = True,
+        noise=None,
+        noise_fn: chain.NoiseFn | None = None,
     ) -> dict[str, jnp.ndarray]:
         """The whole variational bound in bits per dimension, one `lax.scan` over t = T-1 .. 0.
 
         Args:
           x_start: [B, H, W, C]; rng: a `jax.random.key` for each step's q_sample noise, or
-          noise: [T, B, H, W, C] to replay (in step order).
+          noise: [T, B, H, W, C] to replay (in step order), or noise_fn: noise_fn(t) -> [B, H, W, C]
+          (e.g. per-example streams, as --mode=nll draws them).
         Returns:
           dict(total_bpd [B], prior_bpd [B], vb [B, T], xstart_mse [B, T], mse [B, T]); the T axis
           is in step order (t = T-1 first), as the reference stacks it.
         """
         x_start = jnp.asarray(x_start, jnp.float32)
-        if noise is None and rng is None:
-            raise ValueError("calc_bpd_loop needs an rng or a noise stream")
-        noise_fn = chain.step_noise_fn(
-            x_start.shape, self.num_timesteps, key=rng, stream=noise, name="noise"
-        )
+        if noise is None and rng is None and noise_fn is None:
+            raise ValueError("calc_bpd_loop needs an rng, a noise stream or a noise_fn")
+        if noise_fn is None:
+            noise_fn = chain.step_noise_fn(
+                x_start.shape, self.num_timesteps, key=rng, stream=noise, name="noise"
+            )
 
         def step(x_0, t, n):
             # Each term noises the same x_0 afresh: the chain's state stays x_0.

@@ -29,7 +29,6 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
 from gdiff import checkpointing, distributed, factory
 from gdiff.sampling import grid as grid_lib
@@ -49,20 +48,6 @@ def _as_variables(params: Any) -> dict:
     if isinstance(params, dict) and set(params) == {"params"}:
         return dict(params)
     return {"params": params}
-
-
-def _all_agree(local_flags: np.ndarray) -> np.ndarray:
-    """Elementwise AND of a bool vector over all processes (every host must skip the same
-    batches, because each batch is one collective program)."""
-    if jax.process_count() == 1:
-        return local_flags
-    gathered = multihost_utils.process_allgather(local_flags.astype(np.int32))
-    return np.all(np.asarray(gathered).reshape(jax.process_count(), -1) > 0, axis=0)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def topology(mesh: jax.sharding.Mesh) -> plan_lib.Topology:
@@ -115,7 +100,7 @@ def _todo(plan: plan_lib.SamplingPlan) -> list[int]:
     def batch_done(b: int) -> bool:
         return all(shards.shard_path(plan.out, sc, index, b).exists() for sc in plan.scales)
 
-    done = _all_agree(np.array([batch_done(b) for b in range(plan.num_batches)], bool))
+    done = distributed.all_agree(np.array([batch_done(b) for b in range(plan.num_batches)], bool))
     return [b for b in range(plan.num_batches) if not done[b]]
 
 
@@ -197,7 +182,7 @@ def _write_shards(plan: plan_lib.SamplingPlan, batch: int, images: np.ndarray) -
 def merge(plan: plan_lib.SamplingPlan) -> dict[float, pathlib.Path]:
     """Process 0 merges each scale's shards into its samples file and grid; every process waits
     for the shards before and for the merge after."""
-    _barrier("gdiff_sampling_shards_written")
+    distributed.barrier("gdiff_sampling_shards_written")
     if distributed.is_main_process():
         for scale in plan.scales:
             path = shards.merge_shards(
@@ -212,7 +197,7 @@ def merge(plan: plan_lib.SamplingPlan) -> dict[float, pathlib.Path]:
                 images, labels = shards.read_sample_file(path)
                 grid_lib.save_sample_grid(grid_path, images, labels, by_class=plan.by_class)
             logging.info("scale %s: %s", labels_lib.format_scale(scale), path)
-    _barrier("gdiff_sampling_merged")
+    distributed.barrier("gdiff_sampling_merged")
     return dict(plan.merged)
 
 

@@ -85,7 +85,9 @@ def read_sample_file(path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def check_run_manifest(out_dir, manifest: dict[str, Any], *, write: bool) -> None:
+def check_run_manifest(
+    out_dir, manifest: dict[str, Any], *, write: bool, setting: str = "sample.output_dir"
+) -> None:
     """Refuses to resume into `out_dir` when its shards were drawn with other settings.
 
     Args:
@@ -93,6 +95,7 @@ def check_run_manifest(out_dir, manifest: dict[str, Any], *, write: bool) -> Non
       manifest: JSON-able settings that decide which sample lands in which shard (seed, labels,
         batch layout, sampler flags, checkpoints, ...).
       write: whether this process records the manifest when the directory has none (process 0).
+      setting: the config key that chooses `out_dir` (named in the error).
     """
     path = pathlib.Path(out_dir) / RUN_FILE
     manifest = json.loads(json.dumps(manifest, sort_keys=True))
@@ -102,8 +105,8 @@ def check_run_manifest(out_dir, manifest: dict[str, Any], *, write: bool) -> Non
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {manifest.get(k)!r}" for k in diff)
             raise ValueError(
-                f"{out_dir} holds samples drawn with other settings ({details}); resume with the "
-                "same settings or choose another sample.output_dir"
+                f"{out_dir} holds shards made with other settings ({details}); resume with the "
+                f"same settings or choose another {setting}"
             )
         return
     if write:
