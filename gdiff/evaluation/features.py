@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gdiff import progress
 from gdiff.evaluation import inception
 from gdiff.evaluation import resize as resize_lib
 
@@ -127,6 +128,8 @@ class _ShardedExtractor:
         images = _check_images(images_uint8, self.rgb)
         n = images.shape[0]
         outs: dict[str, list] = {}
+        # Reference batches (10k-50k images) take minutes on one device: show a bar for them.
+        bar = progress.bar(n, desc="features", unit="img") if n > self.batch_size else None
         for start in range(0, n, self.batch_size):
             batch = images[start : start + self.batch_size]
             valid = batch.shape[0]
@@ -136,6 +139,10 @@ class _ShardedExtractor:
             result = self._forward(self.variables, jax.device_put(batch, self._data))
             for key, value in result.items():
                 outs.setdefault(key, []).append(np.asarray(value)[:valid])
+            if bar is not None:
+                bar.update(valid)
+        if bar is not None:
+            bar.close()
         if not outs:
             raise ValueError("no images to extract features from")
         return {key: np.concatenate(value) for key, value in outs.items()}

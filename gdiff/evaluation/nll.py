@@ -40,7 +40,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory
+from gdiff import checkpointing, distributed, factory, progress
 from gdiff.data import pipeline
 from gdiff.sampling import sampler as sampler_lib
 from gdiff.sampling import shards
@@ -251,11 +251,9 @@ def evaluate(config, plan: NllPlan, mesh, *, on_batch_done=None) -> None:
 
 def _progress_bar(plan: NllPlan, todo: list[int]) -> tqdm.tqdm | None:
     """Process 0's bar over its images, starting at those already on disk."""
-    if not distributed.is_main_process():
-        return None
     left = sum(int(np.sum(plan.positions(b) < plan.num_samples)) for b in todo)
     mine = sum(int(np.sum(plan.positions(b) < plan.num_samples)) for b in range(plan.num_batches))
-    return tqdm.tqdm(total=mine, initial=mine - left, unit="img", desc="nll", dynamic_ncols=True)
+    return progress.bar(mine, initial=mine - left, unit="img", desc="nll")
 
 
 def merge_shards(plan: NllPlan) -> dict[str, np.ndarray]:

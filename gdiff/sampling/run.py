@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory
+from gdiff import checkpointing, distributed, factory, progress
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import plan as plan_lib
@@ -154,15 +154,12 @@ def draw(
 
 def _progress_bar(plan: plan_lib.SamplingPlan, todo: list[int]) -> tqdm.tqdm | None:
     """Process 0's bar over every image of every scale, starting at those already on disk."""
-    if not distributed.is_main_process():
-        return None
     left = sum(plan.batch_examples(b) for b in todo)
-    return tqdm.tqdm(
-        total=plan.num_samples * len(plan.scales),
+    return progress.bar(
+        plan.num_samples * len(plan.scales),
         initial=(plan.num_samples - left) * len(plan.scales),
         unit="img",
         desc="sampling",
-        dynamic_ncols=True,
     )
 
 

@@ -14,7 +14,6 @@ import collections
 import json
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -27,33 +26,8 @@ from gdiff import distributed
 METRICS_FILE = "metrics.jsonl"
 
 
-class _LoggingWriter:
-    """Stand-in for clu's writer when clu cannot be imported (it needs tensorboard)."""
-
-    def __init__(self, active: bool):
-        self.active = active
-
-    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
-        if self.active:
-            text = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
-            logging.info("[%d] %s", step, text)
-
-    def write_images(self, step: int, images: dict[str, Any]) -> None:
-        del step, images  # the PNG files next to the logs hold the same pictures
-
-    def write_hparams(self, hparams: dict[str, Any]) -> None:
-        if self.active:
-            logging.info("hparams: %s", hparams)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class MetricsLog:
-    """One writer facade: clu's default writer (or plain logging) plus `metrics.jsonl`.
+    """One writer facade: clu's default writer (TensorBoard + logging) plus `metrics.jsonl`.
 
     The JSON-lines file (process 0 only) keeps every logged scalar with its step; it is what tests
     and quick scripts read, without TensorBoard.
@@ -62,17 +36,13 @@ class MetricsLog:
     def __init__(self, workdir: str | os.PathLike, *, name: str = METRICS_FILE):
         self.main = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
-        try:
-            # Imported here, not at the top: clu's summary writer imports TensorFlow (seconds of
-            # start-up), which only a run that writes logs needs.
-            from clu import metric_writers
+        # Imported here, not at the top: clu's summary writer imports TensorFlow (seconds of
+        # start-up), which only a run that writes logs needs.
+        from clu import metric_writers
 
-            self.writer = metric_writers.create_default_writer(
-                str(workdir), just_logging=not self.main, asynchronous=True
-            )
-        except ImportError as e:  # clu's summary writer needs tensorboard
-            logging.warning("clu metric writers unavailable (%s); logging to absl + JSONL only", e)
-            self.writer = _LoggingWriter(self.main)
+        self.writer = metric_writers.create_default_writer(
+            str(workdir), just_logging=not self.main, asynchronous=True
+        )
         self._file = None
         if self.main:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -88,11 +58,29 @@ class MetricsLog:
     def images(self, step: int, images: dict[str, np.ndarray]) -> None:
         self.writer.write_images(step, images)
 
+    def hparams(self, config: dict[str, Any]) -> None:
+        """The run's configuration as TensorBoard hparams: a flat {"group.key": value} dict."""
+        self.writer.write_hparams(flat_hparams(config))
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
         if self._file is not None:
             self._file.close()
+
+
+def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict -> {"group.key": bool | int | float | str} (what hparams accept)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
 
 
 def read_metrics(workdir: str | os.PathLike, name: str = METRICS_FILE) -> list[dict]:
@@ -158,18 +146,15 @@ def quartile_sums(name: str, values: jax.Array, t: jax.Array, num_timesteps: int
     return out
 
 
-class StepTimer:
-    """Steps per second between log points (the part of clu's ReportProgress gdiff needs)."""
+class _RowScalars:
+    """Where clu's ReportProgress writes (steps_per_sec, uptime): into the next metrics row."""
 
-    def __init__(self, step: int):
-        self._step, self._time = step, time.perf_counter()
+    def __init__(self):
+        self.pending: dict[str, float] = {}
 
-    def rate(self, step: int) -> float:
-        now = time.perf_counter()
-        steps = step - self._step
-        out = steps / max(now - self._time, 1e-9)
-        self._step, self._time = step, now
-        return out
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        del step  # the row written at this step takes them
+        self.pending.update({k: float(v) for k, v in scalars.items()})
 
 
 class TrainMetrics:
@@ -184,7 +169,8 @@ class TrainMetrics:
       workdir: where `metrics_<name>.jsonl` (and clu's logs) go.
       name: the task ("diffusion" or "classifier"): log prefix and file name.
       batch_size: the global batch (for the `examples` column).
-      start_step: the step this invocation starts from (for steps_per_sec).
+      start_step: the step this invocation starts from.
+      num_steps: the run's last step (for the progress report's ETA).
       log_every: write a row every this many steps (and at the last one).
       max_nonfinite: consecutive non-finite steps that stop the run.
       last_keys: metric keys logged as their newest value rather than an interval mean.
@@ -197,6 +183,7 @@ class TrainMetrics:
         *,
         batch_size: int,
         start_step: int,
+        num_steps: int,
         log_every: int,
         max_nonfinite: int,
         last_keys: tuple[str, ...],
@@ -205,7 +192,18 @@ class TrainMetrics:
         self.log = MetricsLog(workdir, name=f"metrics_{name}.jsonl")
         self.history: list[dict] = []
         self._acc = MetricAccumulator(last=last_keys)
-        self._timer = StepTimer(start_step)
+        # clu's ReportProgress logs steps/s and the ETA at every row (and the last step); its
+        # steps_per_sec joins the row's scalars. Imported here for the reason MetricsLog gives.
+        from clu import periodic_actions
+
+        self._rates = _RowScalars()
+        self._report = periodic_actions.ReportProgress(
+            num_train_steps=num_steps,
+            writer=self._rates,
+            every_steps=max(int(log_every), 1),
+            every_secs=None,
+            on_steps=[num_steps],
+        )
         self._batch_size = batch_size
         self._log_every = max(int(log_every), 1)
         self._max_nonfinite = max_nonfinite
@@ -215,6 +213,7 @@ class TrainMetrics:
         """Takes the (device) metrics after `step` steps; writes a row when one is due."""
         self.flush()
         self._pending = (step, metrics)
+        self._report(step)
         if step % self._log_every == 0 or step == last_step:
             self.flush()
             self._write_row(step)
@@ -250,7 +249,8 @@ class TrainMetrics:
 
     def _write_row(self, step: int) -> None:
         scalars = self._acc.result()
-        scalars["steps_per_sec"] = self._timer.rate(step)
+        scalars.update(self._rates.pending)
+        self._rates.pending = {}
         scalars["examples"] = step * self._batch_size
         self.log.scalars(step, scalars)
         self._acc.reset()

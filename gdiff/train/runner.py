@@ -19,7 +19,7 @@ import jax
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed
+from gdiff import checkpointing, distributed, progress
 from gdiff.compat import reference_run
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, preemption
@@ -158,8 +158,13 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
     start = int(distributed.host_copy(state.step))
     end = task.num_steps if stop_at_step is None else min(task.num_steps, stop_at_step)
     if jax.process_index() == 0:
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        logging.info("%s: %d parameters, steps %d -> %d", task.name, n_params, start, end)
+        logging.info(
+            "%s: steps %d -> %d, parameters:\n%s",
+            task.name,
+            start,
+            end,
+            _parameter_overview(state.params),
+        )
     step_fn = jax.jit(
         task.train_step,
         in_shardings=(repl, batch_sh),
@@ -179,10 +184,12 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
         task.name,
         batch_size=task.batch_size,
         start_step=start,
+        num_steps=end,
         log_every=config.train.log_every,
         max_nonfinite=int(config.train.max_nonfinite_steps),
         last_keys=task.last_keys,
     )
+    metrics.log.hparams(config.to_dict())
     return _Loop(
         config=config,
         task=task,
@@ -255,12 +262,19 @@ def _restore_external(path: str, loc: checkpointing.Location, abstract: Any):
         manager.close()
 
 
+def _parameter_overview(params) -> str:
+    """clu's table of every parameter (name, shape, size, mean, std) and the total count."""
+    from clu import parameter_overview  # clu's package pulls in TensorFlow; see loop_utils
+
+    # Shapes and sizes only: statistics would need every host's copy of replicated arrays.
+    return parameter_overview.get_parameter_overview(params, include_stats=False)
+
+
 def _progress_bar(config, name: str, start: int, end: int) -> tqdm.tqdm | None:
-    """A tqdm bar over this invocation's steps (process 0, `train.progress`), or None."""
-    if not config.train.progress or jax.process_index() != 0:
+    """A bar over this invocation's steps (`train.progress`; see gdiff/progress.py), or None."""
+    if not config.train.progress:
         return None
-    desc = f"train {name}"
-    return tqdm.tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    return progress.bar(end, initial=start, desc=f"train {name}", unit="step")
 
 
 def _maybe_profiler(config, workdir: str) -> Callable[[int], Any] | None:
