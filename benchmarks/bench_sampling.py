@@ -2,6 +2,12 @@
 
     python benchmarks/bench_sampling.py --config 64 --batch 256 --respacing ddim25 --guided \
         --dtype bfloat16 --attention auto --out benchmarks/logs/sampling_64_guided.json
+    python benchmarks/bench_sampling.py --config cpu --guided --dtype float32 --repeats 3
+        # the reference's CPU comparison (reference_sampling_cpu.json): batch 4, DDIM 10
+
+`--config cpu` builds exactly the networks whose flags reference_sampling_cpu.json stores and
+reports seconds per image-step next to the reference's eager PyTorch figure on the same 2-core
+machine kind; the record's `env` holds the XLA flags and versions it ran with.
 
 The models are built from the reference README's flags for 64x64_diffusion.pt/64x64_classifier.pt
 or 256x256_diffusion.pt/256x256_classifier.pt with random float32 weights made on the device, and
@@ -30,7 +36,7 @@ import numpy as np
 
 from gdiff import factory
 
-DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8}
+DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
 NUM_CLASSES = 1000
 
 
@@ -76,9 +82,13 @@ def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=tuple(common.RELEASED), default="64")
+    p.add_argument("--config", choices=(*common.RELEASED, "cpu"), default="64")
     p.add_argument("--batch", type=int, default=None, help="global batch (default 256 / 32)")
-    p.add_argument("--respacing", default="ddim25", help="timestep_respacing, e.g. ddim25 or 25")
+    p.add_argument(
+        "--respacing",
+        default=None,
+        help="timestep_respacing, e.g. ddim25 or 25 (default ddim25; ddim10 for --config cpu)",
+    )
     p.add_argument(
         "--sampler",
         choices=("auto", "ddim", "ddpm"),
@@ -108,6 +118,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     config = "tiny" if args.tiny else args.config
+    args.respacing = args.respacing or ("ddim10" if config == "cpu" else "ddim25")
     batch = args.batch or DEFAULT_BATCH[config]
     if args.sampler == "auto":
         use_ddim = args.respacing.startswith("ddim")
@@ -222,9 +233,14 @@ def main(argv=None) -> dict:
                 "fraction_of_matmul_peak": round(achieved / peak, 4),
             }
         )
+        record["s_per_img_step"] = round(seconds / (batch * steps), 4)
         if ref is not None and jax.default_backend() == "gpu":
             record["speedup_vs_reference_h100"] = round(record["img_per_s"] / ref["img_per_s"], 3)
-    record["reference_h100"] = ref
+        if config == "cpu" and ref is not None:
+            record["speedup_vs_reference_cpu"] = round(
+                ref["s_per_img_step"] / record["s_per_img_step"], 3
+            )
+    record["reference_cpu" if config == "cpu" else "reference_h100"] = ref
     record["env"] = common.environment()
     common.emit(record, args.out)
     return record

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gdiff import factory  # noqa: E402
-from gdiff.compat import openai, released  # noqa: E402
+from gdiff.compat import flags, openai, released  # noqa: E402
 
 GIB = 1024**3
 
@@ -43,7 +43,10 @@ GIB = 1024**3
 # reference was measured with (64x64_diffusion.pt + 64x64_classifier.pt, 256x256_diffusion.pt +
 # 256x256_classifier.pt).
 RELEASED = {"64": "imagenet64", "256": "imagenet256"}
-CONFIGS = (*RELEASED, "tiny")
+# "cpu": the scaled-down 64x64 ADM and classifier the reference was timed with on this project's
+# 2-core CPU, built from the flags stored in ../shared/bench/reference_sampling_cpu.json.
+CPU_REFERENCE = "reference_sampling_cpu.json"
+CONFIGS = (*RELEASED, "tiny", "cpu")
 
 # "tiny": a CPU-sized stand-in with the same block structure (class-conditional, learned sigma,
 # attention, scale-shift norm, up/down resblocks, an attention-pool classifier), as typed config
@@ -111,7 +114,14 @@ def build_model(config: str, *, dtype: str, attention_impl: str | None, respacin
             TINY_DIFFUSION, learn_sigma=group["learn_sigma"], timestep_respacing=respacing
         )
         return factory.unet_from_group(group), diffusion
-    kw = released.model_and_diffusion_kwargs(RELEASED[config])
+    if config == "cpu":
+        kw = {
+            **flags.model_and_diffusion_defaults(),
+            **load_reference(CPU_REFERENCE)["model_flags"],
+        }
+        respacing = respacing or kw["timestep_respacing"]
+    else:
+        kw = released.model_and_diffusion_kwargs(RELEASED[config])
     kw.update(
         use_fp16=dtype == "bfloat16",
         timestep_respacing=respacing,
@@ -127,7 +137,10 @@ def build_classifier(config: str, *, dtype: str, attention_impl: str | None):
     if config == "tiny":
         group = {**TINY_CLASSIFIER, "dtype": dtype, "attention_impl": attention_impl or ""}
         return factory.classifier_from_group(group, TINY_MODEL["image_size"])
-    kw = released.classifier_kwargs(RELEASED[config])
+    if config == "cpu":
+        kw = dict(load_reference(CPU_REFERENCE)["classifier_flags"])
+    else:
+        kw = released.classifier_kwargs(RELEASED[config])
     kw.update(classifier_use_fp16=dtype == "bfloat16", dtype=dtype, attention_impl=attention_impl)
     return openai.create_classifier(**kw)
 
@@ -353,6 +366,19 @@ def reference_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get(REFERENCE_DIR_ENV) or REPO.parent / "shared" / "bench")
 
 
+def reference_sampling_cpu() -> dict[str, Any]:
+    """The reference's guided DDIM figures on the 2-core CPU (eager PyTorch, 2 threads): seconds
+    per image-step at batch 4 (median of its runs) and the conditions they were measured under."""
+    ref = load_reference(CPU_REFERENCE)
+    times = ref["seconds_per_image_step"]
+    return {
+        "s_per_img_step": float(np.median(times["reference_batch4"])),
+        "batch": 4,
+        "steps": int(ref["steps"]),
+        "measured": ref["measured"],
+    }
+
+
 def load_reference(name: str) -> list[dict[str, Any]]:
     """The rows of one of the reference's JSON files (e.g. "reference_sampling_h100.json")."""
     path = reference_dir() / name
@@ -371,6 +397,8 @@ def reference_sampling(config: str, *, guided: bool, ddim: bool) -> dict[str, fl
     GFLOP per image-step follows the reference's convention: 2 FLOPs per multiply-add of the UNet
     forward, plus 3x the classifier forward when guided.
     """
+    if config == "cpu":
+        return reference_sampling_cpu() if guided and ddim else None
     if config not in RELEASED:
         return None
     for row in load_reference("reference_sampling_h100.json"):
@@ -407,6 +435,9 @@ def environment() -> dict[str, Any]:
         "device_count": len(devices),
         "process_count": jax.process_count(),
         "jax_version": jax.__version__,
+        "jaxlib_version": jax.lib.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "host": platform.node(),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
