@@ -15,8 +15,11 @@ def enabled() -> bool:
     return jax.process_index() == 0 and logging.get_verbosity() >= logging.WARNING
 
 
-def bar(total: int, *, desc: str, unit: str, initial: int = 0) -> tqdm.tqdm | None:
-    """A bar over `total` units starting at `initial`, or None where bars are off."""
+def bar(total: int, *, desc: str, unit: str, initial: int = 0, **kwargs) -> tqdm.tqdm | None:
+    """A bar over `total` units starting at `initial` (other tqdm options in `kwargs`, e.g.
+    unit_scale=True for bytes), or None where bars are off."""
     if not enabled():
         return None
-    return tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    return tqdm.tqdm(
+        total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, **kwargs
+    )

@@ -33,6 +33,8 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 
+from gdiff import progress
+
 # torch's typed storage classes (the names torch.save writes) -> element dtype.
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -242,6 +244,9 @@ def _load_legacy(stream: BinaryIO) -> object:
     return obj
 
 
+_PROGRESS_BYTES = 64 * 2**20  # files larger than this show a progress bar while read
+
+
 def _load_zip(path: str) -> object:
     """The state dict object of a zip-format torch.save file."""
     try:
@@ -263,13 +268,28 @@ def _load_zip(path: str) -> object:
             if byteorder not in ("little", "big"):
                 raise ValueError(f"unknown byteorder record {byteorder!r}")
         data_prefix = top + "data/"
-        records = {
-            n[len(data_prefix) :]: (lambda n=n: archive.read(n))
-            for n in names
-            if n.startswith(data_prefix)
-        }
+        data = [n for n in names if n.startswith(data_prefix)]
+        total = sum(archive.getinfo(n).file_size for n in data)
+        # A released checkpoint (up to ~2 GB) takes a while to read: show it.
+        bar = None
+        if total > _PROGRESS_BYTES:
+            bar = progress.bar(
+                total, desc=f"read {os.path.basename(path)}", unit="B", unit_scale=True
+            )
+
+        def read(name: str) -> bytes:
+            raw = archive.read(name)
+            if bar is not None:
+                bar.update(len(raw))
+            return raw
+
+        records = {n[len(data_prefix) :]: (lambda n=n: read(n)) for n in data}
         stream = io.BytesIO(archive.read(pickles[0]))
-        return _StateDictUnpickler(stream, records, byteorder).load()
+        try:
+            return _StateDictUnpickler(stream, records, byteorder).load()
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def _contiguous(obj: object) -> object:
