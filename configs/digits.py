@@ -18,12 +18,10 @@ a class-conditional one (accuracy at the requested labels from chance at scale 0
 needing a larger scale than the conditional model, with a worse FID at scale 1 than unguided, as
 in Table 4.
 
-Expected: about 8 minutes on an idle 2-core CPU, estimated from the conditional-only job's stage
-times measured idle on this machine (each diffusion model ~2 min, the classifier ~35 s, the
-evaluation network ~10 s, sampling 13 (model, scale) pairs x 300 digits ~2.5 min, evaluation
-~10 s). Measured 2026-11-30 on that machine while it ran other jobs too (load average ~4 on its 2
-cores, so pessimistic): 11 min 26 s wall (diffusion models 166 s + 168 s, classifier 49 s,
-evaluation network 16 s, sampling 272 s, evaluation 7 s). The measured table, plot and grids live in
+Measured 2026-11-30 on a 2-core CPU (the README's first command in a fresh clone, venv and install
+included, the first two minutes shared with another test run): 8 min 59.6 s wall; stages:
+diffusion models 168 s + 126 s, classifier 34 s, evaluation network 10 s, sampling 13 (model,
+scale) pairs x 300 digits 139 s. The measured table, plot and grids live in
 docs/digits_results/. A rerun skips finished stages; see gdiff/pipeline/digits.py for how to swap
 one stage (e.g. a longer-trained model).
 """
