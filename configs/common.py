@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.ema_rates = "0.9999"
     train.schedule_sampler = "uniform"  # uniform | loss-second-moment
     train.log_every = 50
-    train.save_every = 1000
+    train.save_every = 1000  # 0: no periodic saves (the last step and a preemption still save)
     train.sample_every = 0  # 0 disables the periodic sample grid
     train.eval_every = 0  # classifier held-out evaluation
     train.eval_batches = 4

@@ -99,6 +99,12 @@ def test_stop_and_resume_continues_exactly(reference, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_save_every_zero_saves_only_the_last_step(tmp_path):
+    # 0 means "off" for save_every as for sample_every and eval_every (it used to save every step).
+    diffusion_trainer.train(_config(save_every=0), str(tmp_path), stop_at_step=5)
+    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [5]
+
+
 def test_sigterm_saves_and_the_resumed_run_matches(reference, tmp_path):
     _, result = reference
     script = (

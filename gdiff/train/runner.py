@@ -121,7 +121,10 @@ class _Loop:
             self.profiler(done)
         if self.bar is not None:
             self.bar.update(1)
-        if done % max(int(self.config.train.save_every), 1) == 0:
+        # 0 turns periodic saves off, as 0 does for every `*_every` key (the final step and a
+        # preemption are still saved, in `finish`).
+        save_every = int(self.config.train.save_every)
+        if save_every > 0 and done % save_every == 0:
             self.manager.save(done, self.state)
             self.saved_at = done
         for interval, action in self.task.periodic:
