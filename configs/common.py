@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.torch_checkpoint = ""
     # Which network --mode=convert converts: "model" or "classifier".
     config.convert_target = "model"
+    # --mode=convert refuses to replace a finished parameter checkpoint unless this is set.
+    config.convert_overwrite = False
     # jax.distributed.initialize(): "auto" initialises when the environment names a coordinator
     # (a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS); True forces it; False never.
     config.distributed = "auto"

@@ -85,3 +85,10 @@ def test_convert_mode_writes_a_loadable_parameter_checkpoint(tmp_path):
         sd["input_blocks.0.0.weight"].transpose(2, 3, 1, 0),
     )
     assert checkpointing.read_metadata(out)["num_params"] == sum(v.size for v in sd.values())
+    # A second conversion refuses to replace the finished one, naming the flag that allows it.
+    stamp = (out / checkpointing.METADATA_FILE).stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--config.convert_overwrite=true"):
+        convert_checkpoint.run(config, tmp_path)
+    assert (out / checkpointing.METADATA_FILE).stat().st_mtime_ns == stamp
+    config.convert_overwrite = True
+    assert convert_checkpoint.run(config, tmp_path) == out

@@ -17,7 +17,7 @@ from gdiff import checkpointing, factory
 from gdiff.compat import convert, torch_checkpoint
 
 
-def run(config, workdir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) -> pathlib.Path:
     """Converts `config.torch_checkpoint` and saves it under `workdir`.
 
     Returns:
@@ -27,6 +27,8 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False) -> pathl
     Raises:
       ValueError: no checkpoint path, an unknown target, or a checkpoint that does not match the
         config's architecture (the message lists every offending layer with both shapes).
+      FileExistsError: the output exists and neither `overwrite` nor `config.convert_overwrite`
+        allows replacing it (checked before the file is read).
     """
     path = str(config.torch_checkpoint)
     if not path:
@@ -39,12 +41,19 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False) -> pathl
     else:
         raise ValueError(f"config.convert_target must be 'model' or 'classifier', got {target!r}")
 
+    out = pathlib.Path(workdir) / f"{target}_params"
+    overwrite = bool(config.convert_overwrite) if overwrite is None else overwrite
+    if out.exists() and not overwrite:
+        # Checked before the (large) file is read; the finished checkpoint stays as it is.
+        raise FileExistsError(
+            f"{out} already holds a converted checkpoint; refusing to replace it. Rerun with "
+            "--config.convert_overwrite=true to replace it, or use another --workdir"
+        )
     logging.info("reading %s", path)
     state_dict = torch_checkpoint.load_torch_state_dict(path)
     variables = convert.convert_state_dict(
         module, state_dict, image_size=int(config.model.image_size)
     )
-    out = pathlib.Path(workdir) / f"{target}_params"
     metadata = {
         "source": os.path.abspath(path),
         "convert_target": target,
