@@ -186,6 +186,14 @@ def test_nan_steps_are_skipped_then_a_persistent_nan_stops(reference, tmp_path, 
     assert checkpointing.CheckpointManager(ckpt).latest_step() == 5
 
 
+def test_no_checkpoint_is_saved_inside_a_non_finite_streak(tmp_path, monkeypatch):
+    # Step 3 is non-finite: neither its periodic save nor the final save may persist it, so a
+    # rerun resumes from step 2 (it used to resume from the poisoned step 3).
+    _poison(monkeypatch, {2})
+    diffusion_trainer.train(_config(save_every=1), str(tmp_path), stop_at_step=3)
+    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1, 2]
+
+
 def test_bad_configs_fail_clearly_and_touch_nothing(reference, tmp_path):
     workdir, _ = reference
     config = _config(batch_size=12)

@@ -125,18 +125,33 @@ class _Loop:
         # preemption are still saved, in `finish`).
         save_every = int(self.config.train.save_every)
         if save_every > 0 and done % save_every == 0:
-            self.manager.save(done, self.state)
-            self.saved_at = done
+            self._save(done)
         for interval, action in self.task.periodic:
             if interval > 0 and done % interval == 0:
                 action(self.state, done, self.metrics.log)
+
+    def _save(self, step: int, *, force: bool = False) -> None:
+        """Saves `step`, unless the state is inside a non-finite streak: a poisoned state is never
+        persisted, so a rerun (e.g. with a lower optim.lr) resumes from the last clean step."""
+        streak = int(distributed.host_copy(self.state.nonfinite_streak))
+        if streak:
+            logging.warning(
+                "%s: not saving step %d (the last %d step(s) were non-finite); the last clean "
+                "checkpoint stays the newest",
+                self.task.name,
+                step,
+                streak,
+            )
+            return
+        self.manager.save(step, self.state, force=force)
+        self.saved_at = step
 
     def finish(self) -> None:
         """Reads the last metrics and saves the final step (unless it just was)."""
         self.metrics.flush()
         final = int(distributed.host_copy(self.state.step))
         if self.saved_at != final and final > self.start:
-            self.manager.save(final, self.state, force=True)
+            self._save(final, force=True)
         if self.stopped_early:
             logging.warning("%s: preempted; saved step %d, exiting cleanly", self.task.name, final)
 
