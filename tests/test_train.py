@@ -1,5 +1,6 @@
 """Diffusion training on the tiny config: learning, mesh independence, exact resume, bad input."""
 
+import json
 import os
 import pathlib
 import signal
@@ -192,6 +193,18 @@ def test_no_checkpoint_is_saved_inside_a_non_finite_streak(tmp_path, monkeypatch
     _poison(monkeypatch, {2})
     diffusion_trainer.train(_config(save_every=1), str(tmp_path), stop_at_step=3)
     assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1, 2]
+
+
+def test_resume_after_a_kill_leaves_one_metrics_row_per_step(tmp_path):
+    # A killed run logs steps past its last checkpoint; the resumed run logs them again.
+    diffusion_trainer.train(_config(save_every=2), str(tmp_path), stop_at_step=4)
+    log = tmp_path / "metrics_diffusion.jsonl"
+    rows = log.read_text().splitlines()
+    extra = [dict(json.loads(rows[-1]), step=s) for s in (5, 6)]  # logged, never checkpointed
+    log.write_text("".join(r + "\n" for r in rows) + "".join(json.dumps(r) + "\n" for r in extra))
+    diffusion_trainer.train(_config(save_every=2), str(tmp_path), stop_at_step=6)
+    steps = [r["step"] for r in loop_utils.read_metrics(tmp_path, "metrics_diffusion.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_bad_configs_fail_clearly_and_touch_nothing(reference, tmp_path):

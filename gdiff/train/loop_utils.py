@@ -33,7 +33,15 @@ class MetricsLog:
     and quick scripts read, without TensorBoard.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, name: str = METRICS_FILE):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        name: str = METRICS_FILE,
+        resume_step: int | None = None,
+    ):
+        """`resume_step`: a run resuming from that checkpoint step first drops the rows logged
+        after it (a killed run logged them, and the resumed run logs those steps again)."""
         self.main = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
         # Imported here, not at the top: clu's summary writer imports TensorFlow (seconds of
@@ -46,6 +54,8 @@ class MetricsLog:
         self._file = None
         if self.main:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                _drop_rows_after(self.workdir / name, resume_step)
             self._file = open(self.workdir / name, "a")
 
     def scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -67,6 +77,20 @@ class MetricsLog:
         self.writer.close()
         if self._file is not None:
             self._file.close()
+
+
+def _drop_rows_after(path: pathlib.Path, step: int) -> None:
+    """Rewrites a metrics file without its rows past `step` (atomically; no-op when none)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) == len([line for line in lines if line.strip()]):
+        return
+    logging.warning("%s: dropping %d row(s) past step %d", path, len(lines) - len(keep), step)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -189,7 +213,7 @@ class TrainMetrics:
         last_keys: tuple[str, ...],
     ):
         self.name = name
-        self.log = MetricsLog(workdir, name=f"metrics_{name}.jsonl")
+        self.log = MetricsLog(workdir, name=f"metrics_{name}.jsonl", resume_step=start_step)
         self.history: list[dict] = []
         self._acc = MetricAccumulator(last=last_keys)
         # clu's ReportProgress logs steps/s and the ETA at every row (and the last step); its
