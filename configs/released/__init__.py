@@ -46,7 +46,6 @@ def base_config(*, data_name: str, num_classes: int = 1000) -> ml_collections.Co
     defaults = ref_flags.classifier_defaults()
     del defaults["image_size"]
     config.classifier.update(ref_flags.to_config(defaults)["classifier"])
-    config.classifier.num_head_channels = 64
     config.sample.classifier_scale = "0"
     config.optim.weight_decay = 0.0
     config.train.ema_rates = "0.9999"

@@ -253,7 +253,7 @@ class TrainMetrics:
         self.log.close()
 
     def _read(self, step: int, metrics: dict) -> None:
-        m = {k: float(distributed.host_copy(v)) for k, v in metrics.items()}
+        m = {k: float(v) for k, v in distributed.host_copy(metrics).items()}
         self.history.append({"step": step, "loss": m["loss"], "finite": bool(m["finite"])})
         if not m["finite"]:
             logging.warning(
