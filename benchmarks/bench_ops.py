@@ -8,8 +8,10 @@ Rows (bf16 compute, NHWC, weights bf16, GroupNorm statistics in float32):
     64x64 model's widths): what the convolutions alone reach;
   - 4x (GroupNorm + SiLU + conv3x3 + residual), written naively as the model does: the cost of the
     normalisation glue around the convolutions;
-  - self-attention, 1024 tokens, 6 heads x 64 (the 64x64 model's 32x32 level) with
-    `jax.nn.dot_product_attention` implementation "xla" and "cudnn".
+  - self-attention, 1024 tokens, 6 heads x 64 (the 64x64 model's 32x32 level) through the
+    networks' own `gdiff.models.attention.qkv_attention` (packed bf16 qkv, the new head order),
+    implementation "xla" and "cudnn"; a "cudnn" row where the config policy
+    (`gdiff.factory.resolve_attention_impl`) says it cannot run records that reason instead.
 TFLOP/s count only the convolutions' / attention products' multiply-adds (2 FLOPs each), as the
 reference probe did; XLA's own count of the whole program is recorded next to it.
 """
@@ -22,6 +24,9 @@ import functools
 import common
 import jax
 import jax.numpy as jnp
+
+from gdiff import factory
+from gdiff.models import attention
 
 # (spatial size, channels) of the four levels of the 64x64 ADM; the tiny set keeps CPU CI fast.
 LEVELS = ((64, 192), (32, 384), (16, 576), (8, 768))
@@ -93,17 +98,19 @@ def bench_level(batch: int, size: int, channels: int, iters: int, peak: float) -
 
 
 def bench_attention(batch: int, tokens: int, heads: int, head_dim: int, iters: int, peak: float):
-    keys = jax.random.split(jax.random.key(1), 3)
-    q, k, v = (
-        jax.random.normal(key, (batch, tokens, heads, head_dim), jnp.bfloat16) for key in keys
-    )
+    qkv = jax.random.normal(jax.random.key(1), (batch, tokens, 3 * heads * head_dim), jnp.bfloat16)
     flops = 4.0 * batch * heads * tokens * tokens * head_dim  # QK^T and PV
     rows = []
     for impl in ("xla", "cudnn"):
         op = f"attention {tokens} tok {heads}x{head_dim} b{batch} {impl}"
-        jitted = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
+        jitted = jax.jit(
+            functools.partial(
+                attention.qkv_attention, num_heads=heads, new_order=True, implementation=impl
+            )
+        )
         try:
-            seconds = common.time_pipelined(lambda j=jitted: j(q, k, v), iters=iters)
+            factory.resolve_attention_impl(impl, "bfloat16", key="attention")
+            seconds = common.time_pipelined(lambda j=jitted: j(qkv), iters=iters)
         except Exception as err:  # noqa: BLE001 - cuDNN is absent off NVIDIA GPUs; say so
             rows.append({"op": op, "tflops": None, "error": f"{type(err).__name__}: {err}"[:300]})
             continue

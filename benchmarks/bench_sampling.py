@@ -1,18 +1,23 @@
 """Sampling throughput of the released ADM configurations, against ../shared/bench's PyTorch rows.
 
     python benchmarks/bench_sampling.py --config 64 --batch 256 --respacing ddim25 --guided \
-        --dtype bfloat16 --attention auto --out benchmarks/logs/sampling_64_guided.json
-    python benchmarks/bench_sampling.py --config cpu --guided --dtype float32 --repeats 3
+        --out benchmarks/logs/sampling_64_guided.json
+    python benchmarks/bench_sampling.py --config cpu --guided --repeats 3
         # the reference's CPU comparison (reference_sampling_cpu.json): batch 4, DDIM 10
 
 `--config cpu` builds exactly the networks whose flags reference_sampling_cpu.json stores and
 reports seconds per image-step next to the reference's eager PyTorch figure on the same 2-core
 machine kind; the record's `env` holds the XLA flags and versions it ran with.
 
-The models are built from the reference README's flags for 64x64_diffusion.pt/64x64_classifier.pt
-or 256x256_diffusion.pt/256x256_classifier.pt with random float32 weights made on the device, and
-sampled with random labels through gdiff's production sampler (`gdiff.sampling.sampler.Sampler`):
-the whole reverse chain is one `jax.jit` call, data-parallel over every device. One warm-up call
+The program is the one `--mode=sample` runs: `gdiff.sampling.sampler.build_sampler` on the groups
+of configs/released/imagenet64.py (imagenet256.py) for 64x64_diffusion.pt + 64x64_classifier.pt
+(256x256_*), i.e. the reference README's flags: bfloat16 model and classifier, attention "auto"
+(cuDNN's fused kernel on a CUDA GPU, XLA elsewhere), the same sampler. The script's options are
+config overrides, recorded as `config_overrides` with the equivalent `--mode=sample` command:
+`--respacing` is sample.timestep_respacing, `--sampler` sample.use_ddim, and `--dtype` /
+`--attention` (default: the config's) set model.* and classifier.* alike, checked by the same
+policy as the config's. Random float32 weights are made on the device and random labels drawn; the
+whole reverse chain is one `jax.jit` call, data-parallel over every device. One warm-up call
 (compile + run), then `--repeats` timed calls.
 
 FLOPs per image-step are XLA's cost analysis of ONE model forward, plus one guidance gradient
@@ -34,26 +39,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdiff import factory
+from gdiff import distributed, factory
+from gdiff.sampling import sampler as sampler_lib
 
 DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
 NUM_CLASSES = 1000
 
 
-def build(config: str, *, dtype: str, attention_impl: str, respacing: str, guided: bool):
-    """(model, diffusion, classifier or None) for a benchmark configuration."""
-    model, diffusion = common.build_model(
-        config, dtype=dtype, attention_impl=attention_impl, respacing=respacing
-    )
-    classifier = None
-    if guided:
-        classifier = common.build_classifier(config, dtype=dtype, attention_impl=attention_impl)
-        if classifier.image_size != model.image_size:
-            raise ValueError(
-                f"config {config}: classifier ({classifier.image_size}) and model "
-                f"({model.image_size}) image sizes differ"
-            )
-    return model, diffusion, classifier
+def build(config: str, overrides: dict, *, guided: bool, mesh):
+    """(sampler, model, classifier or None): `--mode=sample`'s builder on the configuration's
+    groups with the script's config overrides."""
+    groups = common.sampling_groups(config, overrides)
+    return sampler_lib.build_sampler(groups, guided=guided, mesh=mesh)
+
+
+def equivalent_command(config: str, overrides: dict) -> str | None:
+    """The `--mode=sample` command line whose program this run times (released configs)."""
+    if config not in common.RELEASED:
+        return None
+    name = common.RELEASED[config]
+    sets = " ".join(f"--config.{key}={value}" for key, value in overrides.items())
+    return f"python main.py --mode=sample --config configs/released/{name}.py {sets}".strip()
 
 
 def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_cond: bool):
@@ -62,8 +68,6 @@ def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_
     Lowered rather than compiled: the count of the convolutions and matmuls does not depend on
     fusion, and lowering the 256x256 model takes seconds where compiling it on a CPU takes minutes.
     """
-    from gdiff.sampling import sampler
-
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     t = y = jax.ShapeDtypeStruct((1,), jnp.int32)
     fwd = jax.jit(lambda v, x, t, y: model.apply(v, x, t, y=y if class_cond else None))
@@ -71,7 +75,7 @@ def step_flops(model, classifier, model_vars, classifier_vars, size: int, class_
     if classifier is not None:
         cls = jax.jit(classifier.apply)
         out["classifier_fwd"] = common.cost_flops(cls.lower(classifier_vars, x, t))
-        guide = sampler.classifier_guidance(classifier)
+        guide = sampler_lib.classifier_guidance(classifier)
 
         def cond(v, x, t, y):
             return guide(v, y, jnp.ones(y.shape, jnp.float32))(x, t)
@@ -97,8 +101,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--guided", action="store_true", help="classifier guidance")
     p.add_argument("--scale", type=float, default=1.0, help="classifier scale")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=factory.DTYPES,
+        default=None,
+        help="override of model.dtype and classifier.dtype (default: the config's)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=factory.ATTENTION_IMPLS,
+        default=None,
+        help="override of model/classifier.attention_impl (default: the config's, auto)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul peak probe size")
     p.add_argument("--cost-only", action="store_true", help="FLOPs + HLO on abstract shapes")
@@ -112,135 +126,142 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    from gdiff import distributed
-    from gdiff.sampling import sampler as sampler_lib
+def describe(config: str, args, overrides: dict, sampler, model, classifier):
+    """(the record's fixed part: what was built, with FLOPs per step; the abstract variables of
+    the model and the classifier ({} unguided))."""
+    size, class_cond = int(model.image_size), model.num_classes is not None
+    abstract_m = factory.abstract_variables(model)
+    abstract_c = factory.abstract_variables(classifier) if classifier is not None else {}
+    flops = step_flops(model, classifier, abstract_m, abstract_c, size, class_cond)
+    guided = classifier is not None
+    record = {
+        "benchmark": "sampling",
+        "config": config,
+        "batch": args.batch,
+        "respacing": args.respacing,
+        "guided": args.guided,
+        "scale": args.scale if args.guided else 0.0,
+        "ddim": sampler.options.use_ddim,
+        "steps": int(sampler.diffusion.num_timesteps),
+        "config_overrides": overrides,
+        "equivalent_command": equivalent_command(config, overrides),
+        "dtype": jnp.dtype(model.dtype).name,
+        "classifier_dtype": jnp.dtype(classifier.dtype).name if guided else None,
+        "attention_requested": args.attention,
+        "attention_impl": model.attention_impl,
+        "classifier_attention_impl": classifier.attention_impl if guided else None,
+        "model_params": factory.param_count(model),
+        "classifier_params": factory.param_count(classifier) if guided else 0,
+        "flops_source": "XLA cost analysis of the lowered batch-1 programs",
+        "flops": flops,
+        "flops_per_img_step": flops["model_fwd"] + flops.get("classifier_grad", 0.0),
+        "ref_convention_flops_per_img_step": flops["model_fwd"]
+        + 3 * flops.get("classifier_fwd", 0.0),
+    }
+    return record, (abstract_m, abstract_c)
 
+
+def lower_abstract(sampler, abstract, batch: int, mesh):
+    """The whole sampling program lowered on abstract arguments (nothing allocated)."""
+    rep, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
+    batch_in = {
+        "ids": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        "scales": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=rows),
+    }
+
+    def replicate(a):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+
+    m_in, c_in = jax.tree.map(replicate, abstract)
+    return sampler.lower(m_in, c_in, batch_in)
+
+
+def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
+    """Random weights and labels on the device, one warm-up call, `--repeats` timed calls."""
+    rep, (abstract_m, abstract_c) = distributed.replicated(mesh), abstract
+    keys = jax.random.split(jax.random.key(0), 2)
+    model_vars = common.random_variables(abstract_m, keys[0], rep)
+    classifier_vars = common.random_variables(abstract_c, keys[1], rep) if abstract_c else {}
+    rng = np.random.default_rng(0)
+    batch_in = sampler.make_batch(
+        {
+            "ids": np.arange(args.batch, dtype=np.int32),
+            "labels": rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32),
+            "scales": np.full((args.batch,), args.scale, np.float32),
+        }
+    )
+    out = common.hlo_structure(sampler.lower(model_vars, classifier_vars, batch_in))
+    timing = common.time_calls(
+        lambda: sampler(model_vars, classifier_vars, batch_in), warmup=1, repeats=args.repeats
+    )
+    images = timing["out"]
+    if images.shape != (args.batch, *sampler.options.image_shape) or images.dtype != jnp.uint8:
+        raise RuntimeError(f"sampler returned {images.shape} {images.dtype}")
+    seconds, steps = timing["seconds"], record["steps"]
+    achieved = record["flops_per_img_step"] * args.batch * steps / seconds / 1e12
+    ref_achieved = record["ref_convention_flops_per_img_step"] * args.batch * steps / seconds
+    n = args.matmul_n or common.default_matmul_size(args.tiny)
+    peak = common.matmul_peak_tflops(n)
+    out.update(
+        {
+            "first_call_s": common.round_or_none(timing["first_call_s"]),
+            "times_s": [round(t, 4) for t in timing["times_s"]],
+            "seconds": round(seconds, 4),
+            "img_per_s": round(args.batch / seconds, 4),
+            "ms_per_step": round(seconds / steps * 1e3, 3),
+            "achieved_tflops": round(achieved, 4),
+            "ref_convention_achieved_tflops": round(ref_achieved / 1e12, 4),
+            "peak_mem_gib": common.gib(common.peak_memory_bytes()),
+            "matmul_n": n,
+            "matmul_peak_tflops": round(peak, 4),
+            "fraction_of_matmul_peak": round(achieved / peak, 4),
+            "s_per_img_step": round(seconds / (args.batch * steps), 4),
+        }
+    )
+    return out
+
+
+def compare(record: dict, ref: dict | None) -> None:
+    """Adds the reference's row and the speed-up against it, where one applies."""
+    cpu = record["config"] == "cpu"
+    record["reference_cpu" if cpu else "reference_h100"] = ref
+    if ref is None or "img_per_s" not in record:
+        return
+    if cpu:
+        record["speedup_vs_reference_cpu"] = round(
+            ref["s_per_img_step"] / record["s_per_img_step"], 3
+        )
+    elif jax.default_backend() == "gpu":
+        record["speedup_vs_reference_h100"] = round(record["img_per_s"] / ref["img_per_s"], 3)
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
     config = "tiny" if args.tiny else args.config
     args.respacing = args.respacing or ("ddim10" if config == "cpu" else "ddim25")
-    batch = args.batch or DEFAULT_BATCH[config]
+    args.batch = args.batch or DEFAULT_BATCH[config]
     if args.sampler == "auto":
         use_ddim = args.respacing.startswith("ddim")
     else:
         use_ddim = args.sampler == "ddim"
     mesh = distributed.data_mesh()
-    distributed.check_batch_divisible(batch, what="--batch", mesh=mesh)
-    rep, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
-    attention_impl = common.resolve_attention(args.attention, args.dtype)
+    distributed.check_batch_divisible(args.batch, what="--batch", mesh=mesh)
     # Read first: a missing reference file fails before anything is built.
     ref = common.reference_sampling(config, guided=args.guided, ddim=use_ddim)
-    model, diffusion, classifier = build(
-        config,
-        dtype=args.dtype,
-        attention_impl=attention_impl,
+    overrides = common.config_overrides(
         respacing=args.respacing,
-        guided=args.guided,
+        use_ddim=use_ddim,
+        dtype=args.dtype,
+        attention_impl=args.attention,
     )
-    size, class_cond = int(model.image_size), model.num_classes is not None
-    steps = int(diffusion.num_timesteps)
-
-    abstract_m = factory.abstract_variables(model)
-    abstract_c = {}
-    if classifier is not None:
-        abstract_c = factory.abstract_variables(classifier)
-    flops = step_flops(model, classifier, abstract_m, abstract_c, size, class_cond)
-    per_img_step = flops["model_fwd"] + flops.get("classifier_grad", 0.0)
-    ref_convention = flops["model_fwd"] + 3 * flops.get("classifier_fwd", 0.0)
-
-    sampler = sampler_lib.Sampler(
-        diffusion,
-        model.apply,
-        sampler_lib.SamplerOptions(
-            image_shape=(size, size, 3), use_ddim=use_ddim, class_cond=class_cond
-        ),
-        guidance=sampler_lib.classifier_guidance(classifier) if classifier is not None else None,
-        mesh=mesh,
-        seed=0,
-    )
-    record = {
-        "benchmark": "sampling",
-        "config": config,
-        "batch": batch,
-        "respacing": args.respacing,
-        "guided": args.guided,
-        "scale": args.scale if args.guided else 0.0,
-        "ddim": use_ddim,
-        "steps": steps,
-        "dtype": args.dtype,
-        "attention_requested": args.attention,
-        "attention_impl": attention_impl,
-        "model_params": factory.param_count(model),
-        "classifier_params": factory.param_count(classifier) if classifier is not None else 0,
-        "flops_source": "XLA cost analysis of the lowered batch-1 programs",
-        "flops": flops,
-        "flops_per_img_step": per_img_step,
-        "ref_convention_flops_per_img_step": ref_convention,
-    }
-
+    sampler, model, classifier = build(config, overrides, guided=args.guided, mesh=mesh)
+    record, abstract = describe(config, args, overrides, sampler, model, classifier)
     if args.cost_only:
-        # Nothing is allocated: the whole sampling program is lowered on abstract arguments.
-        batch_in = {
-            "ids": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-            "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-            "scales": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=rows),
-        }
-
-        def replicate(a):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
-
-        m_in, c_in = jax.tree.map(replicate, (abstract_m, abstract_c))
-        record.update(common.hlo_structure(sampler.lower(m_in, c_in, batch_in)))
+        record.update(common.hlo_structure(lower_abstract(sampler, abstract, args.batch, mesh)))
     else:
-        keys = jax.random.split(jax.random.key(0), 2)
-        model_vars = common.random_variables(abstract_m, keys[0], rep)
-        classifier_vars = (
-            common.random_variables(abstract_c, keys[1], rep) if classifier is not None else {}
-        )
-        labels = np.random.default_rng(0).integers(0, NUM_CLASSES, batch).astype(np.int32)
-        batch_in = sampler.make_batch(
-            {
-                "ids": np.arange(batch, dtype=np.int32),
-                "labels": labels,
-                "scales": np.full((batch,), args.scale, np.float32),
-            }
-        )
-        record.update(common.hlo_structure(sampler.lower(model_vars, classifier_vars, batch_in)))
-        timing = common.time_calls(
-            lambda: sampler(model_vars, classifier_vars, batch_in), warmup=1, repeats=args.repeats
-        )
-        images = timing["out"]
-        if images.shape != (batch, size, size, 3) or images.dtype != jnp.uint8:
-            raise RuntimeError(f"sampler returned {images.shape} {images.dtype}")
-        seconds = timing["seconds"]
-        achieved = per_img_step * batch * steps / seconds / 1e12
-        n = args.matmul_n or common.default_matmul_size(args.tiny)
-        peak = common.matmul_peak_tflops(n)
-        record.update(
-            {
-                "first_call_s": common.round_or_none(timing["first_call_s"]),
-                "times_s": [round(s, 4) for s in timing["times_s"]],
-                "seconds": round(seconds, 4),
-                "img_per_s": round(batch / seconds, 4),
-                "ms_per_step": round(seconds / steps * 1e3, 3),
-                "achieved_tflops": round(achieved, 4),
-                "ref_convention_achieved_tflops": round(
-                    ref_convention * batch * steps / seconds / 1e12, 4
-                ),
-                "peak_mem_gib": common.gib(common.peak_memory_bytes()),
-                "matmul_n": n,
-                "matmul_peak_tflops": round(peak, 4),
-                "fraction_of_matmul_peak": round(achieved / peak, 4),
-            }
-        )
-        record["s_per_img_step"] = round(seconds / (batch * steps), 4)
-        if ref is not None and jax.default_backend() == "gpu":
-            record["speedup_vs_reference_h100"] = round(record["img_per_s"] / ref["img_per_s"], 3)
-        if config == "cpu" and ref is not None:
-            record["speedup_vs_reference_cpu"] = round(
-                ref["s_per_img_step"] / record["s_per_img_step"], 3
-            )
-    record["reference_cpu" if config == "cpu" else "reference_h100"] = ref
+        record.update(time_sampling(sampler, abstract, args, mesh, record))
+    compare(record, ref)
     record["env"] = common.environment()
     common.emit(record, args.out)
     return record

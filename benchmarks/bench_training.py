@@ -11,7 +11,9 @@ number measures the step and nothing else:
     reference's classifier_train.py;
   - AdamW (optax) on float32 parameters, bf16 compute (no loss scaling: bf16 has float32's range,
     where the reference's fp16 needed dynamic loss scaling), one `jax.jit` with the parameters and
-    optimizer state donated, data-parallel over every device.
+    optimizer state donated, data-parallel over every device;
+  - `--remat` the diffusion model's `model.remat` policy (none / dots / full; the released 256x256
+    and 512x512 training configs use full), to measure what recomputation costs and saves.
 `--warmup` untimed steps (the first compiles), then `--steps` steps timed back to back, ending in
 `block_until_ready` (the reference: 3 warm-up, 20 timed). FLOPs per step are XLA's cost analysis
 of the lowered step (forward + backward + optimizer) at the global batch.
@@ -29,6 +31,7 @@ import numpy as np
 import optax
 
 from gdiff import factory
+from gdiff.models import unet
 
 DEFAULT_BATCH = {
     ("diffusion", "64"): 64,
@@ -89,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="global batch (default: reference's)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+    p.add_argument(
+        "--remat", choices=tuple(unet.REMAT_POLICIES), default="none", help="model.remat"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul peak probe size")
@@ -97,6 +103,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch is not None and args.batch <= 0:
         p.error(f"--batch must be positive; got {args.batch}")
+    if args.remat != "none" and args.kind != "diffusion":
+        p.error("--remat is the diffusion model's model.remat; the classifier has no such key")
     if args.warmup < 1 or args.steps < 1:
         p.error(f"--warmup and --steps must be >= 1; got {args.warmup}, {args.steps}")
     return args
@@ -117,7 +125,7 @@ def main(argv=None) -> dict:
     model, diffusion = common.build_model(config, dtype=args.dtype, attention_impl=attention_impl)
     class_cond = model.num_classes is not None
     if args.kind == "diffusion":
-        net = model
+        net = model.clone(remat=args.remat)
     else:
         net = common.build_classifier(config, dtype=args.dtype, attention_impl=attention_impl)
     size = int(net.image_size)
@@ -168,6 +176,7 @@ def main(argv=None) -> dict:
         "batch": batch,
         "dtype": args.dtype,
         "attention_impl": attention_impl,
+        "remat": args.remat,
         "optimizer": f"adamw lr={lr} weight_decay={weight_decay}",
         "params": n_params,
         "params_m": round(n_params / 1e6, 2),

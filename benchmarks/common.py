@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gdiff import factory  # noqa: E402
-from gdiff.compat import flags, openai, released  # noqa: E402
+from gdiff.compat import flags, released  # noqa: E402
 
 GIB = 1024**3
 
@@ -50,11 +50,11 @@ CONFIGS = (*RELEASED, "tiny", "cpu")
 
 # "tiny": a CPU-sized stand-in with the same block structure (class-conditional, learned sigma,
 # attention, scale-shift norm, up/down resblocks, an attention-pool classifier), as typed config
-# groups (the keys of configs/common.py's `model`, `classifier` and `diffusion` groups). 16x16
-# inputs, two levels, attention at 8x8 in both networks.
+# groups (the keys of configs/common.py's `model`, `classifier`, `diffusion` and `sample`
+# groups). 16x16 inputs, two levels, attention at 8x8 in both networks; float32, attention "auto".
 TINY_MODEL = dict(
     image_size=16,
-    num_classes=openai.NUM_CLASSES,
+    num_classes=1000,
     class_cond=True,
     num_channels=32,
     num_res_blocks=1,
@@ -65,14 +65,16 @@ TINY_MODEL = dict(
     num_head_channels=16,
     dropout=0.1,
     learn_sigma=True,
-    use_checkpoint=False,
+    remat="none",
     use_scale_shift_norm=True,
     resblock_updown=True,
     use_new_attention_order=True,
     small_size=0,
+    dtype="float32",
+    attention_impl="auto",
 )
 TINY_CLASSIFIER = dict(
-    num_classes=openai.NUM_CLASSES,
+    num_classes=1000,
     width=32,
     depth=1,
     channel_mult=(1, 2),
@@ -81,6 +83,8 @@ TINY_CLASSIFIER = dict(
     use_scale_shift_norm=True,
     resblock_updown=True,
     pool="attention",
+    dtype="float32",
+    attention_impl="auto",
 )
 TINY_DIFFUSION = dict(
     steps=1000,
@@ -90,7 +94,11 @@ TINY_DIFFUSION = dict(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     sigma_small=False,
+    timestep_respacing="",
 )
+# The sampling scripts' defaults (clip_denoised, use_ddim), for "tiny" and "cpu".
+SAMPLE_SCRIPT_DEFAULTS = {"clip_denoised": True, "use_ddim": False}
+TINY_SAMPLE = {**SAMPLE_SCRIPT_DEFAULTS, "timestep_respacing": "", "eta": 0.0, "seed": 0}
 
 # Where the reference's measured figures are (../shared/bench: README.md and its JSON files).
 REFERENCE_DIR_ENV = "GDIFF_BENCH_REFERENCE_DIR"
@@ -100,49 +108,93 @@ REFERENCE_DIR_ENV = "GDIFF_BENCH_REFERENCE_DIR"
 # Models
 
 
-def build_model(config: str, *, dtype: str, attention_impl: str | None, respacing: str = ""):
-    """(diffusion network, diffusion) of a benchmark configuration.
+def sampling_groups(config: str, overrides: dict[str, Any] | None = None) -> dict[str, dict]:
+    """The `model`, `diffusion`, `classifier` and `sample` groups of a benchmark configuration.
 
-    The released configurations go through the reference-compatible API (`gdiff.compat.openai`)
-    with the README's flags; `dtype` replaces the flags' `use_fp16` (bfloat16 is gdiff's
-    reduced-precision mode; parameters stay float32 either way).
+    "64" / "256": those `--mode=sample --config configs/released/imagenet64.py` (imagenet256.py)
+    samples with (`gdiff.compat.released.sampling_groups`: the README's flags, bfloat16 model and
+    classifier, attention "auto"); "cpu": the reference's flags stored in
+    reference_sampling_cpu.json, through the same flag table; "tiny": the typed stand-in.
+
+    Args:
+      config: one of CONFIGS.
+      overrides: {"group.key": value}, applied as `--config.group.key=value` would be (see
+        `config_overrides`).
+
+    Returns:
+      {group: {key: value}}, what `gdiff.sampling.sampler.build_sampler` reads.
     """
     _check_choice("config", config, CONFIGS)
     if config == "tiny":
-        group = {**TINY_MODEL, "dtype": dtype, "attention_impl": attention_impl or ""}
-        diffusion = factory.diffusion_from_group(
-            TINY_DIFFUSION, learn_sigma=group["learn_sigma"], timestep_respacing=respacing
-        )
-        return factory.unet_from_group(group), diffusion
-    if config == "cpu":
-        kw = {
-            **flags.model_and_diffusion_defaults(),
-            **load_reference(CPU_REFERENCE)["model_flags"],
+        groups = {
+            "model": dict(TINY_MODEL),
+            "classifier": dict(TINY_CLASSIFIER),
+            "diffusion": dict(TINY_DIFFUSION),
+            "sample": dict(TINY_SAMPLE),
         }
-        respacing = respacing or kw["timestep_respacing"]
+    elif config == "cpu":
+        ref = load_reference(CPU_REFERENCE)
+        classifier = {k: v for k, v in ref["classifier_flags"].items() if k != "image_size"}
+        kwargs = {**flags.model_and_diffusion_defaults(), **ref["model_flags"], **classifier}
+        groups = flags.sampling_groups(
+            {**kwargs, "classifier_scale": ref["classifier_scale"], **SAMPLE_SCRIPT_DEFAULTS}
+        )
     else:
-        kw = released.model_and_diffusion_kwargs(RELEASED[config])
-    kw.update(
-        use_fp16=dtype == "bfloat16",
+        groups = released.sampling_groups(RELEASED[config])
+    for dotted, value in (overrides or {}).items():
+        group, key = dotted.split(".")
+        if key not in groups[group]:
+            raise KeyError(f"{dotted} is no key of the {config!r} configuration's groups")
+        groups[group][key] = value
+    return groups
+
+
+def config_overrides(
+    *,
+    respacing: str | None = None,
+    use_ddim: bool | None = None,
+    dtype: str | None = None,
+    attention_impl: str | None = None,
+) -> dict[str, Any]:
+    """A benchmark script's options as config overrides {"group.key": value} (None: the
+    configuration's own value). `dtype` and `attention_impl` set the model's and the classifier's
+    alike; they are checked when the networks are built (`gdiff.factory`)."""
+    out: dict[str, Any] = {}
+    if respacing is not None:
+        out["sample.timestep_respacing"] = respacing
+    if use_ddim is not None:
+        out["sample.use_ddim"] = bool(use_ddim)
+    for key, value in (("dtype", dtype), ("attention_impl", attention_impl)):
+        if value is not None:
+            out[f"model.{key}"] = out[f"classifier.{key}"] = value
+    return out
+
+
+def build_model(
+    config: str,
+    *,
+    dtype: str | None = None,
+    attention_impl: str | None = None,
+    respacing: str = "",
+):
+    """(diffusion network, diffusion) of a benchmark configuration: the model group of
+    `sampling_groups` with `dtype` / `attention_impl` overrides (None: the configuration's), and
+    its diffusion respaced by `respacing` ("" = all steps)."""
+    groups = sampling_groups(config, config_overrides(dtype=dtype, attention_impl=attention_impl))
+    model = factory.unet_from_group(groups["model"])
+    diffusion = factory.diffusion_from_group(
+        groups["diffusion"],
+        learn_sigma=bool(groups["model"]["learn_sigma"]),
         timestep_respacing=respacing,
-        dtype=dtype,
-        attention_impl=attention_impl,
     )
-    return openai.create_model_and_diffusion(**kw)
+    return model, diffusion
 
 
-def build_classifier(config: str, *, dtype: str, attention_impl: str | None):
+def build_classifier(config: str, *, dtype: str | None = None, attention_impl: str | None = None):
     """The noise-aware classifier of a benchmark configuration, at its model's image size."""
-    _check_choice("config", config, CONFIGS)
-    if config == "tiny":
-        group = {**TINY_CLASSIFIER, "dtype": dtype, "attention_impl": attention_impl or ""}
-        return factory.classifier_from_group(group, TINY_MODEL["image_size"])
-    if config == "cpu":
-        kw = dict(load_reference(CPU_REFERENCE)["classifier_flags"])
-    else:
-        kw = released.classifier_kwargs(RELEASED[config])
-    kw.update(classifier_use_fp16=dtype == "bfloat16", dtype=dtype, attention_impl=attention_impl)
-    return openai.create_classifier(**kw)
+    groups = sampling_groups(config, config_overrides(dtype=dtype, attention_impl=attention_impl))
+    image_size = int(groups["model"]["image_size"])
+    return factory.classifier_from_group(groups["classifier"], image_size)
 
 
 def _check_choice(what: str, value, choices) -> None:
@@ -185,23 +237,14 @@ def random_variables(abstract, key: jax.Array, sharding=None):
 
 
 def resolve_attention(choice: str, dtype: str) -> str:
-    """Turns --attention {auto,xla,cudnn} into the implementation the models will be given.
+    """--attention {auto,xla,cudnn} -> the implementation the networks are built with here.
 
-    "auto" takes cuDNN's fused kernel where it runs (a GPU, bfloat16 compute; the probe in
-    ../shared/bench measured it 7.4x faster than XLA's at 1024 tokens) and XLA everywhere else.
-    `jax.nn.dot_product_attention(implementation=None)` would pick XLA today, so choose explicitly.
+    The config's policy (`gdiff.factory.resolve_attention_impl`, what `model.attention_impl`
+    means): "auto" is cuDNN's fused kernel on a CUDA GPU with a 16-bit dtype (the probe in
+    ../shared/bench measured it 7.4x faster than XLA's at 1024 tokens), XLA elsewhere; a forced
+    "cudnn" that cannot run raises ValueError.
     """
-    _check_choice("--attention", choice, ("auto", "xla", "cudnn"))
-    if choice != "auto":
-        return choice
-    if jax.default_backend() != "gpu" or dtype != "bfloat16":
-        return "xla"
-    try:
-        q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-        jax.block_until_ready(jax.nn.dot_product_attention(q, q, q, implementation="cudnn"))
-    except Exception:  # noqa: BLE001 - any failure means cuDNN attention is not usable here
-        return "xla"
-    return "cudnn"
+    return factory.resolve_attention_impl(choice, dtype, key="--attention")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,20 +2,34 @@
 # Every row of benchmarks/RESULTS.md on one GPU: JSON records + logs under benchmarks/logs/.
 #
 #   bash benchmarks/run_all_gpu.sh [GROUP_OR_ROW ...]      (default: all)
+#   DRY_RUN=1 bash benchmarks/run_all_gpu.sh first         (print the plan, run nothing)
 #
-# Groups (each fits one 10-minute device call on an H100; compile included):
+# Groups, in the order `all` runs them (a row already run by this invocation is not run again):
+#   first      the rows that matter first, sized for ONE device call of under 10 minutes with every
+#              compilation included: 64x64 DDIM-25 guided and unguided (batch 256), 256x256
+#              DDIM-25 guided (batch 32), the 64x64 diffusion training step (batch 64). Row limits
+#              150 + 100 + 160 + 110 = 520 s, plus at most 20 s for the device probe and 20 s for
+#              the summary: 560 s. The limits are budgets, not measurements: the script prints
+#              what each row and the group took, to set them from.
 #   ops        the XLA probe (matmul peak, conv / GN blocks, attention xla vs cudnn)
 #   sample64   64x64: DDIM25 unguided, DDIM25 guided, DDPM 25 guided (batch 256)
 #   sample256  256x256: DDIM25 guided, DDIM25 unguided (batch 32)
 #   attn       64x64 DDIM25 unguided with XLA attention (the ablation of --attention auto)
 #   train      one AdamW step: 64/256 diffusion and classifier at the reference's batches
+#   remat      the 256x256 diffusion step at 32 per device (the reference's batch 256 on 8 GPUs)
+#              under model.remat dots and full: step time and peak memory of each policy
 #   all        all of the above, in that order
-# A row name (e.g. s64_ddim25_guided) runs that row alone.
+#   cpu        tiny stand-ins that run anywhere in seconds (not part of `all`)
+# A row name (e.g. s64_ddim25_guided) runs that row alone. Rows outside `first` are limited to
+# ROW_TIMEOUT each and their groups are not sized to one call: give each its own call (or its rows
+# one by one) and size them from the times printed.
 #
 # Environment: PYTHON (default python3: the GPU image's interpreter already has jax[cuda], flax,
 # optax and numpy, which is all the benchmarks import: no ml_collections, clu or TensorFlow, so
-# no wheels need carrying), LOGS (default benchmarks/logs), ROW_TIMEOUT seconds (default 540).
-# When $OUT is set (the device tool), the logs are also packed into $OUT/bench_logs.tgz.
+# no wheels need carrying), LOGS (default benchmarks/logs), ROW_TIMEOUT seconds (default 540: the
+# limit of a row outside `first`), TIMEOUT_<row> seconds (one row's limit, e.g. TIMEOUT_ops=300).
+# When $OUT is set (the device tool), each row's JSON and log are copied there the moment the row
+# ends, so a later row that fails or overruns the call loses nothing already measured.
 # Afterwards: python benchmarks/common.py benchmarks/logs/*.json prints the tables for RESULTS.md.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,7 +37,6 @@ PY=${PYTHON:-python3}
 LOGS=${LOGS:-benchmarks/logs}
 ROW_TIMEOUT=${ROW_TIMEOUT:-540}
 export PYTHONUNBUFFERED=1
-mkdir -p "$LOGS"
 
 declare -A ROWS=(
   [ops]="bench_ops.py --batch 256"
@@ -37,52 +50,124 @@ declare -A ROWS=(
   [t_classifier_64]="bench_training.py --kind classifier --config 64 --batch 128"
   [t_diffusion_256]="bench_training.py --kind diffusion --config 256 --batch 16"
   [t_classifier_256]="bench_training.py --kind classifier --config 256 --batch 64"
+  [t_diffusion_256_b32_dots]="bench_training.py --kind diffusion --config 256 --batch 32 --remat dots"
+  [t_diffusion_256_b32_full]="bench_training.py --kind diffusion --config 256 --batch 32 --remat full"
+  [s_tiny]="bench_sampling.py --tiny --guided --respacing ddim2 --dtype float32 --batch 4"
+  [t_tiny]="bench_training.py --tiny --kind diffusion --dtype float32 --batch 4 --warmup 1 --steps 2"
+)
+# The rows of `first` carry their own limits (their sum is the group's budget above).
+declare -A LIMITS=(
+  [s64_ddim25_guided]=150
+  [s64_ddim25_unguided]=100
+  [s256_ddim25_guided]=160
+  [t_diffusion_64]=110
+  [s_tiny]=120
+  [t_tiny]=120
 )
 declare -A SETS=(
+  [first]="s64_ddim25_guided s64_ddim25_unguided s256_ddim25_guided t_diffusion_64"
   [ops]="ops"
   [sample64]="s64_ddim25_unguided s64_ddim25_guided s64_ddpm25_guided"
   [sample256]="s256_ddim25_guided s256_ddim25_unguided"
   [attn]="s64_ddim25_unguided_xla"
   [train]="t_diffusion_64 t_classifier_64 t_diffusion_256 t_classifier_256"
+  [remat]="t_diffusion_256_b32_dots t_diffusion_256_b32_full"
+  [cpu]="t_tiny s_tiny"
 )
-SETS[all]="${SETS[ops]} ${SETS[sample64]} ${SETS[sample256]} ${SETS[attn]} ${SETS[train]}"
+ALL="first ops sample64 sample256 attn train remat"
 
-selected=()
+row_limit() {
+  local override="TIMEOUT_$1"
+  echo "${!override:-${LIMITS[$1]:-$ROW_TIMEOUT}}"
+}
+
+copy_out() {
+  # Called after every row, whatever its outcome.
+  [[ -n "${OUT:-}" ]] || return 0
+  local f
+  for f in "$@"; do
+    [[ -f "$f" ]] && cp "$f" "$OUT/"
+  done
+  return 0
+}
+
+# The plan: the groups (or single rows) asked for, in order, `all` expanded.
+plan=()
 for arg in "${@:-all}"; do
-  if [[ -n "${SETS[$arg]:-}" ]]; then
-    read -r -a names <<<"${SETS[$arg]}"
-    selected+=("${names[@]}")
-  elif [[ -n "${ROWS[$arg]:-}" ]]; then
-    selected+=("$arg")
+  if [[ "$arg" == all ]]; then
+    read -r -a names <<<"$ALL"
+    plan+=("${names[@]}")
+  elif [[ -n "${SETS[$arg]:-}" || -n "${ROWS[$arg]:-}" ]]; then
+    plan+=("$arg")
   else
-    echo "unknown group or row: $arg (groups: ${!SETS[*]}; rows: ${!ROWS[*]})" >&2
+    echo "unknown group or row: $arg (groups: all ${!SETS[*]}; rows: ${!ROWS[*]})" >&2
     exit 2
   fi
 done
 
-"$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tee "$LOGS/devices.log"
+mkdir -p "$LOGS"
+[[ -z "${OUT:-}" ]] || mkdir -p "$OUT"
+if [[ -z "${DRY_RUN:-}" ]]; then
+  : >"$LOGS/timings.log"
+  timeout 20 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 |
+    tee "$LOGS/devices.log"
+  copy_out "$LOGS/devices.log"
+fi
+
+declare -A DONE=()
 failed=()
-for name in "${selected[@]}"; do
+run_row() {
+  local name=$1 limit start status
+  limit=$(row_limit "$name")
   read -r -a cmd <<<"${ROWS[$name]}"
-  echo "=== $name: ${cmd[*]}"
+  if [[ -n "${DRY_RUN:-}" ]]; then
+    echo "row $name limit $limit s: ${cmd[*]}"
+    return
+  fi
+  echo "=== $name (limit $limit s): ${cmd[*]}"
+  # A record left by an earlier invocation must not pass for this one's.
+  rm -f "$LOGS/$name.json"
   start=$(date +%s)
-  timeout "$ROW_TIMEOUT" "$PY" "benchmarks/${cmd[0]}" "${cmd[@]:1}" --out "$LOGS/$name.json" \
+  timeout "$limit" "$PY" "benchmarks/${cmd[0]}" "${cmd[@]:1}" --out "$LOGS/$name.json" \
     >"$LOGS/$name.log" 2>&1
   status=$?
   tail -n 3 "$LOGS/$name.log"
-  echo "=== $name: exit $status after $(( $(date +%s) - start )) s"
+  local verdict="exit $status"
+  [[ $status -eq 124 ]] && verdict="timed out (limit $limit s)"
+  echo "=== $name: $verdict after $(($(date +%s) - start)) s" | tee -a "$LOGS/timings.log"
+  copy_out "$LOGS/$name.json" "$LOGS/$name.log" "$LOGS/timings.log"
   [[ $status -eq 0 ]] || failed+=("$name")
+}
+
+for group in "${plan[@]}"; do
+  read -r -a rows <<<"${SETS[$group]:-$group}"
+  group_start=$(date +%s)
+  budget=0
+  ran=0
+  for name in "${rows[@]}"; do
+    [[ -z "${DONE[$name]:-}" ]] || continue
+    DONE[$name]=1
+    budget=$((budget + $(row_limit "$name")))
+    ran=$((ran + 1))
+    run_row "$name"
+  done
+  if [[ -n "${DRY_RUN:-}" ]]; then
+    echo "group $group: $ran row(s), limits sum $budget s"
+  else
+    echo "=== group $group: $ran row(s) in $(($(date +%s) - group_start)) s (limits sum $budget s)" |
+      tee -a "$LOGS/timings.log"
+    copy_out "$LOGS/timings.log"
+  fi
 done
+[[ -z "${DRY_RUN:-}" ]] || exit 0
 
 shopt -s nullglob
 records=("$LOGS"/*.json)
-if (( ${#records[@]} )); then
-  "$PY" benchmarks/common.py "${records[@]}" | tee "$LOGS/summary.md"
+if ((${#records[@]})); then
+  timeout 20 "$PY" benchmarks/common.py "${records[@]}" | tee "$LOGS/summary.md"
+  copy_out "$LOGS/summary.md"
 fi
-if [[ -n "${OUT:-}" ]]; then
-  tar czf "$OUT/bench_logs.tgz" "$LOGS"
-fi
-if (( ${#failed[@]} )); then
+if ((${#failed[@]})); then
   echo "failed rows: ${failed[*]}" >&2
   exit 1
 fi

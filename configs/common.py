@@ -60,12 +60,18 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_head_channels = -1
     model.dropout = 0.0
     model.learn_sigma = True  # 2x output channels; the diffusion learns its variances
-    model.use_checkpoint = False
+    # Activation rematerialisation of every ResBlock / AttentionBlock in the backward pass: "none";
+    # "dots" keeps conv and matmul outputs and recomputes the norms and activations; "full"
+    # recomputes everything (the reference's use_checkpoint). Training memory only: sampling
+    # programs are the same under every policy.
+    model.remat = "none"
     model.use_scale_shift_norm = True
     model.resblock_updown = False
     model.use_new_attention_order = False
     model.dtype = "float32"  # compute dtype ("bfloat16": the reference's use_fp16); params float32
-    model.attention_impl = ""  # "" = jax.nn.dot_product_attention's choice | "xla" | "cudnn"
+    # auto: cuDNN fused attention on a CUDA GPU with a 16-bit dtype, XLA elsewhere | xla | cudnn
+    # (resolved by gdiff/factory.py when the network is built; a "cudnn" that cannot run fails)
+    model.attention_impl = "auto"
     # > 0: a SuperResModel upsampling from small_size to image_size, trained (like the reference's
     # super_res_train.py) on each batch area-downsampled to small_size as its low_res input.
     model.small_size = 0
@@ -91,8 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     classifier.use_scale_shift_norm = True
     classifier.resblock_updown = True
     classifier.pool = "attention"  # adaptive | attention | spatial | spatial_v2
-    classifier.dtype = "float32"
-    classifier.attention_impl = ""
+    classifier.dtype = "float32"  # "bfloat16": the reference's classifier_use_fp16
+    classifier.attention_impl = "auto"  # as model.attention_impl
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 1e-4
@@ -145,6 +151,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.base_samples = ""  # super-resolution: .npz of low-resolution samples
     sample.output_dir = ""  # default: <workdir>/samples
     sample.seed = 0
+    # An output directory holding another run (other weights or settings) is refused; True moves
+    # it aside (<dir>.replaced-<time>, nothing deleted) and starts afresh.
+    sample.restart = False
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.ref_batch = ""

@@ -8,15 +8,19 @@ keyword arguments: both end in `unet_from_group` / `classifier_from_group` / `di
 for any image size.
 """
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
 from gdiff import diffusion as diffusion_lib
+from gdiff import errors
 from gdiff.models import unet
 
 # The reference's channel multipliers per resolution (`script_util.create_model` and
@@ -30,13 +34,76 @@ CHANNEL_MULT = {
 # `sr_create_model` uses the 256 table for 512 too, and has none for 128.
 SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 DTYPES = ("float32", "bfloat16")
+# `model.attention_impl` / `classifier.attention_impl`: "auto" takes cuDNN's fused attention where
+# it can run (a CUDA GPU and a 16-bit compute dtype: the kernel rejects float32) and XLA's
+# everywhere else; "xla" and "cudnn" force one (a forced "cudnn" that cannot run is an error).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# The platform "auto" resolves for while `target_platform` is active (None: the running backend).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gdiff_target_platform", default=None
+)
 
 
 def compute_dtype(name: str) -> Any:
     """ "float32" | "bfloat16" -> the scalar type a module's `dtype` attribute takes."""
     if name not in DTYPES:
-        raise ValueError(f"compute dtype must be one of {DTYPES}; got {name!r}")
+        raise errors.ConfigError(f"compute dtype must be one of {DTYPES}; got {name!r}")
     return getattr(jnp, name)
+
+
+def runtime_platform() -> str:
+    """The platform this process runs programs on, in `jax.export`'s names: "cpu", "tpu",
+    "cuda" or "rocm" (`jax.default_backend()` says "gpu" for both of the last two)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    version = jax.extend.backend.get_backend().platform_version.lower()
+    return "cuda" if "cuda" in version else "rocm"
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Networks built inside resolve `attention_impl="auto"` for `platform` (e.g. "cuda")
+    instead of for the backend this process runs on: how a GPU program is built and exported
+    from a CPU (tests/test_export_cuda.py) through the same code paths as on the GPU."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def resolve_attention_impl(
+    choice: str, dtype: str, platform: str | None = None, *, key: str = "attention_impl"
+) -> str:
+    """The attention implementation a network is built with: "xla" or "cudnn".
+
+    Args:
+      choice: "auto" | "xla" | "cudnn" (the config's `<group>.attention_impl`).
+      dtype: the network's compute dtype name (`<group>.dtype`).
+      platform: the platform the program is for ("cpu", "cuda", ...); None: the one set by
+        `target_platform`, else the running backend (`runtime_platform()`).
+      key: the config key `choice` came from, named in errors.
+
+    Raises:
+      errors.ConfigError (a ValueError): an unknown choice, or "cudnn" where it cannot run (not
+        a CUDA platform, or a compute dtype that is not 16-bit), naming the key, the dtype and
+        the platform.
+    """
+    if choice not in ATTENTION_IMPLS:
+        raise errors.ConfigError(f"{key} must be one of {ATTENTION_IMPLS}; got {choice!r}")
+    platform = platform or _TARGET_PLATFORM.get() or runtime_platform()
+    # cuDNN's fused attention is an NVIDIA kernel for fp16/bf16 inputs only.
+    cudnn_runs = platform == "cuda" and jnp.dtype(dtype).itemsize == 2
+    if choice == "auto":
+        return "cudnn" if cudnn_runs else "xla"
+    if choice == "cudnn" and not cudnn_runs:
+        raise errors.ConfigError(
+            f"{key}='cudnn' cannot run here: cuDNN fused attention needs a CUDA GPU and a 16-bit "
+            f"compute dtype, and this network computes in {dtype} on platform {platform!r}; "
+            f"use 'auto' (cuDNN where it runs, XLA elsewhere) or 'xla'"
+        )
+    return choice
 
 
 def attention_rates(resolutions, image_size: int) -> tuple[int, ...]:
@@ -52,15 +119,28 @@ def channel_mult(explicit, image_size: int, *, super_res: bool = False) -> tuple
     table = SR_CHANNEL_MULT if super_res else CHANNEL_MULT
     if image_size not in table:
         what = "super-resolution large size" if super_res else "image size"
-        raise ValueError(
+        raise errors.ConfigError(
             f"unsupported {what}: {image_size} (the reference has channel multipliers for "
             f"{sorted(table)} only; give channel_mult explicitly)"
         )
     return table[image_size]
 
 
-def _shared_fields(group: Mapping[str, Any], image_size: int, *, super_res: bool = False) -> dict:
-    """The attributes the UNet and the classifier read alike from their groups."""
+def _shared_fields(
+    group: Mapping[str, Any],
+    image_size: int,
+    *,
+    name: str,
+    platform: str | None,
+    super_res: bool = False,
+) -> dict:
+    """The attributes the UNet and the classifier read alike from their groups (`name`: the
+    group's name in a config, for errors)."""
+    dtype = compute_dtype(group["dtype"])
+    key = f"{name}.attention_impl"
+    attention_impl = resolve_attention_impl(
+        str(group["attention_impl"]), group["dtype"], platform, key=key
+    )
     return dict(
         image_size=image_size,
         in_channels=3,
@@ -69,35 +149,42 @@ def _shared_fields(group: Mapping[str, Any], image_size: int, *, super_res: bool
         num_head_channels=int(group["num_head_channels"]),
         use_scale_shift_norm=bool(group["use_scale_shift_norm"]),
         resblock_updown=bool(group["resblock_updown"]),
-        dtype=compute_dtype(group["dtype"]),
-        attention_impl=group["attention_impl"] or None,
+        dtype=dtype,
+        attention_impl=attention_impl,
     )
 
 
-def unet_from_group(m: Mapping[str, Any]) -> unet.UNetModel:
+def unet_from_group(m: Mapping[str, Any], *, platform: str | None = None) -> unet.UNetModel:
     """The diffusion network of a `model` group: a UNetModel, or a SuperResModel when
-    `small_size > 0` (then `image_size` is the large size). Keys: see configs/common.py."""
+    `small_size > 0` (then `image_size` is the large size). Keys: see configs/common.py.
+    `platform`: what `attention_impl` resolves for (see `resolve_attention_impl`)."""
     super_res = int(m["small_size"]) > 0
     cls = unet.SuperResModel if super_res else unet.UNetModel
+    fields = _shared_fields(
+        m, int(m["image_size"]), name="model", platform=platform, super_res=super_res
+    )
     return cls(
-        **_shared_fields(m, int(m["image_size"]), super_res=super_res),
+        **fields,
         model_channels=int(m["num_channels"]),
         out_channels=6 if m["learn_sigma"] else 3,
         num_res_blocks=int(m["num_res_blocks"]),
         dropout=float(m["dropout"]),
         num_classes=int(m["num_classes"]) if m["class_cond"] else None,
-        use_checkpoint=bool(m["use_checkpoint"]),
+        remat=unet.check_remat(str(m["remat"])),
         num_heads=int(m["num_heads"]),
         num_heads_upsample=int(m["num_heads_upsample"]),
         use_new_attention_order=bool(m["use_new_attention_order"]),
     )
 
 
-def classifier_from_group(c: Mapping[str, Any], image_size: int) -> unet.EncoderUNetModel:
+def classifier_from_group(
+    c: Mapping[str, Any], image_size: int, *, platform: str | None = None
+) -> unet.EncoderUNetModel:
     """The noise-aware classifier of a `classifier` group at `image_size` (the reference's
-    `create_classifier`, with its channel-multiplier table unless `channel_mult` is given)."""
+    `create_classifier`, with its channel-multiplier table unless `channel_mult` is given).
+    `platform`: what `attention_impl` resolves for (see `resolve_attention_impl`)."""
     return unet.EncoderUNetModel(
-        **_shared_fields(c, int(image_size)),
+        **_shared_fields(c, int(image_size), name="classifier", platform=platform),
         model_channels=int(c["width"]),
         out_channels=int(c["num_classes"]),
         num_res_blocks=int(c["depth"]),
@@ -120,14 +207,14 @@ def diffusion_from_group(d: Mapping[str, Any], *, learn_sigma: bool, timestep_re
     )
 
 
-def build_model(config) -> unet.UNetModel:
-    """The diffusion network of `config.model`."""
-    return unet_from_group(config.model)
+def build_model(config, *, platform: str | None = None) -> unet.UNetModel:
+    """The diffusion network of `config.model` (`platform`: see `unet_from_group`)."""
+    return unet_from_group(config.model, platform=platform)
 
 
-def build_classifier(config) -> unet.EncoderUNetModel:
+def build_classifier(config, *, platform: str | None = None) -> unet.EncoderUNetModel:
     """The noise-aware classifier of `config.classifier`, at the data's image size."""
-    return classifier_from_group(config.classifier, int(config.data.image_size))
+    return classifier_from_group(config.classifier, int(config.data.image_size), platform=platform)
 
 
 def build_diffusion(config, timestep_respacing: str | None = None):

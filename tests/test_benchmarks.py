@@ -9,8 +9,10 @@ benchmarks/common.py are checked in-process against numbers known independently.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,83 @@ def test_indivisible_batch_is_refused(tmp_path):
 def test_bad_flags_are_refused(tmp_path):
     proc = run_script(tmp_path, "bench_training.py", "--batch", "0", expect_ok=False)
     assert proc.returncode == 2 and "--batch must be positive" in proc.stderr
+    proc = run_script(
+        tmp_path, "bench_training.py", "--kind", "classifier", "--remat", "full", expect_ok=False
+    )
+    assert proc.returncode == 2 and "--remat is the diffusion model's" in proc.stderr
+
+
+def _run_all_env(tmp_path, **extra) -> dict:
+    return dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        LOGS=str(tmp_path / "logs"),
+        PYTHON=sys.executable,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
+        ),
+        **extra,
+    )
+
+
+def test_run_all_gpu_copies_each_row_out_the_moment_it_ends(tmp_path):
+    """The device script, on CPU with the tiny rows: t_tiny's record reaches $OUT while the next
+    row still runs, and stays there when that row overruns its limit (a device call that runs out
+    of time keeps every row it finished)."""
+    out = tmp_path / "out"
+    env = _run_all_env(tmp_path, TIMEOUT_s_tiny="5")
+    proc = subprocess.Popen(
+        ["bash", str(BENCH / "run_all_gpu.sh"), "t_tiny", "s_tiny"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    record = out / "t_tiny.json"
+    deadline = time.time() + 300
+    while not record.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    still_running = proc.poll() is None
+    output, _ = proc.communicate(timeout=300)
+    assert record.exists(), output
+    assert still_running, output  # copied when the row ended, not when the script did
+    rec = json.loads(record.read_text())
+    assert rec["kind"] == "diffusion" and rec["remat"] == "none" and rec["img_per_s"] > 0
+    assert proc.returncode == 1 and "failed rows: s_tiny" in output
+    assert "=== s_tiny: timed out (limit 5 s)" in output
+    assert (out / "s_tiny.log").exists() and not (out / "s_tiny.json").exists()
+    # Each row's and each group's wall time, measured by the script.
+    timings = (out / "timings.log").read_text()
+    assert re.search(r"^=== t_tiny: exit 0 after \d+ s$", timings, re.M), timings
+    assert re.search(r"^=== group s_tiny: 1 row\(s\) in \d+ s \(limits sum 5 s\)$", timings, re.M)
+
+
+def test_run_all_gpu_first_group_fits_one_device_call(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(BENCH / "run_all_gpu.sh"), "first", "all"],
+        env=_run_all_env(tmp_path, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^row (\S+) limit (\d+) s: (\S+)", proc.stdout, re.M)
+    first = [(name, int(limit)) for name, limit, _ in rows[:4]]
+    assert [name for name, _ in first] == [
+        "s64_ddim25_guided",
+        "s64_ddim25_unguided",
+        "s256_ddim25_guided",
+        "t_diffusion_64",
+    ]
+    # The rows' limits plus the device probe's and the summary's (20 s each) stay under the
+    # device tool's 600 s per call.
+    assert sum(limit for _, limit in first) + 2 * 20 < 600
+    assert "group first: 4 row(s), limits sum 520 s" in proc.stdout
+    # `all` after `first` runs every other row once, the first group's rows not again.
+    names = [name for name, _, _ in rows]
+    assert len(names) == len(set(names)) == 13
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +281,13 @@ def test_random_variables_scales_by_fan_in():
 
 
 def test_resolve_attention_and_bad_choices():
-    if jax.default_backend() != "gpu":
-        assert common.resolve_attention("auto", "bfloat16") == "xla"
+    """--attention follows the config's policy (gdiff.factory.resolve_attention_impl)."""
+    assert jax.default_backend() == "cpu"
+    assert common.resolve_attention("auto", "bfloat16") == "xla"
     assert common.resolve_attention("auto", "float32") == "xla"
-    assert common.resolve_attention("cudnn", "bfloat16") == "cudnn"
+    assert common.resolve_attention("xla", "bfloat16") == "xla"
+    with pytest.raises(ValueError, match="--attention='cudnn' cannot run here"):
+        common.resolve_attention("cudnn", "bfloat16")  # no CUDA GPU here
     with pytest.raises(ValueError, match="--attention"):
         common.resolve_attention("flash", "bfloat16")
     with pytest.raises(ValueError, match="config"):
@@ -223,6 +305,47 @@ def test_released_flags_build_the_reference_networks():
     assert classifier.image_size == 64 and classifier.num_res_blocks == 4
     assert factory.param_count(classifier) / 1e6 == pytest.approx(65.44, abs=0.01)
     assert diffusion.num_timesteps == 1000 and model.dtype == jnp.bfloat16
+    # Without overrides: the config's own precision (the README's use_fp16 and
+    # classifier_use_fp16), attention "auto" (XLA on this CPU).
+    model, _ = common.build_model("64")
+    classifier = common.build_classifier("64")
+    assert model.dtype == classifier.dtype == jnp.bfloat16
+    assert model.attention_impl == classifier.attention_impl == "xla"
+    classifier = common.build_classifier("64", dtype="float32")
+    assert classifier.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("config, name", [("64", "imagenet64"), ("256", "imagenet256")])
+def test_benchmark_times_the_mode_sample_program(config, name):
+    """bench_sampling builds what `--mode=sample --config configs/released/<name>.py` with its
+    config overrides builds: the same networks (dtype, attention), diffusion and options."""
+    import bench_sampling
+
+    from configs.released import imagenet64, imagenet256
+    from gdiff.sampling import sampler as sampler_lib
+
+    overrides = common.config_overrides(respacing="ddim25", use_ddim=True, attention_impl="xla")
+    sampler, model, classifier = bench_sampling.build(config, overrides, guided=True, mesh=None)
+    cfg = {"imagenet64": imagenet64, "imagenet256": imagenet256}[name].get_config()
+    for dotted, value in overrides.items():  # as --config.<group>.<key>=<value> sets them
+        group, key = dotted.split(".")
+        cfg[group][key] = value
+    groups = {g: cfg[g] for g in ("model", "diffusion", "classifier", "sample")}
+    expected, model_e, classifier_e = sampler_lib.build_sampler(groups, guided=True)
+    assert (model, classifier) == (model_e, classifier_e)
+    assert sampler.options == expected.options and sampler.options.use_ddim
+    np.testing.assert_array_equal(sampler.diffusion.timestep_map, expected.diffusion.timestep_map)
+    assert sampler.diffusion.num_timesteps == 25
+    assert model.dtype == classifier.dtype == jnp.bfloat16
+    assert model.attention_impl == classifier.attention_impl == "xla"
+    command = bench_sampling.equivalent_command(config, overrides)
+    assert command == (
+        f"python main.py --mode=sample --config configs/released/{name}.py "
+        "--config.sample.timestep_respacing=ddim25 --config.sample.use_ddim=True "
+        "--config.model.attention_impl=xla --config.classifier.attention_impl=xla"
+    )
+    with pytest.raises(KeyError, match="sample.nonsense"):
+        common.sampling_groups(config, {"sample.nonsense": 1})
 
 
 def test_tiny_networks():

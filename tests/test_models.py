@@ -84,7 +84,7 @@ def test_remat_and_dropout(tiny):
     model, v, x, t, y = tiny
     out = model.apply(v, x, t, y=y)
     assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
-    remat = dataclasses.replace(model, use_checkpoint=True)
+    remat = dataclasses.replace(model, remat="full")
     np.testing.assert_allclose(remat.apply(v, x, t, y=y), out, rtol=1e-5, atol=1e-5)
     rngs = {"dropout": jax.random.key(5)}
     trained = model.apply(v, x, t, y=y, train=True, rngs=rngs)

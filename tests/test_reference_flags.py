@@ -257,3 +257,12 @@ def test_with_defaults_the_classifier_is_the_references():
     assert (c.channel_mult, c.num_head_channels) == ((), 64)
     assert config.train.eval_every == 5 and config.train.classifier_noised
     assert config.data.eval_folder == ""  # val_data_dir not given: no held-out folder invented
+
+
+def test_use_checkpoint_is_the_full_remat_policy():
+    """The reference's use_checkpoint (recompute every block) lands on gdiff's model.remat."""
+    assert flags.to_config({"use_checkpoint": True}) == {"model": {"remat": "full"}}
+    assert flags.to_config({"use_checkpoint": False}) == {"model": {"remat": "none"}}
+    config = tiny.get_config()
+    flags.write_flags(config, "--use_checkpoint True", "image_train")
+    assert config.model.remat == "full" and "use_checkpoint" not in config.model

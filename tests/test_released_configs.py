@@ -8,10 +8,12 @@ and matching the paper's Table 11-13 sizes) are marked slow because each trace t
 
 import importlib
 
+import numpy as np
 import pytest
 
 from gdiff import factory
 from gdiff.compat import flags, openai, released
+from gdiff.sampling import sampler as sampler_lib
 
 # name -> exact parameter count of the module the config builds.
 COUNTS = {
@@ -68,6 +70,11 @@ def test_config_carries_the_readme_flags(name):
     checkpoint = released.CHECKPOINTS[name]
     for key, value in openai.parse_flags(checkpoint.all_flags).items():
         group, field, typed = flags.TO_CONFIG[key][:3]
+        if key == "classifier_use_fp16" and name.endswith("_classifier"):
+            # A classifier config trains, and classifier_train.py's flags leave it in float32;
+            # the README's sampling flags (the diffusion config) guide in bfloat16.
+            assert config.classifier.dtype == "float32"
+            continue
         assert config[group][field] == typed(value), key
     # Typed as the factory reads them: tuples of pixels, a compute dtype name.
     assert isinstance(config.model.attention_resolutions, tuple)
@@ -101,6 +108,7 @@ def test_reference_kwargs_of_the_readme_flags():
         **flags.classifier_defaults(),
         "image_size": 64,
         "classifier_depth": 4,
+        "classifier_use_fp16": True,
     }
     assert released.classifier_kwargs("imagenet256")["image_size"] == 256
     sr = released.model_and_diffusion_kwargs("upsampler_128_512")
@@ -108,3 +116,38 @@ def test_reference_kwargs_of_the_readme_flags():
     assert (sr["large_size"], sr["small_size"]) == (512, 128)
     with pytest.raises(KeyError, match="imagenet64"):
         released.get("imagenet65")
+
+
+def _program(groups, guided: bool):
+    """What a sampling run's program is made of: networks, diffusion, sampler options."""
+    sampler, model, classifier = sampler_lib.build_sampler(groups, guided=guided)
+    d = sampler.diffusion
+    return model, classifier, sampler.options, (d.num_timesteps, d.model_var_type), d
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ALL if not n.endswith("_classifier")))
+def test_plain_dict_groups_build_the_configs_sampling_program(name):
+    """`released.sampling_groups` (no ml_collections: what the benchmarks build) and the
+    config's own groups (what --mode=sample builds) give the same networks, dtypes, attention,
+    diffusion and sampler options, through the one builder. (A `*_classifier` config converts
+    and trains the classifier, in float32; the diffusion config is the one that samples.)"""
+    config = _config(name)
+    groups = {g: config[g] for g in ("model", "diffusion", "classifier", "sample")}
+    guided = config.sample.classifier_scale != "0"  # the LSUN models and upsamplers: unguided
+    *ours, diffusion = _program(released.sampling_groups(name), guided)
+    *theirs, expected = _program(groups, guided)
+    assert ours == theirs
+    np.testing.assert_array_equal(diffusion.timestep_map, expected.timestep_map)
+    np.testing.assert_array_equal(diffusion.betas, expected.betas)
+    # Every key of the plain groups holds the config's value.
+    for group, values in released.sampling_groups(name).items():
+        for key, value in values.items():
+            if (
+                group in ("model", "classifier")
+                and key == "num_classes"
+                and not config.model.class_cond
+            ):
+                continue  # an unconditional model reads no class count (LSUN configs: 1)
+            if (group, key) == ("model", "remat"):
+                continue  # a training setting (the 256/512 configs recompute), not a sampling one
+            assert config[group][key] == value, f"{group}.{key}"

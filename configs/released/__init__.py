@@ -56,11 +56,15 @@ def as_classifier_config(config: ml_collections.ConfigDict, *, torch_checkpoint:
     """Turns a diffusion config into the config of its noise-aware classifier.
 
     Same data, diffusion (the classifier is trained on inputs noised by it) and classifier group;
-    `--mode=convert` converts the classifier and `--mode=train_classifier` trains it.
+    `--mode=convert` converts the classifier and `--mode=train_classifier` trains it. The
+    classifier computes in float32 here, as the README's classifier training flags leave
+    `--classifier_use_fp16` at False; the diffusion config guides with it in bfloat16, as the
+    README's classifier sampling flags say (gdiff.compat.released._CLASSIFIER_FP16).
     """
     config.convert_target = "classifier"
     config.torch_checkpoint = torch_checkpoint
     config.optim.anneal_lr = True
+    config.classifier.dtype = "float32"
     return config
 
 
@@ -79,5 +83,9 @@ def lsun_config(name: str, *, category: str, num_steps: int) -> ml_collections.C
     apply_flags(config, checkpoint.all_flags)
     config.optim.lr = 0.0001
     config.train.batch_size = 256
+    # Recompute each block's activations in the backward pass (the reference's use_checkpoint):
+    # the least activation memory at this batch. Whether "dots" (less recomputation) fits too
+    # is not yet measured on a GPU (benchmarks/run_all_gpu.sh remat).
+    config.model.remat = "full"
     config.train.num_steps = num_steps
     return config

@@ -28,5 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Training hyperparameters of the paper's appendix table for this model.
     config.optim.lr = 3e-05
     config.train.batch_size = 256
+    # Recompute each block's activations in the backward pass (the reference's use_checkpoint):
+    # the least activation memory at this batch. Whether "dots" (less recomputation) fits too
+    # is not yet measured on a GPU (benchmarks/run_all_gpu.sh remat).
+    config.model.remat = "full"
     config.train.num_steps = 1940000
     return config

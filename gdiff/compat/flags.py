@@ -3,15 +3,16 @@
 One table (`TO_CONFIG`) says, for every flag of the reference's scripts (`SCRIPTS`: image_train,
 super_res_train, classifier_train, image_sample, super_res_sample, classifier_sample, image_nll),
 which config group and key holds it and how its value is typed there (a flag string "32,16,8"
-becomes the tuple (32, 16, 8); `--use_fp16 True` becomes the bfloat16 compute dtype). A few flags
-go elsewhere depending on the script (`batch_size` is `sample.batch_size` for the sampling scripts,
-`train.batch_size` for image_train, `train.classifier_batch_size` for classifier_train,
-`eval.nll_batch_size` for image_nll): `SCRIPT_PLACES` holds those, and the script is an explicit
-argument of the mapping (None: the sampling scripts' places, where the released configs' README
-strings go). Flags that mean nothing in gdiff (`NO_PLACE`: model_path, classifier_path,
-fp16_scale_growth) are accepted and `notes` says why, for the log. The reference-compatible
-factories (`gdiff.compat.openai`), the released checkpoints' configs (configs/released), the
-command line's `--reference_flags` and the benchmarks all go through it.
+becomes the tuple (32, 16, 8); `--use_fp16 True` becomes the bfloat16 compute dtype,
+`--use_checkpoint True` the "full" `model.remat` policy). A few flags go elsewhere depending on the
+script (`batch_size` is `sample.batch_size` for the sampling scripts, `train.batch_size` for
+image_train, `train.classifier_batch_size` for classifier_train, `eval.nll_batch_size` for
+image_nll): `SCRIPT_PLACES` holds those, and the script is an explicit argument of the mapping
+(None: the sampling scripts' places, where the released configs' README strings go). Flags that
+mean nothing in gdiff (`NO_PLACE`: model_path, classifier_path, fp16_scale_growth) are accepted
+and `notes` says why, for the log. The reference-compatible factories (`gdiff.compat.openai`), the
+released checkpoints' configs (configs/released), the command line's `--reference_flags` and the
+benchmarks (`sampling_groups`: a reference run's groups as plain dicts) all go through it.
 
 Pure Python: importing this module pulls in no JAX and no ml_collections.
 """
@@ -232,6 +233,11 @@ def fp16_dtype(use_fp16: bool) -> str:
     return "bfloat16" if use_fp16 else "float32"
 
 
+def remat_policy(use_checkpoint: bool) -> str:
+    """The reference's use_checkpoint (recompute every block) -> gdiff's `model.remat`."""
+    return "full" if use_checkpoint else "none"
+
+
 class Place(NamedTuple):
     """Where a reference flag goes in a gdiff config."""
 
@@ -247,7 +253,7 @@ class Place(NamedTuple):
 _GROUP_OF = {
     "model": (
         "image_size num_channels num_res_blocks channel_mult attention_resolutions num_heads "
-        "num_heads_upsample num_head_channels dropout class_cond learn_sigma use_checkpoint "
+        "num_heads_upsample num_head_channels dropout class_cond learn_sigma "
         "use_scale_shift_norm resblock_updown use_new_attention_order small_size"
     ),
     "diffusion": (
@@ -274,6 +280,7 @@ _RENAMED = {
         for line in """
             large_size          model.image_size
             use_fp16            model.dtype
+            use_checkpoint      model.remat
             diffusion_steps     diffusion.steps
             classifier_use_fp16 classifier.dtype
             lr_anneal_steps     optim.anneal_lr
@@ -295,6 +302,7 @@ _TYPED = {
     "classifier_attention_resolutions": ints,
     "use_fp16": fp16_dtype,
     "classifier_use_fp16": fp16_dtype,
+    "use_checkpoint": remat_policy,
     "classifier_scale": str,  # a scale or a comma-separated sweep in the config
     "lr_anneal_steps": lambda steps: int(steps) > 0,
 }
@@ -511,6 +519,47 @@ def write_flags(
             config[group].update(values)
     write_config(config, kwargs, script)
     return notes(kwargs, script)
+
+
+# The keys of the groups a sampling run is built from that no reference flag sets, at the values
+# configs/common.py gives them (tests/test_released_configs.py checks that both agree), plus what
+# the reference's networks fix without a flag (`_FIXED_BY_SCRIPT`): the groups of a reference run
+# as plain dicts, for code that must not import ml_collections (the benchmarks).
+SAMPLING_GROUP_DEFAULTS = {
+    "model": {
+        "num_classes": 1000,
+        "channel_mult": (),
+        "use_new_attention_order": False,  # sr_create_model has no such flag: False
+        "small_size": 0,
+        "attention_impl": "auto",
+    },
+    "diffusion": {"sigma_small": False, "timestep_respacing": ""},
+    "classifier": {
+        "num_classes": 1000,
+        **_CLASSIFIER_FIXED["classifier"],
+        "attention_impl": "auto",
+    },
+    "sample": {"eta": 0.0, "seed": 0},
+}
+
+
+def sampling_groups(kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `model`, `diffusion`, `classifier` and `sample` groups of a reference sampling run.
+
+    Args:
+      kwargs: every flag the run's networks and sampler read ({flag: value}, as `parse_flags`
+        returns them merged onto the reference's defaults: `model_and_diffusion_defaults()` or
+        `sr_model_and_diffusion_defaults()`, `classifier_defaults()`, the sampling flags).
+
+    Returns:
+      {group: {key: typed value}}: what `gdiff.sampling.sampler.build_sampler` reads, as the config
+      of the same flags (configs/released) holds it, with `SAMPLING_GROUP_DEFAULTS` for the keys no
+      flag sets.
+    """
+    groups = {group: dict(values) for group, values in SAMPLING_GROUP_DEFAULTS.items()}
+    for group, values in to_config(kwargs).items():
+        groups.setdefault(group, {}).update(values)
+    return groups
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -11,8 +11,10 @@ reference; an unknown or missing key raises `TypeError` naming every offender), 
 gdiff config group through `gdiff.compat.flags.TO_CONFIG`, and built by `gdiff.factory`, the same
 code that builds every network from a gdiff config. Extra optional keywords everywhere a network
 is built: `num_classes` (default 1000, the reference's hard-coded ImageNet), `dtype` (compute
-dtype; `use_fp16=True` selects bfloat16 when `dtype` is not given) and `attention_impl`
-(None | "xla" | "cudnn").
+dtype; `use_fp16=True`, and for a classifier `classifier_use_fp16=True`, selects bfloat16 when
+`dtype` is not given) and `attention_impl` ("auto" | "xla" | "cudnn", as the config's
+`model.attention_impl`: "auto" takes cuDNN's fused attention on a CUDA GPU with a 16-bit dtype,
+XLA elsewhere; see `gdiff.factory.resolve_attention_impl`).
 
 The diffusion and evaluation names of ../shared/CONTRACT.md are re-exported here.
 """
@@ -57,7 +59,7 @@ inception_score = evaluation.inception_score
 precision_recall = evaluation.precision_recall
 
 NUM_CLASSES = 1000
-_EXTRA_DEFAULTS = {"num_classes": NUM_CLASSES, "dtype": None, "attention_impl": None}
+_EXTRA_DEFAULTS = {"num_classes": NUM_CLASSES, "dtype": None, "attention_impl": "auto"}
 _REQUIRED = object()
 
 # The reference's `create_model` parameters in positional order, with their defaults.
@@ -174,7 +176,7 @@ def _group(kw: dict, group: str, **fixed: Any) -> dict:
     values.update(fixed)
     if kw["dtype"] is not None:  # an explicit compute dtype wins over the reference's fp16 flag
         values["dtype"] = jnp.dtype(kw["dtype"]).name
-    values.update(num_classes=int(kw["num_classes"]), attention_impl=kw["attention_impl"] or "")
+    values.update(num_classes=int(kw["num_classes"]), attention_impl=kw["attention_impl"])
     return values
 
 
@@ -217,7 +219,8 @@ def create_classifier(*args, **kwargs) -> unet.EncoderUNetModel:
     """The reference's `create_classifier(image_size, classifier_use_fp16, classifier_width,
     classifier_depth, classifier_attention_resolutions, classifier_use_scale_shift_norm,
     classifier_resblock_updown, classifier_pool)`: all required. Returns an EncoderUNetModel
-    with 64 channels per attention head and `num_classes` (default 1000) logits."""
+    with 64 channels per attention head and `num_classes` (default 1000) logits, computing in
+    bfloat16 when `classifier_use_fp16` is True (as `use_fp16` does for the model)."""
     kw = _bind("create_classifier", _CLASSIFIER_PARAMS, args, kwargs)
     group = _group(kw, "classifier", channel_mult=(), num_head_channels=64)
     return factory.classifier_from_group(group, int(kw["image_size"]))

@@ -1,11 +1,12 @@
 """The checkpoints OpenAI released with "Diffusion Models Beat GANs on Image Synthesis".
 
 One table (`CHECKPOINTS`) holds, for every released file, the flag strings the reference README
-gives for it, verbatim: MODEL_FLAGS, the classifier flags it samples with, and SAMPLE_FLAGS. It is
-keyed by the name of the gdiff config that reproduces the file (configs/released/<name>.py), and
-everything that needs a released architecture reads it from here: those configs write the strings
-into a gdiff config (`configs.released.apply_flags`), and the benchmarks build the reference's
-networks from them (`model_and_diffusion_kwargs`, `classifier_kwargs`, then `gdiff.compat.openai`).
+gives for it, verbatim: MODEL_FLAGS, the classifier flags it samples with, and SAMPLE_FLAGS (one
+addition, `--classifier_use_fp16 True`, is explained at `_CLASSIFIER_FP16`). It is keyed by the
+name of the gdiff config that reproduces the file (configs/released/<name>.py), and everything that
+needs a released architecture reads it from here: those configs write the strings into a gdiff
+config (`configs.released.apply_flags`), and the benchmarks sample with the same groups as plain
+dicts (`sampling_groups`), built by the same sampler builder as `--mode=sample`.
 
 Pure Python: importing this module pulls in no JAX and no ml_collections, so a machine with only
 jax, flax, optax and numpy (the benchmarks' GPU image) can read it.
@@ -46,6 +47,14 @@ def _classifier_of(model: Checkpoint, file: str) -> Checkpoint:
 
 # The README's sampling flags for the ImageNet models and upsamplers (250 respaced steps).
 _SAMPLE_FLAGS_250 = "--batch_size 4 --num_samples 100 --timestep_respacing 250"
+# The README's CLASSIFIER_FLAGS for sampling a classifier-guided model set --classifier_use_fp16
+# True; its one-line command per released model passes only the scale (and the 64x64 depth), which
+# run as written would guide with a float32 classifier (the flag's default). gdiff samples as the
+# CLASSIFIER_FLAGS say, for every guided model whose MODEL_FLAGS are fp16 too: the classifier then
+# computes in bfloat16 like the model. The 512x512 model (--use_fp16 False) keeps both in float32.
+# The classifier configs (training) set float32 back, as the README's classifier training flags
+# leave --classifier_use_fp16 False (configs/released/__init__.py as_classifier_config).
+_CLASSIFIER_FP16 = "--classifier_use_fp16 True"
 
 _IMAGENET64 = Checkpoint(
     file="64x64_diffusion.pt",
@@ -55,7 +64,7 @@ _IMAGENET64 = Checkpoint(
         "--num_channels 192 --num_head_channels 64 --num_res_blocks 3 --resblock_updown "
         "True --use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"
     ),
-    classifier_flags="--classifier_scale 1.0 --classifier_depth 4",
+    classifier_flags=f"--classifier_scale 1.0 --classifier_depth 4 {_CLASSIFIER_FP16}",
     sample_flags=_SAMPLE_FLAGS_250,
 )
 _IMAGENET128 = Checkpoint(
@@ -66,7 +75,7 @@ _IMAGENET128 = Checkpoint(
         "--num_heads 4 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
         "--use_scale_shift_norm True"
     ),
-    classifier_flags="--classifier_scale 0.5",
+    classifier_flags=f"--classifier_scale 0.5 {_CLASSIFIER_FP16}",
     sample_flags=_SAMPLE_FLAGS_250,
 )
 _IMAGENET256 = Checkpoint(
@@ -77,7 +86,7 @@ _IMAGENET256 = Checkpoint(
         "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True"
         " --use_scale_shift_norm True"
     ),
-    classifier_flags="--classifier_scale 1.0",
+    classifier_flags=f"--classifier_scale 1.0 {_CLASSIFIER_FP16}",
     sample_flags=_SAMPLE_FLAGS_250,
 )
 _IMAGENET512 = Checkpoint(
@@ -124,7 +133,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
             "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True"
             " --use_scale_shift_norm True"
         ),
-        classifier_flags="--classifier_scale 10.0",
+        classifier_flags=f"--classifier_scale 10.0 {_CLASSIFIER_FP16}",
         sample_flags=_SAMPLE_FLAGS_250,
     ),
     "imagenet512": _IMAGENET512,
@@ -188,7 +197,25 @@ def classifier_kwargs(name: str) -> dict:
     classifier flags (the guidance scale, a sampling choice, is left out)."""
     checkpoint = get(name)
     kwargs = flags.classifier_defaults()
-    kwargs["image_size"] = flags.parse_flags(checkpoint.model_flags)["image_size"]
+    model = flags.parse_flags(checkpoint.model_flags)
+    # An upsampler's image size (that of its data and config) is its large size.
+    kwargs["image_size"] = model["image_size"] if "image_size" in model else model["large_size"]
     given = flags.parse_flags(checkpoint.classifier_flags)
     kwargs.update({k: v for k, v in given.items() if k in kwargs})
     return kwargs
+
+
+def sampling_groups(name: str) -> dict[str, dict]:
+    """The `model`, `diffusion`, `classifier` and `sample` groups that configs/released/<name>.py
+    samples with, as plain dicts (no ml_collections): the reference's defaults overridden by the
+    README's flags of `name` (`flags.sampling_groups`). `--mode=sample` with that config and the
+    benchmarks hand the same groups to `gdiff.sampling.sampler.build_sampler`."""
+    checkpoint = get(name)
+    classifier = classifier_kwargs(name)
+    del classifier["image_size"]  # the model's (it is the data's image size)
+    sampling = {"clip_denoised": True, "use_ddim": False}  # the sampling scripts' defaults
+    sampling.update(flags.parse_flags(checkpoint.sample_flags))
+    scale = flags.parse_flags(checkpoint.classifier_flags).get("classifier_scale")
+    if scale is not None:
+        sampling["classifier_scale"] = scale
+    return flags.sampling_groups({**model_and_diffusion_kwargs(name), **classifier, **sampling})

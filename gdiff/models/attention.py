@@ -8,9 +8,17 @@ right under the order it was trained with:
 - new (`QKVAttention`): channels are laid out as [(q, k, v), heads, head_ch].
 
 Both write the result back as [heads, head_ch]. The reference scales q and k by head_ch ** -1/4
-each, which is the usual 1 / sqrt(head_ch) on the logits; `dot_product_attention` applies that
-scale to float32 logits and runs the softmax in float32 (the reference upcasts the softmax too).
-Using the library call lets the GPU pick the cuDNN kernel (`attention_impl="cudnn"`, bf16 only).
+each, which is the usual 1 / sqrt(head_ch) on the logits.
+
+Precision: the softmax statistics are float32 on both implementations, as the reference computes
+its softmax in float32. `implementation="xla"` takes the logits of 16-bit q and k in float32
+(`preferred_element_type`) and runs the softmax in float32, so a float32 network's attention is
+exactly float32 throughout; `implementation="cudnn"` (cuDNN's fused flash attention, chosen by
+`gdiff.factory.resolve_attention_impl` on a CUDA GPU for a 16-bit network) keeps its running max
+and sum in float32 and only accepts fp16/bf16 q, k, v, so float32 inputs (the classifier's
+attention pool, float32 like the reference's head) are cast to bfloat16 for the kernel and the
+result cast back. JAX's cuDNN rule refuses odd sequence lengths under differentiation, so the
+pool's H*W + 1 tokens are padded by one token the kernel masks out (`even_length_attention`).
 """
 
 from typing import Any
@@ -22,6 +30,8 @@ import jax.numpy as jnp
 from gdiff.models import layers
 
 Dtype = Any
+# cuDNN's fused attention takes 16-bit inputs only; bfloat16 is gdiff's reduced precision.
+_CUDNN_INPUT_DTYPE = jnp.bfloat16
 
 
 def qkv_attention(
@@ -34,7 +44,9 @@ def qkv_attention(
       num_heads: number of heads; C must be divisible by it.
       new_order: True for `QKVAttention` ((q, k, v) outermost), False for `QKVAttentionLegacy`
         (heads outermost).
-      implementation: None, "xla" or "cudnn", passed to `jax.nn.dot_product_attention`.
+      implementation: None, "xla" or "cudnn", passed to `jax.nn.dot_product_attention`
+        (None: JAX's choice, which is XLA's). With "cudnn", float32 q, k, v are cast to bfloat16
+        for the kernel (it rejects float32).
 
     Returns:
       [B, L, C] in qkv's dtype, channels ordered [heads, head_ch] as in the reference.
@@ -49,8 +61,47 @@ def qkv_attention(
     else:
         qkv = qkv.reshape(b, length, num_heads, 3, ch)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    return out.reshape(b, length, num_heads * ch)
+    if implementation == "cudnn":
+        out = _cudnn_attention(q, k, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return out.reshape(b, length, num_heads * ch).astype(qkv.dtype)
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN's fused attention over [B, L, heads, ch] q, k, v -> [B, L, heads, ch] (16-bit).
+
+    Float32 inputs are cast to bfloat16 (the kernel takes fp16/bf16 only). JAX's cuDNN rule
+    refuses odd sequence lengths once the call is differentiated (as the guidance gradient
+    differentiates the classifier's attention pool, H*W + 1 tokens), so odd lengths go through
+    `even_length_attention`.
+    """
+    if jnp.dtype(q.dtype).itemsize != 2:
+        q, k, v = (a.astype(_CUDNN_INPUT_DTYPE) for a in (q, k, v))
+    if q.shape[1] % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return even_length_attention(q, k, v, implementation="cudnn")
+
+
+def even_length_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str
+) -> jax.Array:
+    """Attention over [B, L, heads, ch] with L padded to an even length: one extra token that
+    the kernel masks out as padding (`query_seq_lengths` / `key_value_seq_lengths` = L), whose
+    query row is dropped, so the result is the unpadded attention's [B, L, heads, ch]."""
+    length = q.shape[1]
+    pad = ((0, 0), (0, length % 2), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :length]
 
 
 def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -99,7 +150,9 @@ class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling (the classifier's `attention` head; always the new order).
 
     Prepends the spatial mean as an extra token, adds a learned positional embedding, attends, and
-    returns the projected mean token. Parameters: `positional_embedding` [H*W + 1, C] (the
+    returns the projected mean token. `dtype` is float32 in the classifier (the reference keeps its
+    head in float32 under fp16); with `attention_impl="cudnn"` the attention itself runs on
+    bfloat16 q, k, v (see `qkv_attention`). Parameters: `positional_embedding` [H*W + 1, C] (the
     reference stores its transpose), `qkv_proj` (Dense C -> 3C), `c_proj` (Dense C -> out).
     """
 

@@ -12,6 +12,11 @@ scale), never on the batch size, the number of devices or hosts, or which batch 
 is what makes resumed runs, 1-vs-8-device runs and scale sweeps over shared noise agree exactly.
 A scale sweep simply repeats each example id (and label) once per scale and passes a per-row
 scale array, so all scales run in ONE compiled program over the same noise.
+
+`build_sampler` is the one way a sampling program is built from config groups: `--mode=sample`
+(gdiff/sampling/run.py) hands it the config's groups, benchmarks/bench_sampling.py the same groups
+as plain dicts, so the benchmark times the production program (networks, compute dtypes, attention
+implementation, sampler).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdiff import distributed
+from gdiff import distributed, factory
 from gdiff.diffusion import chain
 from gdiff.diffusion import guidance as guidance_lib
 
@@ -231,6 +236,63 @@ class Sampler:
     def lower(self, model_vars, classifier_vars, batch):
         """The lowered program (for inspection: one scan, no host callbacks)."""
         return self._jitted.lower(model_vars, classifier_vars, self._base_key, dict(batch))
+
+    def export(self, model_vars, classifier_vars, batch, *, platforms, disabled_checks=()):
+        """The program serialised by `jax.export` for `platforms` (e.g. ("cuda",)), from any
+        backend; arguments may be abstract (`jax.ShapeDtypeStruct`s with shardings).
+        `disabled_checks`: `jax.export.DisabledSafetyCheck`s, e.g. for cuDNN's custom calls,
+        which carry no compatibility guarantee."""
+        exporter = jax.export.export(
+            self._jitted, platforms=platforms, disabled_checks=disabled_checks
+        )
+        return exporter(model_vars, classifier_vars, self._base_key, dict(batch))
+
+
+def build_sampler(
+    groups: Mapping[str, Mapping[str, Any]],
+    *,
+    guided: bool,
+    mesh: jax.sharding.Mesh | None = None,
+    platform: str | None = None,
+) -> tuple[Sampler, Any, Any]:
+    """The sampling program of a config's groups: networks, diffusion and the compiled sampler.
+
+    Args:
+      groups: the `model`, `diffusion`, `classifier` and `sample` groups (configs/common.py keys;
+        an ml_collections config's groups or plain dicts, e.g. `gdiff.compat.released
+        .sampling_groups`). `sample.timestep_respacing`, when set, overrides the diffusion's.
+      guided: build the classifier and its guidance (some scale of the run is non-zero).
+      mesh: the device mesh (default: every device).
+      platform: what "auto" attention resolves for (`gdiff.factory.resolve_attention_impl`;
+        None: the running backend).
+
+    Returns:
+      (sampler, model, classifier or None). Parameters are not loaded: pass them per call.
+    """
+    m, s = groups["model"], groups["sample"]
+    # Sampling never differentiates the model, so its training-memory setting `remat` changes
+    # nothing here (tests/test_remat.py): one sampling program, one module.
+    model = factory.unet_from_group({**m, "remat": "none"}, platform=platform)
+    respacing = str(s["timestep_respacing"] or groups["diffusion"]["timestep_respacing"])
+    diffusion = factory.diffusion_from_group(
+        groups["diffusion"], learn_sigma=bool(m["learn_sigma"]), timestep_respacing=respacing
+    )
+    size = int(m["image_size"])
+    classifier, guidance = None, None
+    if guided:
+        classifier = factory.classifier_from_group(groups["classifier"], size, platform=platform)
+        guidance = classifier_guidance(classifier)
+    options = SamplerOptions(
+        image_shape=(size, size, 3),
+        use_ddim=bool(s["use_ddim"]),
+        eta=float(s["eta"]),
+        clip_denoised=bool(s["clip_denoised"]),
+        class_cond=bool(m["class_cond"]),
+    )
+    sampler = Sampler(
+        diffusion, model.apply, options, guidance=guidance, mesh=mesh, seed=int(s["seed"])
+    )
+    return sampler, model, classifier
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

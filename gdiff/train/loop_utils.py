@@ -182,12 +182,18 @@ class _RowScalars:
 
 
 class TrainMetrics:
-    """The training loop's per-step metrics: read one step late, checked, averaged, written.
+    """The training loop's per-step metrics: kept on the device, read once per row, checked,
+    averaged, written.
 
-    Reading a step's metrics makes the host wait for the device, so `record` reads the previous
-    step's only once the next step has been dispatched (the device never idles on the host), and
-    the newest step's at a log row. Each read appends to `history`, warns about a skipped
-    non-finite step, and raises FloatingPointError once `max_nonfinite` consecutive steps were.
+    Every read makes the host wait for the device and costs one device-to-host transfer, so
+    `record` only keeps each step's (device) metrics; a log row (every `log_every` steps and the
+    last step) and `flush` read all the steps kept since the last read in ONE transfer. Each step
+    read appends to `history`, warns about a skipped non-finite step, and raises
+    FloatingPointError at the first step whose streak of consecutive non-finite steps reached
+    `max_nonfinite`. Both are therefore noticed at the next row, not at the step itself: the
+    error still names that step; the steps run between it and the row are ordinary steps (a
+    non-finite one changes no parameters), and none inside a streak is checkpointed (the loop
+    reads the state's own streak before each save).
 
     Args:
       workdir: where `metrics_<name>.jsonl` (and clu's logs) go.
@@ -231,29 +237,32 @@ class TrainMetrics:
         self._batch_size = batch_size
         self._log_every = max(int(log_every), 1)
         self._max_nonfinite = max_nonfinite
-        self._pending: tuple[int, dict] | None = None
+        self._pending: list[tuple[int, dict]] = []  # (step, device metrics) not read yet
 
     def record(self, step: int, metrics: dict, last_step: int) -> None:
-        """Takes the (device) metrics after `step` steps; writes a row when one is due."""
-        self.flush()
-        self._pending = (step, metrics)
+        """Keeps the (device) metrics after `step` steps; reads them all and writes a row when
+        one is due."""
+        self._pending.append((step, metrics))
         self._report(step)
         if step % self._log_every == 0 or step == last_step:
             self.flush()
             self._write_row(step)
 
     def flush(self) -> None:
-        """Reads the metrics still pending, if any."""
-        if self._pending is not None:
-            step, metrics = self._pending
-            self._pending = None
-            self._read(step, metrics)
+        """Reads every step kept since the last read, in one device-to-host transfer."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = distributed.host_copy([metrics for _, metrics in pending])
+        for (step, _), m in zip(pending, values, strict=True):
+            self._read(step, m)
 
     def close(self) -> None:
         self.log.close()
 
     def _read(self, step: int, metrics: dict) -> None:
-        m = {k: float(v) for k, v in distributed.host_copy(metrics).items()}
+        """Checks and accumulates one step's metrics (host values)."""
+        m = {k: float(v) for k, v in metrics.items()}
         self.history.append({"step": step, "loss": m["loss"], "finite": bool(m["finite"])})
         if not m["finite"]:
             logging.warning(
