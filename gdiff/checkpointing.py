@@ -23,21 +23,28 @@ Workdir conventions (what `locate(workdir, kind)` looks for, in order):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from gdiff import distributed, errors
 
 CONFIG_FILE = "gdiff_config.json"
+# Settings a resumed run may change (the learning-rate schedule): recorded to report the change.
+SETTINGS_FILE = "gdiff_settings.json"
 METADATA_FILE = "gdiff_metadata.json"
 PARAMS_ITEM = "params"
 # The model file of a reference training run: `model{step:06d}.pt` (TrainLoop.save()).
@@ -51,6 +58,13 @@ WORKDIR_LAYOUT = {
 def _jsonable(tree: Any) -> Any:
     """Config dicts -> plain JSON values (tuples become lists) so fingerprints compare stably."""
     return json.loads(json.dumps(tree, sort_keys=True, default=str))
+
+
+def _without(tree: Any, keys: Collection[str]) -> Any:
+    """`tree` (JSON values) without the dict entries named in `keys`, at any depth."""
+    if isinstance(tree, dict):
+        return {k: _without(v, keys) for k, v in tree.items() if k not in keys}
+    return tree
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -80,7 +94,9 @@ class CheckpointManager:
       max_to_keep: how many recent steps survive.
       config_fingerprint: a JSON-able dict describing what the checkpoint holds (model, diffusion,
         optimiser shapes...). Opening a directory written under a different fingerprint raises
-        ValueError naming the differing keys, before anything is written.
+        ConfigMismatchError (a ValueError) naming the differing keys, before anything is written.
+      ignore_keys: key names dropped, at any depth, from a stored fingerprint before comparing
+        (keys that older versions recorded and this one leaves out).
     """
 
     def __init__(
@@ -89,23 +105,25 @@ class CheckpointManager:
         *,
         max_to_keep: int = 3,
         config_fingerprint: Mapping[str, Any] | None = None,
+        ignore_keys: Collection[str] = (),
     ):
         self.directory = pathlib.Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         if config_fingerprint is not None:
-            self._check_fingerprint(_jsonable(dict(config_fingerprint)))
+            self._check_fingerprint(_jsonable(dict(config_fingerprint)), ignore_keys)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step of the newest save started
 
-    def _check_fingerprint(self, fingerprint: dict) -> None:
+    def _check_fingerprint(self, fingerprint: dict, ignore: Collection[str]) -> None:
         path = self.directory / CONFIG_FILE
         if path.exists():
             stored = json.loads(path.read_text())
-            diffs = _diff_keys(stored, fingerprint)
+            diffs = _diff_keys(_without(stored, ignore), fingerprint)
             if diffs:
-                raise ValueError(
+                raise errors.ConfigMismatchError(
                     f"{self.directory} holds checkpoints of another configuration; refusing to "
                     "resume from or overwrite them. Use a fresh workdir or the original config. "
                     "Differences: " + "; ".join(diffs[:20])
@@ -120,33 +138,253 @@ class CheckpointManager:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Starts an asynchronous, atomic save of `state` at `step`; returns whether it saved."""
-        return self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+        """Starts an asynchronous, atomic save of `state` at `step`; returns whether it saved.
+
+        Raises:
+          errors.DiskFullError: this save, or the previous one still being written, ran out of
+            space (the newest finished step stays intact).
+        """
+        with self._reporting_disk_full(step):
+            saved = self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+        if saved:
+            self._writing = int(step)
+        return saved
+
+    def note_settings(self, settings: Mapping[str, Any]) -> list[str]:
+        """Records settings that may change between invocations (the learning-rate schedule)
+        and returns how they changed since the last one ("key: old -> new"), empty on the
+        first. Unlike the fingerprint, a change is allowed; the caller reports it."""
+        path = self.directory / SETTINGS_FILE
+        settings = _jsonable(dict(settings))
+        old = json.loads(path.read_text()) if path.exists() else None
+        changes = [] if old is None else _diff_keys(old, settings)
+        if jax.process_index() == 0 and old != settings:
+            _atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+        return [c.replace("checkpoint ", "", 1).replace(" vs this run ", " -> ") for c in changes]
+
+    @contextlib.contextmanager
+    def _reporting_disk_full(self, step: int | None):
+        try:
+            yield
+        except Exception as e:
+            if not errors.is_disk_full(e):
+                raise
+            step = self._writing if step is None else step
+            newest = [s for s in _finished_steps(self.directory) if s != step]
+            resume = f"step {newest[-1]}" if newest else "the start"
+            raise errors.DiskFullError(
+                f"disk full while saving step {step} to {self.directory}: free space (or lower "
+                f"train.max_to_keep) and rerun; it resumes from {resume}"
+            ) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restores into the structure, dtypes and shardings of `abstract_state`.
+        """Restores one step (default: the newest) into the structure, dtypes and shardings of
+        `abstract_state`, verified first: no fallback to another step.
 
         `abstract_state` is typically `jax.eval_shape(init_fn)` with shardings attached, so the
         restored arrays are born on the right devices.
+
+        Raises:
+          FileNotFoundError: the directory has no finished step.
+          errors.ConfigMismatchError: the step holds another state structure (first differing key).
+          errors.CheckpointError: the step's files cannot be read (which file, why).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+        state, problem = self._try_restore(int(step), abstract_state)
+        if problem is not None:
+            raise errors.CheckpointError(
+                f"cannot restore step {step} of {self.directory}: {problem}"
+            )
+        return state
+
+    def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
+        """Restores the newest step that restores intact; returns (state, step).
+
+        A step that fails (empty folder, missing or unreadable metadata, damaged array files) is
+        reported in one line and renamed `unrestorable_step_<n>` (kept for inspection, out of the
+        way of the step the resumed run will save next); the next older step is tried. A step
+        that holds a different state structure stops the search with ConfigMismatchError: that
+        is a config change, never a reason to go back to an older step.
+
+        Raises:
+          FileNotFoundError: the directory has no finished step.
+          errors.CheckpointError: no step restores (each step's reason in the message).
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failed = []
+        for step in steps:
+            state, problem = self._try_restore(step, abstract_state)
+            if problem is None:
+                if failed:
+                    logging.warning(
+                        "%s: resuming from step %d, the newest intact one (%s set aside)",
+                        self.directory,
+                        step,
+                        ", ".join(f"step {s}" for s, _ in failed),
+                    )
+                return state, step
+            logging.warning("%s: step %d cannot be restored: %s", self.directory, step, problem)
+            failed.append((step, problem))
+            self._set_aside(step)
+        raise errors.CheckpointError(
+            f"no step of {self.directory} can be restored: "
+            + "; ".join(f"step {s}: {p}" for s, p in failed)
+        )
+
+    def _try_restore(self, step: int, abstract_state: Any) -> tuple[Any, str | None]:
+        """(state, None), or (None, why step `step` cannot be restored, in one line)."""
+        problem = _step_problem(self.directory / str(step), abstract_state)
+        if problem is not None:
+            return None, problem
+        try:
+            args = ocp.args.StandardRestore(abstract_state)
+            return self._manager.restore(step, args=args), None
+        except Exception as e:  # orbax/TensorStore raise many types for damaged files
+            return None, _describe_restore_error(e)
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a step folder that cannot be restored so the resumed run can save that step
+        again; nothing is deleted."""
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            dst = self.directory / f"unrestorable_step_{step}"
+            while dst.exists():
+                dst = dst.with_name(f"{dst.name}_{uuid.uuid4().hex[:6]}")
+            os.replace(src, dst)
+        distributed.barrier(f"gdiff_set_aside_{step}")
+        self._manager.reload()
 
     def restore_raw(self, step: int | None = None) -> Any:
         """Restores without a target: nested dicts of arrays, as saved."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self._manager.restore(int(step), args=ocp.args.StandardRestore())
+        problem = _step_problem(self.directory / str(step), None)
+        if problem is None:
+            try:
+                return self._manager.restore(int(step), args=ocp.args.StandardRestore())
+            except Exception as e:  # as in _try_restore
+                problem = _describe_restore_error(e)
+        older = [s for s in self.all_steps() if s < int(step)]
+        hint = f"; the next older step is {self.directory / str(older[-1])}" if older else ""
+        raise errors.CheckpointError(
+            f"cannot restore step {step} of {self.directory}: {problem}{hint}"
+        )
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        with self._reporting_disk_full(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
+
+
+# The item folder orbax's CheckpointManager writes a StandardSave under, inside each step folder.
+_ITEM = "default"
+# How a TensorStore error names the array it failed on: "path": "params.block.kernel/" (quoted
+# and escaped in several ways); absolute paths (the directory) start with "/" and are skipped.
+_ARRAY_IN_ERROR = re.compile(r"path[^\w/]+([A-Za-z_][\w.\-]*)/")
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def tree_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/block/kernel": (shape, dtype name)} for every array leaf of `tree` (arrays,
+    ShapeDtypeStructs or orbax array metadata alike), so two trees compare by content layout."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+        for path, leaf in flat
+        if hasattr(leaf, "shape")
+    }
+
+
+def first_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """The first key (in sorted order) where two `tree_signature`s differ, described; None when
+    they are equal."""
+    for name in sorted(set(stored) | set(wanted)):
+        if name not in stored:
+            return f"{name} is in this config but not in the checkpoint"
+        if name not in wanted:
+            return f"{name} is in the checkpoint but not in this config"
+        if stored[name] != wanted[name]:
+            (s_shape, s_dtype), (w_shape, w_dtype) = stored[name], wanted[name]
+            ckpt, this = f"{s_dtype}{list(s_shape)}", f"{w_dtype}{list(w_shape)}"
+            return f"{name}: checkpoint {ckpt} vs this config {this}"
+    return None
+
+
+def check_params_match(params: Any, abstract_params: Any, *, what: str, where: Any) -> None:
+    """Raises ConfigMismatchError unless `params` (loaded from `where`) have exactly the shapes
+    and dtypes of `abstract_params` (e.g. `jax.eval_shape` of the configured network's init), so
+    a wrong config is named by its first differing key instead of failing inside Flax."""
+    diff = first_difference(tree_signature(params), tree_signature(abstract_params))
+    if diff is not None:
+        raise errors.ConfigMismatchError(
+            f"the {what} config does not match the checkpoint {where} (first differing key: "
+            f"{diff}); use the config it was trained or converted with"
+        )
+
+
+def _step_problem(step_dir: pathlib.Path, abstract_state: Any) -> str | None:
+    """Why `step_dir` cannot be restored, judged from its metadata without reading arrays; None
+    when it looks intact.
+
+    Raises:
+      errors.ConfigMismatchError: the metadata is readable and describes another structure than
+        `abstract_state` (skipped when that is None).
+    """
+    item = step_dir / _ITEM
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return "the step folder is empty"
+    if not item.is_dir():
+        return f"{item} is missing"
+    if not (item / "_METADATA").is_file():
+        return f"{item / '_METADATA'} is missing"
+    try:
+        # The handler reads the item's tree metadata only (a Checkpointer would also look for
+        # step metadata inside the item folder and log its absence).
+        metadata = ocp.StandardCheckpointHandler().metadata(item)
+    except Exception as e:  # damaged metadata or index files fail in many ways
+        return f"the metadata of {item} cannot be read ({_first_line(e)})"
+    if metadata is None:
+        return f"the metadata of {item} cannot be read"
+    if abstract_state is not None:
+        diff = first_difference(tree_signature(metadata), tree_signature(abstract_state))
+        if diff is not None:
+            raise errors.ConfigMismatchError(
+                f"this config does not match the checkpoint {step_dir} (first differing key: "
+                f"{diff}); use the config it was trained with, or a fresh workdir"
+            )
+    return None
+
+
+def _describe_restore_error(exc: Exception) -> str:
+    """One line for an orbax/TensorStore restore failure: the array it failed on and the first
+    line of the message (their messages run to hundreds of lines of JSON specs)."""
+    arrays = _ARRAY_IN_ERROR.findall(str(exc))
+    where = f"array {arrays[0]} is damaged or missing" if arrays else "its files are damaged"
+    return f"{where} ({_first_line(exc)})"
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, cut before the spec dumps TensorStore appends."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Traceback")]
+    first = lines[0].split(" See full")[0][:160] if lines else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def save_params(
@@ -306,6 +544,22 @@ def load_params(
     Returns:
       The parameter pytree (nested dicts of arrays), ready for `module.apply({"params": p}, ...)`.
     """
+    return load_pinned(path, ema_rate=ema_rate, kind=kind)[0]
+
+
+def load_pinned(
+    path: str | os.PathLike | Location,
+    *,
+    ema_rate: str | float | None = None,
+    kind: str = "model",
+) -> tuple[Any, dict]:
+    """`load_params`, plus what exactly was loaded: (params, pin).
+
+    pin = {"path", "format", "step", "ema_rate", "sha256"}: the checkpoint found, its step (None
+    for a parameter checkpoint), the EMA copy taken (None: the raw parameters) and
+    `params_fingerprint(params)`. A run that records the pin (a sampling manifest) can tell the
+    same weights from others at the same path.
+    """
     found = path if isinstance(path, Location) else locate(path, kind)
     if found.format == "reference_run":
         raise ValueError(
@@ -313,16 +567,41 @@ def load_params(
             "convert its model or EMA file with --mode=convert (config.torch_checkpoint) to sample "
             "from it, or continue training it with train.resume_checkpoint"
         )
+    key = None
     if found.format == "params":
-        return ocp.StandardCheckpointer().restore(found.path / PARAMS_ITEM)
-    manager = CheckpointManager(found.path)
-    state = manager.restore_raw(found.step)
-    manager.close()
-    ema = state.get("ema_params") or {}
-    if not ema:
-        return state["params"]
-    key = ema_key(ema, ema_rate, where=f"{found.path} step {found.step}")
-    return ema[key]
+        params = ocp.StandardCheckpointer().restore(found.path / PARAMS_ITEM)
+    else:
+        manager = CheckpointManager(found.path)
+        try:
+            state = manager.restore_raw(found.step)
+        finally:
+            manager.close()
+        ema = state.get("ema_params") or {}
+        params = state["params"]
+        if ema:
+            key = ema_key(ema, ema_rate, where=f"{found.path} step {found.step}")
+            params = ema[key]
+    pin = {
+        "path": str(found.path),
+        "format": found.format,
+        "step": found.step,
+        "ema_rate": key,
+        "sha256": params_fingerprint(params),
+    }
+    return params, pin
+
+
+def params_fingerprint(tree: Any) -> str:
+    """sha256 over every leaf's key path, dtype, shape and bytes, in key-path order: equal for the
+    same values however they were saved (re-saved, converted again, copied), different for any
+    other weights."""
+    digest = hashlib.sha256()
+    flat = jax.tree_util.tree_flatten_with_path(distributed.host_copy(tree))[0]
+    for path, leaf in sorted(flat, key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def ema_key(rates, ema_rate: str | float | None = None, *, where: str = "the checkpoint") -> str:

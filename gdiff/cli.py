@@ -14,7 +14,9 @@ config (through `gdiff.compat.flags.TO_CONFIG`, where that script puts them) bef
 and logs what means something else in gdiff or nothing at all.
 
 A missing config file or an unknown config key ends in a one-line message naming it (and the
-closest known key), not a traceback.
+closest known key), not a traceback; so does every `gdiff.errors.GdiffError` a mode raises (a
+checkpoint that cannot be restored, a config that does not match it, a locked workdir, a full
+disk).
 """
 
 import difflib
@@ -31,7 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import configs  # noqa: E402
-from gdiff import distributed  # noqa: E402
+from gdiff import distributed, errors  # noqa: E402
 from gdiff.compat import convert_checkpoint  # noqa: E402
 from gdiff.compat import flags as ref_flags  # noqa: E402
 from gdiff.evaluation import evaluator, nll  # noqa: E402
@@ -231,7 +233,12 @@ def _main(argv):
     mode, workdir = _MODE.value, _WORKDIR.value
     if mode in ("train", "train_classifier", "pipeline", "nll"):
         _hide_accelerators_from_tensorflow()
-    MODES[mode](config, workdir)
+    try:
+        MODES[mode](config, workdir)
+    except errors.GdiffError as e:
+        # A complete message (what, where, what to do): the traceback would only bury it.
+        logging.error("%s", e)
+        sys.exit(f"gdiff: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,13 +34,14 @@ import math
 import os
 import pathlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory, progress
+from gdiff import checkpointing, distributed, factory, progress, workdir_lock
 from gdiff.data import pipeline
 from gdiff.sampling import sampler as sampler_lib
 from gdiff.sampling import shards
@@ -168,7 +169,7 @@ def bpd_fn(diffusion, model_apply: Callable, *, image_shape, class_cond: bool, c
     return fn
 
 
-def _build(config, plan: NllPlan, mesh: jax.sharding.Mesh):
+def _build(config, mesh: jax.sharding.Mesh, params: Any):
     """(the jitted batch function, the model variables and the run key on `mesh`)."""
     size = int(config.data.image_size)
     fn = bpd_fn(
@@ -180,7 +181,6 @@ def _build(config, plan: NllPlan, mesh: jax.sharding.Mesh):
     )
     rows, rep = distributed.batch_sharding(mesh), distributed.replicated(mesh)
     jitted = jax.jit(fn, in_shardings=(rep, rep, rows), out_shardings=rows)
-    params = checkpointing.load_params(plan.model, ema_rate=config.sample.ema_rate or None)
     variables = jax.device_put({"params": params}, rep)
     key = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), rep)
     return jitted, variables, key
@@ -218,13 +218,24 @@ def _write_shard(plan: NllPlan, batch: int, local: dict, out: dict) -> np.ndarra
     return values["total_bpd"][keep]
 
 
-def evaluate(config, plan: NllPlan, mesh, *, on_batch_done=None) -> None:
-    """Evaluates every batch that has no shard yet; each process writes its own shards. Every
-    process must call it (each batch is one collective program)."""
+def _load_pinned(config, plan: NllPlan) -> Any:
+    """The model's parameters, checked against the config; their pin (step, EMA copy, sha256)
+    joins `plan.manifest`, so a resumed run never mixes two models' bits/dim."""
+    params, pin = checkpointing.load_pinned(plan.model, ema_rate=config.sample.ema_rate or None)
+    abstract = factory.abstract_variables(factory.build_model(config))["params"]
+    checkpointing.check_params_match(params, abstract, what="model", where=plan.model.path)
+    plan.manifest["model_weights"] = {k: pin[k] for k in ("step", "ema_rate", "sha256")}
+    plan.manifest["model_located"] = pin["path"]
+    return params
+
+
+def evaluate(config, plan: NllPlan, mesh, params: Any, *, on_batch_done=None) -> None:
+    """Evaluates every batch that has no shard yet with `params`; each process writes its own
+    shards. Every process must call it (each batch is one collective program)."""
     todo = _todo(plan)
     if not todo:
         return
-    jitted, variables, key = _build(config, plan, mesh)
+    jitted, variables, key = _build(config, mesh, params)
     stream = pipeline.local_batches(
         config, global_batch_size=plan.per_batch, mesh=mesh, start_step=todo[0], train=False
     )
@@ -315,15 +326,20 @@ def run(config, workdir: str, *, mesh=None, on_batch_done=None) -> dict:
     """
     mesh = mesh if mesh is not None else distributed.data_mesh()
     plan = make_plan(config, workdir, mesh)
-    shards.check_run_manifest(
-        plan.out, plan.manifest, write=distributed.is_main_process(), setting="eval.nll_output_dir"
-    )
-    if not (plan.out / SUMMARY).exists():
-        evaluate(config, plan, mesh, on_batch_done=on_batch_done)
-        distributed.barrier("gdiff_nll_shards_written")
-        if distributed.is_main_process():
-            _write_outputs(plan)
-        distributed.barrier("gdiff_nll_merged")
+    with workdir_lock.hold(plan.out.parent, plan.out.name, what="bits/dim run"):
+        params = _load_pinned(config, plan)
+        shards.check_run_manifest(
+            plan.out,
+            plan.manifest,
+            write=distributed.is_main_process(),
+            setting="eval.nll_output_dir",
+        )
+        if not (plan.out / SUMMARY).exists():
+            evaluate(config, plan, mesh, params, on_batch_done=on_batch_done)
+            distributed.barrier("gdiff_nll_shards_written")
+            if distributed.is_main_process():
+                _write_outputs(plan)
+            distributed.barrier("gdiff_nll_merged")
     summary = json.loads((plan.out / SUMMARY).read_text())
     logging.info(
         "bits/dim %.4f +- %.4f over %d images (%s)",

@@ -11,6 +11,7 @@ carries the plan out (draw the batches, merge the shards).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import pathlib
@@ -193,8 +194,11 @@ def _locate(path: str, what: str, kind: str) -> checkpointing.Location:
 def _manifest(
     config, topology: Topology, *, model_ckpt: str, classifier_ckpt: str, labelled: bool
 ) -> dict:
-    """What a resumed run must share with the shards on disk. Checkpoints are recorded as given,
-    not as located, so a run resumes after a workdir's training directory gains a step."""
+    """What a resumed run must share with the shards on disk: the sampling settings and the
+    model, diffusion (and, guided, classifier) groups. `sampling/run.py` adds the pins of the
+    weights actually loaded (step, EMA copy, content fingerprint). The checkpoint paths as given
+    are recorded for the record only (shards.INFO_KEYS): the pins decide whether the weights
+    are the same."""
     s, size = config.sample, int(config.model.image_size)
     return {
         "seed": int(s.seed),
@@ -211,6 +215,9 @@ def _manifest(
         "ema_rate": str(s.ema_rate),
         "base_samples": os.path.abspath(s.base_samples) if is_super_res(config) else "",
         "image_shape": [size, size, 3],
+        "model": config.model.to_dict(),
+        "diffusion": config.diffusion.to_dict(),
+        "classifier": config.classifier.to_dict() if classifier_ckpt else None,
     }
 
 
@@ -255,13 +262,22 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
         out=out,
         merged={sc: shards.merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
         by_class=labels_lib.is_balanced(s.labels),
-        manifest=_manifest(
-            config,
-            topology,
-            model_ckpt=model_ckpt,
-            classifier_ckpt=classifier_ckpt,
-            labelled=labels is not None,
-        ),
+        manifest={
+            **_manifest(
+                config,
+                topology,
+                model_ckpt=model_ckpt,
+                classifier_ckpt=classifier_ckpt,
+                labelled=labels is not None,
+            ),
+            # The low-resolution inputs by content: a base file regenerated at the same path
+            # is another run.
+            "base_samples_sha256": (
+                hashlib.sha256(np.ascontiguousarray(low_res).tobytes()).hexdigest()
+                if low_res is not None
+                else ""
+            ),
+        },
         model=_locate(model_ckpt, "model", "model"),
         classifier=_locate(classifier_ckpt, "classifier", "classifier") if guided else None,
         topology=topology,

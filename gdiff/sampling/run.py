@@ -20,6 +20,8 @@ input; example i is conditioned on base sample i (cycled when the base file is s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory, progress
+from gdiff import checkpointing, distributed, factory, progress, workdir_lock
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import plan as plan_lib
@@ -83,14 +85,99 @@ def run(
     """
     mesh = mesh if mesh is not None else distributed.data_mesh()
     plan = plan_lib.make_plan(config, workdir, topology(mesh))
-    shards.check_run_manifest(plan.out, plan.manifest, write=distributed.is_main_process())
-    if all(p.exists() for p in plan.merged.values()):
-        logging.info(
-            "all %d scale(s) already merged under %s; nothing to do", len(plan.scales), plan.out
+    # One sampler per output directory: a second one would draw every shard again.
+    with workdir_lock.hold(plan.out.parent, plan.out.name, what="sampling run"):
+        weights = load_weights(config, plan)
+        manifest = pinned_manifest(plan, weights)
+        run_id = shards.run_digest(manifest)
+        shards.check_run_manifest(
+            plan.out,
+            manifest,
+            write=distributed.is_main_process(),
+            restart_setting="sample.restart",
+            restart=bool(config.sample.restart),
+            hint=_finish_hint(plan.out, manifest),
         )
-        return dict(plan.merged)
-    draw(config, plan, mesh, on_batch_done=on_batch_done)
-    return merge(plan)
+        if all(p.exists() for p in plan.merged.values()):
+            for path in plan.merged.values():
+                shards.check_merged(path, run_id)
+            logging.info(
+                "all %d scale(s) already merged under %s; nothing to do",
+                len(plan.scales),
+                plan.out,
+            )
+            return dict(plan.merged)
+        draw(config, plan, mesh, weights, run_id, on_batch_done=on_batch_done)
+        return merge(plan, run_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The parameters a run samples with (host or device pytrees) and their pins
+    (`checkpointing.load_pinned`: path, format, step, EMA copy, content fingerprint)."""
+
+    model: Any
+    model_pin: dict
+    classifier: Any = None
+    classifier_pin: dict | None = None
+
+
+def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
+    """Loads the plan's model (and classifier) and checks them against the configured networks.
+
+    Raises:
+      errors.ConfigMismatchError: a config describes another network than its checkpoint holds
+        (naming the first differing parameter).
+    """
+    ema_rate = config.sample.ema_rate or None
+    model, model_pin = checkpointing.load_pinned(plan.model, ema_rate=ema_rate)
+    network = factory.unet_from_group(config.model)
+    checkpointing.check_params_match(
+        model, factory.abstract_variables(network)["params"], what="model", where=plan.model.path
+    )
+    if plan.classifier is None:
+        return Weights(model, model_pin)
+    classifier, classifier_pin = checkpointing.load_pinned(plan.classifier)
+    network = factory.classifier_from_group(config.classifier, int(config.model.image_size))
+    checkpointing.check_params_match(
+        classifier,
+        factory.abstract_variables(network)["params"],
+        what="classifier",
+        where=plan.classifier.path,
+    )
+    return Weights(model, model_pin, classifier, classifier_pin)
+
+
+def pinned_manifest(plan: plan_lib.SamplingPlan, weights: Weights) -> dict:
+    """The plan's manifest plus what exactly is sampled: each network's step, EMA copy and
+    content fingerprint (compared), and where it was found (recorded only)."""
+
+    def pin(p: dict | None) -> dict | None:
+        return None if p is None else {k: p[k] for k in ("step", "ema_rate", "sha256")}
+
+    return {
+        **plan.manifest,
+        "model_weights": pin(weights.model_pin),
+        "model_located": weights.model_pin["path"],
+        "classifier_weights": pin(weights.classifier_pin),
+        "classifier_located": weights.classifier_pin["path"] if weights.classifier_pin else "",
+    }
+
+
+def _finish_hint(out: pathlib.Path, manifest: dict) -> str:
+    """How to finish the run on disk with the training step it began with, when its model
+    came from a training directory that has moved on since."""
+    path = out / shards.RUN_FILE
+    if not path.exists():
+        return ""
+    old = json.loads(path.read_text())
+    was, now = old.get("model_weights") or {}, manifest["model_weights"]
+    if was.get("step") is None or was.get("step") == now["step"] or not old.get("model_located"):
+        return ""
+    step_dir = pathlib.Path(old["model_located"]) / str(was["step"])
+    if not step_dir.is_dir():
+        return ""
+    return f"To finish it with the weights it began with, set sample.model_checkpoint={step_dir}. "
 
 
 def _todo(plan: plan_lib.SamplingPlan) -> list[int]:
@@ -108,10 +195,13 @@ def draw(
     config,
     plan: plan_lib.SamplingPlan,
     mesh: jax.sharding.Mesh,
+    weights: Weights,
+    run_id: str,
     *,
     on_batch_done: Callable[[int], None] | None = None,
 ) -> None:
-    """Draws every batch of `plan` that has no shards yet; each process writes its own shards.
+    """Draws every batch of `plan` that has no shards yet; each process writes its own shards,
+    tagged with `run_id` (shards.run_digest of the run's manifest).
 
     Every process must call it: the batches left to draw are agreed across hosts, and each batch
     is one collective program.
@@ -128,13 +218,13 @@ def draw(
             plan.per_batch // plan.topology.num_devices,
             plan.topology.num_devices,
         )
-    sampler, model_vars, classifier_vars = _build_sampler(config, plan, mesh)
+    sampler, model_vars, classifier_vars = _build_sampler(config, plan, mesh, weights)
     n_scales = len(plan.scales)
     progress = _progress_bar(plan, todo)
     start, drawn = time.perf_counter(), 0
     for b in todo:
         images = sampler(model_vars, classifier_vars, sampler.make_batch(plan.batch_rows(b)))
-        _write_shards(plan, b, sampler_lib.local_rows(images))
+        _write_shards(plan, b, sampler_lib.local_rows(images), run_id)
         drawn += plan.batch_examples(b) * n_scales
         if progress is not None:
             progress.update(plan.batch_examples(b) * n_scales)
@@ -163,7 +253,7 @@ def _progress_bar(plan: plan_lib.SamplingPlan, todo: list[int]) -> tqdm.tqdm | N
     )
 
 
-def _write_shards(plan: plan_lib.SamplingPlan, batch: int, images: np.ndarray) -> None:
+def _write_shards(plan: plan_lib.SamplingPlan, batch: int, images: np.ndarray, run_id: str) -> None:
     """Writes this process's rows of `batch` (uint8 [n_scales * local_examples, H, W, 3], in
     `plan.batch_rows` order) as one shard per scale, trimmed to the run's examples."""
     images = images.reshape(len(plan.scales), plan.local_examples, *plan.image_shape)
@@ -173,10 +263,10 @@ def _write_shards(plan: plan_lib.SamplingPlan, batch: int, images: np.ndarray) -
     for k, scale in enumerate(plan.scales):
         path = shards.shard_path(plan.out, scale, plan.topology.process_index, batch)
         if not path.exists():  # a finished shard is never rewritten
-            shards.write_sample_file(path, images[k][keep], labels)
+            shards.write_sample_file(path, images[k][keep], labels, run=run_id)
 
 
-def merge(plan: plan_lib.SamplingPlan) -> dict[float, pathlib.Path]:
+def merge(plan: plan_lib.SamplingPlan, run_id: str) -> dict[float, pathlib.Path]:
     """Process 0 merges each scale's shards into its samples file and grid; every process waits
     for the shards before and for the merge after."""
     distributed.barrier("gdiff_sampling_shards_written")
@@ -188,6 +278,7 @@ def merge(plan: plan_lib.SamplingPlan) -> dict[float, pathlib.Path]:
                 plan.merged[scale],
                 num_batches=plan.num_batches,
                 num_processes=plan.topology.process_count,
+                run=run_id,
             )
             grid_path = shards.scale_dir(plan.out, scale) / "grid.png"
             if not grid_path.exists():
@@ -198,25 +289,14 @@ def merge(plan: plan_lib.SamplingPlan) -> dict[float, pathlib.Path]:
     return dict(plan.merged)
 
 
-def _build_sampler(config, plan: plan_lib.SamplingPlan, mesh: jax.sharding.Mesh):
-    """(sampler, model variables, classifier variables or None), placed on `mesh`."""
-    s = config.sample
-    model = factory.build_model(config)
-    diffusion = factory.build_diffusion(config, timestep_respacing=s.timestep_respacing or None)
-    model_vars = _as_variables(checkpointing.load_params(plan.model, ema_rate=s.ema_rate or None))
-    guidance, classifier_vars = None, None
-    if plan.classifier is not None:
-        classifier = factory.build_classifier(config)
-        classifier_vars = _as_variables(checkpointing.load_params(plan.classifier))
-        guidance = sampler_lib.classifier_guidance(classifier)
-    options = sampler_lib.SamplerOptions(
-        image_shape=plan.image_shape,
-        use_ddim=bool(s.use_ddim),
-        eta=float(s.eta),
-        clip_denoised=bool(s.clip_denoised),
-        class_cond=bool(config.model.class_cond),
-    )
-    sampler = sampler_lib.Sampler(
-        diffusion, model.apply, options, guidance=guidance, mesh=mesh, seed=int(s.seed)
-    )
+def _build_sampler(config, plan: plan_lib.SamplingPlan, mesh: jax.sharding.Mesh, weights: Weights):
+    """(sampler, model variables, classifier variables or None), placed on `mesh`.
+
+    The program is `sampler_lib.build_sampler`'s, the one benchmarks/bench_sampling.py times.
+    """
+    groups = {name: config[name] for name in ("model", "diffusion", "classifier", "sample")}
+    guided = plan.classifier is not None
+    sampler, _, _ = sampler_lib.build_sampler(groups, guided=guided, mesh=mesh)
+    model_vars = _as_variables(weights.model)
+    classifier_vars = _as_variables(weights.classifier) if guided else None
     return sampler, sampler.put_params(model_vars), sampler.put_params(classifier_vars)

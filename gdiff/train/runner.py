@@ -19,7 +19,7 @@ import jax
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, progress
+from gdiff import checkpointing, distributed, progress, workdir_lock
 from gdiff.compat import reference_run
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, preemption
@@ -69,12 +69,15 @@ def run(
       start_step=the step this invocation started from, stopped_early=bool).
     """
     mesh = distributed.data_mesh() if mesh is None else mesh
-    loop = _start(config, workdir, task, mesh, stop_at_step)
-    try:
-        loop.train()
-        loop.finish()
-    finally:
-        loop.close()
+    # One trainer per task and workdir: a second one would save the same steps and interleave
+    # the metrics rows (released when this run ends; a killed run's lock is found stale).
+    with workdir_lock.hold(workdir, f"train_{task.name}", what=f"{task.name} training"):
+        loop = _start(config, workdir, task, mesh, stop_at_step)
+        try:
+            loop.train()
+            loop.finish()
+        finally:
+            loop.close()
     return {
         "state": loop.state,
         "history": loop.metrics.history,
@@ -114,8 +117,8 @@ class _Loop:
         batch = pipeline.to_global(next(self.batches), self.mesh)
         self.state, metrics = self.step_fn(self.state, batch)
         done = step + 1
-        # Handed over right after the dispatch: the previous step's metrics are read while the
-        # device already works on this one.
+        # Kept on the device; the interval's row reads every step's metrics in one transfer
+        # (loop_utils.TrainMetrics).
         self.metrics.record(done, metrics, self.end)
         if self.profiler is not None:
             self.profiler(done)
@@ -171,9 +174,11 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
         pathlib.Path(workdir) / task.checkpoint_subdir,
         max_to_keep=config.train.max_to_keep,
         config_fingerprint=task.fingerprint,
+        ignore_keys=task_lib.RUNTIME_KEYS,
     )
     state = _init_or_resume(config, task, manager, repl)
     start = int(distributed.host_copy(state.step))
+    _report_schedule_change(config, task, manager, start)
     end = task.num_steps if stop_at_step is None else min(task.num_steps, stop_at_step)
     if jax.process_index() == 0:
         logging.info(
@@ -225,6 +230,26 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
     )
 
 
+def _report_schedule_change(config, task: task_lib.Task, manager, start: int) -> None:
+    """Logs how the optimiser and run-time settings changed since the run that wrote the
+    checkpoints. They are not part of the resume fingerprint: lowering optim.lr after a non-finite
+    stop is the advised fix (the rate is recomputed from the config every step,
+    gdiff/train/optim.py), and precision, attention kernel and remat are how, not what, a network
+    computes (task.RUNTIME_KEYS)."""
+    settings = {
+        "optim": config.optim.to_dict(),
+        "num_steps": task.num_steps,
+        **task_lib.runtime_settings(config),
+    }
+    for change in manager.note_settings(settings):
+        logging.warning(
+            "%s: %s since the checkpoint; the schedule follows this config from step %d",
+            task.name,
+            change,
+            start,
+        )
+
+
 def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.TrainState:
     """The workdir's newest checkpoint, else `train.resume_checkpoint` (a gdiff training
     checkpoint, or a reference PyTorch run: gdiff/compat/reference_run.py), else a fresh state;
@@ -239,10 +264,10 @@ def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.Tra
         )
 
     abstract = abstract_with_sharding(jax.eval_shape(init_state), repl)
-    latest = manager.latest_step()
-    if latest is not None:
-        logging.info("%s: resuming from %s step %d", task.name, manager.directory, latest)
-        return manager.restore(abstract)
+    if manager.latest_step() is not None:
+        state, step = manager.restore_newest_intact(abstract)
+        logging.info("%s: resuming from %s step %d", task.name, manager.directory, step)
+        return state
     path = config.train.resume_checkpoint
     if not path:
         return jax.jit(init_state, out_shardings=repl)()

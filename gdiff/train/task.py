@@ -67,13 +67,33 @@ def training_diffusion(config) -> tuple[Any, Any]:
     return diffusion, sampler
 
 
+# How a network computes, not what it is: a resumed run may change these (bfloat16 compute,
+# another attention kernel, rematerialisation), so they stay out of the resume fingerprint and
+# are reported as settings instead (runner._report_schedule_change). `use_checkpoint` is the
+# remat switch of fingerprints written before `remat` existed.
+RUNTIME_KEYS = ("dtype", "attention_impl", "remat", "use_checkpoint")
+
+
 def fingerprint(config, task: str, **fields: Any) -> dict:
     """A Task's fingerprint: what every training checkpoint depends on (the diffusion, the image
-    size, whether gradients are clipped) plus the trainer's own `fields`."""
+    size, whether gradients are clipped) plus the trainer's own `fields`, without the
+    RUNTIME_KEYS of a network group."""
+    fields = {
+        k: {n: x for n, x in v.items() if n not in RUNTIME_KEYS} if isinstance(v, dict) else v
+        for k, v in fields.items()
+    }
     return {
         "task": task,
         "diffusion": config.diffusion.to_dict(),
         "image_size": config.data.image_size,
         "grad_clip": bool(config.optim.grad_clip and config.optim.grad_clip > 0),
         **fields,
+    }
+
+
+def runtime_settings(config) -> dict:
+    """The RUNTIME_KEYS of the model and classifier groups (how the networks compute)."""
+    return {
+        group: {k: config[group][k] for k in RUNTIME_KEYS if k in config[group]}
+        for group in ("model", "classifier")
     }
