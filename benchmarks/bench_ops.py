@@ -87,7 +87,7 @@ def bench_level(batch: int, size: int, channels: int, iters: int, peak: float) -
         rows.append(
             {
                 "op": f"{label} {size}x{size}x{channels} b{batch}",
-                "tflops": round(tflops, 3),
+                "tflops": float(f"{tflops:.4g}"),  # 4 digits: tiny CPU rows are ~1e-4
                 "pct_of_matmul": round(100 * tflops / peak, 1),
                 "ms": round(seconds * 1e3, 4),
                 "conv_flops": conv_flops,
@@ -118,7 +118,7 @@ def bench_attention(batch: int, tokens: int, heads: int, head_dim: int, iters: i
         rows.append(
             {
                 "op": op,
-                "tflops": round(tflops, 3),
+                "tflops": float(f"{tflops:.4g}"),  # 4 digits: tiny CPU rows are ~1e-4
                 "pct_of_matmul": round(100 * tflops / peak, 1),
                 "ms": round(seconds * 1e3, 4),
             }

@@ -41,7 +41,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory, progress, workdir_lock
+from gdiff import checkpointing, distributed, factory, progress, workdir_lock, xla_options
 from gdiff.data import pipeline
 from gdiff.sampling import sampler as sampler_lib
 from gdiff.sampling import shards
@@ -180,7 +180,12 @@ def _build(config, mesh: jax.sharding.Mesh, params: Any):
         clip_denoised=bool(config.eval.nll_clip_denoised),
     )
     rows, rep = distributed.batch_sharding(mesh), distributed.replicated(mesh)
-    jitted = jax.jit(fn, in_shardings=(rep, rep, rows), out_shardings=rows)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(rep, rep, rows),
+        out_shardings=rows,
+        compiler_options=xla_options.compiler_options(),
+    )
     variables = jax.device_put({"params": params}, rep)
     key = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), rep)
     return jitted, variables, key

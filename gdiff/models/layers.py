@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdiff.models import conv
+
 Dtype = Any
 
 # The reference's normalization(): 32 groups, PyTorch's default epsilon.
@@ -101,6 +103,8 @@ def _conv(features: int, size: int, dtype: Dtype, name: str, *, stride: int, pad
             dtype=dtype,
             param_dtype=jnp.float32,
             name=name,
+            # Bitwise lax's; its input gradient stays fast inside the sampler's scan (conv.py).
+            conv_general_dilated=conv.conv_general_dilated,
             **_init_kwargs(size * size * x.shape[-1], zero_init),
         )(x)
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdiff import distributed, factory
+from gdiff import distributed, factory, xla_options
 from gdiff.diffusion import chain
 from gdiff.diffusion import guidance as guidance_lib
 
@@ -174,7 +174,12 @@ class Sampler:
         self._base_key = self._key_data(seed)
         rows = distributed.batch_sharding(self.mesh)
         rep = distributed.replicated(self.mesh)
-        self._jitted = jax.jit(self._sample, in_shardings=(rep, rep, rep, rows), out_shardings=rows)
+        self._jitted = jax.jit(
+            self._sample,
+            in_shardings=(rep, rep, rep, rows),
+            out_shardings=rows,
+            compiler_options=xla_options.compiler_options(),
+        )
 
     @property
     def num_devices(self) -> int:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from gdiff import distributed, factory
+from gdiff import distributed, factory, xla_options
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, runner, update
 from gdiff.train import state as state_lib
@@ -143,7 +143,12 @@ def make_eval_action(config, classifier, diffusion, sampler, mesh):
         logits = classifier.apply({"params": params}, inputs["x"], inputs["t"])
         return _summaries("val", _per_example(logits, inputs["y"]), inputs["t"], num_t)
 
-    eval_fn = jax.jit(eval_step, in_shardings=(repl, repl, batch_sh, repl), out_shardings=repl)
+    eval_fn = jax.jit(
+        eval_step,
+        in_shardings=(repl, repl, batch_sh, repl),
+        out_shardings=repl,
+        compiler_options=xla_options.compiler_options(),
+    )
 
     def action(state: state_lib.TrainState, step: int, log: loop_utils.MetricsLog) -> None:
         batches = pipeline.local_batches(

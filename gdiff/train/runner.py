@@ -19,7 +19,7 @@ import jax
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, progress, workdir_lock
+from gdiff import checkpointing, distributed, progress, workdir_lock, xla_options
 from gdiff.compat import reference_run
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, preemption
@@ -193,6 +193,7 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
         in_shardings=(repl, batch_sh),
         out_shardings=(repl, repl),
         donate_argnums=(0,),
+        compiler_options=xla_options.compiler_options(),
     )
     batches = pipeline.local_batches(
         config,
