@@ -18,10 +18,10 @@ a class-conditional one (accuracy at the requested labels from chance at scale 0
 needing a larger scale than the conditional model, with a worse FID at scale 1 than unguided, as
 in Table 4.
 
-Measured 2026-11-30 on a 2-core CPU (the README's first command in a fresh clone, venv and install
-included, the first two minutes shared with another test run): 8 min 59.6 s wall; stages:
-diffusion models 168 s + 126 s, classifier 34 s, evaluation network 10 s, sampling 13 (model,
-scale) pairs x 300 digits 139 s. The measured table, plot and grids live in
+Measured 2026-11-30 on a 2-core CPU (the README's first command in a fresh clone of 47f84d6, venv
+and install included, machine otherwise idle): 6 min 55.4 s wall; stages: diffusion models 111 s +
+110 s, classifier 35 s, evaluation network 11 s, sampling 13 (model, scale) pairs x 300 digits
+68 s, evaluation 7 s. The measured table, plot and grids live in
 docs/digits_results/. A rerun skips finished stages; see gdiff/pipeline/digits.py for how to swap
 one stage (e.g. a longer-trained model).
 """

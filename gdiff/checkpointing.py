@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gdiff import distributed, errors
+from gdiff import atomic, distributed, errors
 
 CONFIG_FILE = "gdiff_config.json"
 # Settings a resumed run may change (the learning-rate schedule): recorded to report the change.
@@ -78,12 +78,6 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
                 out.extend(_diff_keys(a[key], b[key], name))
         return out
     return [] if a == b else [f"{prefix}: checkpoint {a!r} vs this run {b!r}"]
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class CheckpointManager:
@@ -129,7 +123,7 @@ class CheckpointManager:
                     "Differences: " + "; ".join(diffs[:20])
                 )
         elif jax.process_index() == 0:
-            _atomic_write_text(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+            atomic.write_text(path, json.dumps(fingerprint, indent=1, sort_keys=True))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -159,7 +153,7 @@ class CheckpointManager:
         old = json.loads(path.read_text()) if path.exists() else None
         changes = [] if old is None else _diff_keys(old, settings)
         if jax.process_index() == 0 and old != settings:
-            _atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+            atomic.write_text(path, json.dumps(settings, indent=1, sort_keys=True))
         return [c.replace("checkpoint ", "", 1).replace(" vs this run ", " -> ") for c in changes]
 
     @contextlib.contextmanager

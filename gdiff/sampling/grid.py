@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import uuid
 
 import numpy as np
 from PIL import Image
+
+from gdiff import atomic
 
 
 def make_grid(images: np.ndarray, ncols: int, *, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -54,14 +55,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
     image = np.asarray(image)
     if image.shape[-1] == 1:
         image = image[..., 0]
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
     return path
 
 

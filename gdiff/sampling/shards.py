@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gdiff import distributed, errors
+from gdiff import atomic, distributed, errors
 from gdiff.sampling import labels as labels_lib
 
 RUN_FILE = "run.json"
@@ -67,17 +67,10 @@ def merged_path(out_dir, scale: float, shape: tuple[int, int, int, int]) -> path
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> pathlib.Path:
     """`np.savez(path, **arrays)` through a temporary file and `os.replace` (atomic on POSIX)."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -179,10 +172,7 @@ def check_run_manifest(
             _move_aside(pathlib.Path(out_dir), diff)
         distributed.barrier("gdiff_run_moved_aside")
     if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _move_aside(out_dir: pathlib.Path, diff: list[str]) -> None:
@@ -274,8 +264,5 @@ def merge_shards(
         raise ValueError(f"{directory}: some shards have labels (arr_1) and some do not")
     all_labels = np.concatenate(labels, axis=0) if all(has_labels) and labels else None
     if run is not None:  # the side file first: a merged file never exists without its digest
-        side = pathlib.Path(f"{out_path}.run")
-        tmp = side.with_name(f".{side.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_text(run + "\n")
-        os.replace(tmp, side)
+        atomic.write_text(f"{out_path}.run", run + "\n")
     return write_sample_file(out_path, all_images, all_labels)
