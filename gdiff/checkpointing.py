@@ -31,6 +31,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -234,6 +235,7 @@ class CheckpointManager:
         problem = _step_problem(self.directory / str(step), abstract_state)
         if problem is not None:
             return None, problem
+        _silence_stray_read_callbacks()
         try:
             args = ocp.args.StandardRestore(abstract_state)
             return self._manager.restore(step, args=args), None
@@ -259,6 +261,7 @@ class CheckpointManager:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         problem = _step_problem(self.directory / str(step), None)
         if problem is None:
+            _silence_stray_read_callbacks()
             try:
                 return self._manager.restore(int(step), args=ocp.args.StandardRestore())
             except Exception as e:  # as in _try_restore
@@ -371,6 +374,36 @@ def _describe_restore_error(exc: Exception) -> str:
     arrays = _ARRAY_IN_ERROR.findall(str(exc))
     where = f"array {arrays[0]} is damaged or missing" if arrays else "its files are damaged"
     return f"{where} ({_first_line(exc)})"
+
+
+def _silence_stray_read_callbacks() -> None:
+    """Drops the "Event loop is closed" errors of a failed restore's leftover reads.
+
+    When one array of a step cannot be read, orbax's restore raises and closes its asyncio loop
+    while TensorStore still completes the step's other reads; their completion callbacks then
+    fail on the closed loop and each prints a traceback (dozens of lines around the one-line
+    report), some while the restore is still failing. So before the first restore this process
+    attempts, sys.excepthook and sys.unraisablehook learn to drop exactly that error; every other
+    exception reaches the previous hooks.
+    """
+    if getattr(sys.excepthook, "_gdiff_drops_closed_loop", False):
+        return
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def except_hook(exc_type, exc, tb):
+        if not closed_loop(exc):
+            previous_except(exc_type, exc, tb)
+
+    def unraisable_hook(unraisable):
+        if not closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    except_hook._gdiff_drops_closed_loop = True
+    sys.excepthook, sys.unraisablehook = except_hook, unraisable_hook
 
 
 def _first_line(exc: BaseException) -> str:
