@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gdiff import factory
+from gdiff import factory, xla_options
 from gdiff.models import unet
 
 DEFAULT_BATCH = {
@@ -110,6 +110,27 @@ def parse_args(argv=None):
     return args
 
 
+def time_steps(jitted, state, inputs, args) -> tuple[float, float, float]:
+    """(first call s, mean s per timed step, last loss): the first call (compilation included),
+    `args.warmup - 1` more untimed steps, then `args.steps` timed ones."""
+    start = time.perf_counter()
+    state, loss = jitted(state, *inputs, 0)
+    jax.block_until_ready(loss)
+    first_call = time.perf_counter() - start
+    for i in range(1, args.warmup):
+        state, loss = jitted(state, *inputs, i)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        state, loss = jitted(state, *inputs, args.warmup + i)
+    jax.block_until_ready((state, loss))
+    seconds = (time.perf_counter() - start) / args.steps
+    loss = float(loss)
+    if not np.isfinite(loss):
+        raise RuntimeError(f"the training step produced a non-finite loss ({loss})")
+    return first_call, seconds, loss
+
+
 def main(argv=None) -> dict:
     from gdiff import distributed
 
@@ -136,8 +157,13 @@ def main(argv=None) -> dict:
     optimizer = optax.adamw(lr, weight_decay=weight_decay)
     step = make_step(make_loss(args.kind, net, diffusion, class_cond), optimizer)
     # Parameters and optimizer state are donated: XLA updates them in place, as a real loop does.
+    # The production training step's compile options (gdiff/xla_options.py; none off the CPU).
     jitted = jax.jit(
-        step, in_shardings=(rep, rows, rows, rep, rep), out_shardings=(rep, rep), donate_argnums=0
+        step,
+        in_shardings=(rep, rows, rows, rep, rep),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+        compiler_options=xla_options.compiler_options(),
     )
 
     params = common.random_variables(abstract, jax.random.key(0), rep)
@@ -149,22 +175,7 @@ def main(argv=None) -> dict:
     state = (params, opt_state)
 
     flops_per_step = common.cost_flops(jitted.lower(state, images, labels, key, 0))
-
-    start = time.perf_counter()
-    state, loss = jitted(state, images, labels, key, 0)
-    jax.block_until_ready(loss)
-    first_call = time.perf_counter() - start
-    for i in range(1, args.warmup):
-        state, loss = jitted(state, images, labels, key, i)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        state, loss = jitted(state, images, labels, key, args.warmup + i)
-    jax.block_until_ready((state, loss))
-    seconds = (time.perf_counter() - start) / args.steps
-    loss = float(loss)
-    if not np.isfinite(loss):
-        raise RuntimeError(f"the training step produced a non-finite loss ({loss})")
+    first_call, seconds, loss = time_steps(jitted, state, (images, labels, key), args)
 
     achieved = flops_per_step / seconds / 1e12
     n = args.matmul_n or common.default_matmul_size(args.tiny)
