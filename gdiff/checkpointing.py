@@ -68,17 +68,21 @@ def _without(tree: Any, keys: Collection[str]) -> Any:
     return tree
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
+# Stands for a key one side of `changed_keys` lacks.
+MISSING = type("Missing", (), {"__repr__": lambda self: "(absent)"})()
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf where two nested JSON dicts differ, in
+    sorted key order; a key one side lacks has MISSING there. Fingerprints, resumable settings
+    and sampling manifests are all compared this way."""
+    if isinstance(old, dict) and isinstance(new, dict):
         out = []
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(old) | set(new)):
             name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                out.append(f"{name} (only in {'checkpoint' if key in a else 'this run'})")
-            else:
-                out.extend(_diff_keys(a[key], b[key], name))
+            out.extend(changed_keys(old.get(key, MISSING), new.get(key, MISSING), name))
         return out
-    return [] if a == b else [f"{prefix}: checkpoint {a!r} vs this run {b!r}"]
+    return [] if old == new else [(prefix, old, new)]
 
 
 class CheckpointManager:
@@ -116,7 +120,14 @@ class CheckpointManager:
         path = self.directory / CONFIG_FILE
         if path.exists():
             stored = json.loads(path.read_text())
-            diffs = _diff_keys(_without(stored, ignore), fingerprint)
+            diffs = [
+                f"{k} (only in this run)"
+                if a is MISSING
+                else f"{k} (only in checkpoint)"
+                if b is MISSING
+                else f"{k}: checkpoint {a!r} vs this run {b!r}"
+                for k, a, b in changed_keys(_without(stored, ignore), fingerprint)
+            ]
             if diffs:
                 raise errors.ConfigMismatchError(
                     f"{self.directory} holds checkpoints of another configuration; refusing to "
@@ -152,10 +163,10 @@ class CheckpointManager:
         path = self.directory / SETTINGS_FILE
         settings = _jsonable(dict(settings))
         old = json.loads(path.read_text()) if path.exists() else None
-        changes = [] if old is None else _diff_keys(old, settings)
+        changes = [] if old is None else changed_keys(old, settings)
         if jax.process_index() == 0 and old != settings:
             atomic.write_text(path, json.dumps(settings, indent=1, sort_keys=True))
-        return [c.replace("checkpoint ", "", 1).replace(" vs this run ", " -> ") for c in changes]
+        return [f"{k}: {a!r} -> {b!r}" for k, a, b in changes]
 
     @contextlib.contextmanager
     def _reporting_disk_full(self, step: int | None):

@@ -223,15 +223,18 @@ def _write_shard(plan: NllPlan, batch: int, local: dict, out: dict) -> np.ndarra
     return values["total_bpd"][keep]
 
 
-def _load_pinned(config, plan: NllPlan) -> Any:
-    """The model's parameters, checked against the config; their pin (step, EMA copy, sha256)
-    joins `plan.manifest`, so a resumed run never mixes two models' bits/dim."""
+def _load_pinned(config, plan: NllPlan) -> tuple[Any, dict]:
+    """(the model's parameters, checked against the config; `plan.manifest` plus their pin:
+    step, EMA copy, sha256), so a resumed run never mixes two models' bits/dim."""
     params, pin = checkpointing.load_pinned(plan.model, ema_rate=config.sample.ema_rate or None)
     abstract = factory.abstract_variables(factory.build_model(config))["params"]
     checkpointing.check_params_match(params, abstract, what="model", where=plan.model.path)
-    plan.manifest["model_weights"] = {k: pin[k] for k in ("step", "ema_rate", "sha256")}
-    plan.manifest["model_located"] = pin["path"]
-    return params
+    manifest = {
+        **plan.manifest,
+        "model_weights": {k: pin[k] for k in ("step", "ema_rate", "sha256")},
+        "model_located": pin["path"],
+    }
+    return params, manifest
 
 
 def evaluate(config, plan: NllPlan, mesh, params: Any, *, on_batch_done=None) -> None:
@@ -332,10 +335,10 @@ def run(config, workdir: str, *, mesh=None, on_batch_done=None) -> dict:
     mesh = mesh if mesh is not None else distributed.data_mesh()
     plan = make_plan(config, workdir, mesh)
     with workdir_lock.hold(plan.out.parent, plan.out.name, what="bits/dim run"):
-        params = _load_pinned(config, plan)
+        params, manifest = _load_pinned(config, plan)
         shards.check_run_manifest(
             plan.out,
-            plan.manifest,
+            manifest,
             write=distributed.is_main_process(),
             setting="eval.nll_output_dir",
         )

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gdiff import atomic, distributed, errors
+from gdiff import atomic, checkpointing, distributed, errors
 from gdiff.sampling import labels as labels_lib
 
 RUN_FILE = "run.json"
@@ -109,22 +109,12 @@ def read_run_digest(path) -> str | None:
 
 def run_digest(manifest: dict[str, Any]) -> str:
     """A short digest of the compared part of a manifest: equal digests, same run."""
-    compared = {k: v for k, v in manifest.items() if k not in INFO_KEYS}
-    text = json.dumps(compared, sort_keys=True, default=str)
+    text = json.dumps(_compared(manifest), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """ "key.sub: old -> new" for every compared leaf that differs."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            if not prefix and key in INFO_KEYS:
-                continue
-            name = f"{prefix}.{key}" if prefix else key
-            out.extend(_differences(old.get(key), new.get(key), name))
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+def _compared(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in manifest.items() if k not in INFO_KEYS}
 
 
 def check_run_manifest(
@@ -157,7 +147,11 @@ def check_run_manifest(
     path = pathlib.Path(out_dir) / RUN_FILE
     manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
     if path.exists():
-        diff = _differences(json.loads(path.read_text()), manifest)
+        old = _compared(json.loads(path.read_text()))
+        diff = [
+            f"{k}: {a!r} -> {b!r}"
+            for k, a, b in checkpointing.changed_keys(old, _compared(manifest))
+        ]
         if not diff:
             return
         if not restart:
