@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdiff import distributed, factory
+from gdiff.compat import flags
 from gdiff.sampling import sampler as sampler_lib
 
 DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
-NUM_CLASSES = 1000
 
 
 def build(config: str, overrides: dict, *, guided: bool, mesh):
@@ -187,7 +187,7 @@ def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
     batch_in = sampler.make_batch(
         {
             "ids": np.arange(args.batch, dtype=np.int32),
-            "labels": rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32),
+            "labels": rng.integers(0, flags.NUM_CLASSES, args.batch).astype(np.int32),
             "scales": np.full((args.batch,), args.scale, np.float32),
         }
     )

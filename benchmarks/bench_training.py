@@ -3,35 +3,44 @@
     python benchmarks/bench_training.py --kind diffusion --config 64 --batch 64 \
         --dtype bfloat16 --out benchmarks/logs/train_diffusion_64.json
 
-One optimizer step as the reference's training scripts take it, written self-contained here so the
-number measures the step and nothing else:
-  - diffusion: uniform timesteps, the hybrid loss (`training_losses` with learned sigma: MSE + VB),
-    dropout as the released flags set it;
+The production step: the task `--mode=train` (`--mode=train_classifier`) trains,
+`gdiff.train.diffusion_trainer.build_task` (`classifier_trainer.build_task`), its `train_step`
+jitted as the training loop jits it (gdiff/train/runner.py: the state replicated and donated, the
+batch sharded over every device, the compile options of `gdiff.xla_options`). So the number is
+that of a training run's step, with nothing of its own:
+  - diffusion: timesteps from the uniform sampler, q_sample, the configured loss (the released
+    flags learn sigma: the hybrid MSE + VB loss), dropout as the released flags set it;
   - classifier: noised inputs (`q_sample` at uniform timesteps) and cross-entropy, as the
     reference's classifier_train.py;
-  - AdamW (optax) on float32 parameters, bf16 compute (no loss scaling: bf16 has float32's range,
-    where the reference's fp16 needed dynamic loss scaling), one `jax.jit` with the parameters and
-    optimizer state donated, data-parallel over every device;
-  - `--remat` the diffusion model's `model.remat` policy (none / dots / full; the released 256x256
-    and 512x512 training configs use full), to measure what recomputation costs and saves.
-`--warmup` untimed steps (the first compiles), then `--steps` steps timed back to back, ending in
-`block_until_ready` (the reference: 3 warm-up, 20 timed). FLOPs per step are XLA's cost analysis
-of the lowered step (forward + backward + optimizer) at the global batch.
+  - then AdamW (float32 parameters; bf16 compute without loss scaling: bf16 has float32's range,
+    where the reference's fp16 needed dynamic loss scaling), the EMA copies (diffusion: the
+    reference's `--ema_rate 0.9999`; the classifier keeps none), the non-finite guard and the
+    logged metrics.
+The config the task is built from is plain data (`training_config`): the networks' and diffusion's
+groups of `common.sampling_groups` (the released README flags) and the optim / train groups of the
+reference training script's defaults, through the flag table (`gdiff.compat.flags`).
+`--remat` sets the diffusion model's `model.remat` policy (none / dots / full; the released
+256x256 and 512x512 training configs use full), to measure what recomputation costs and saves.
+Random weights stand in for the initialisation. `--warmup` untimed steps (the first compiles),
+then `--steps` steps timed back to back, ending in `block_until_ready` (the reference: 3 warm-up,
+20 timed). FLOPs per step are XLA's cost analysis of the lowered step (forward + backward +
+optimizer) at the global batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from gdiff import factory, xla_options
+from gdiff.compat import flags
 from gdiff.models import unet
+from gdiff.train import classifier_trainer, diffusion_trainer, optim, runner
+from gdiff.train import state as state_lib
 
 DEFAULT_BATCH = {
     ("diffusion", "64"): 64,
@@ -40,54 +49,70 @@ DEFAULT_BATCH = {
     ("classifier", "256"): 64,
 }
 TINY_BATCH = 8
-NUM_CLASSES = 1000
-# The reference's settings: improved-diffusion's lr for the ImageNet models; the classifier flags
-# of the guided-diffusion README (lr 3e-4, weight decay 0.05).
-OPTIM = {"diffusion": (1e-4, 0.0), "classifier": (3e-4, 0.05)}
+# What each network kind trains with: the trainer that builds the production task, the group of
+# its network, and the reference's training script with the flags given it over that script's
+# defaults. image_train.py's defaults are improved-diffusion's ImageNet settings (lr 1e-4, no
+# weight decay, EMA 0.9999); the guided-diffusion README's classifier training flags add weight
+# decay 0.05 (their lr, 3e-4, is classifier_train.py's default).
+KINDS = {
+    "diffusion": (diffusion_trainer, "model", "image_train", ""),
+    "classifier": (classifier_trainer, "classifier", "classifier_train", "--weight_decay 0.05"),
+}
 
 
-def make_loss(kind: str, net, diffusion, class_cond: bool):
-    """loss(params, images [B,H,W,3], labels [B], key) -> scalar, for one kind of network."""
+class ConfigGroup(dict):
+    """Plain config data read the way the trainers read an ml_collections config:
+    `config.group.key`, `group["key"]`, `group.to_dict()`."""
 
-    def loss_fn(params, images, labels, key):
-        kt, kn, kd = jax.random.split(key, 3)
-        batch = images.shape[0]
-        t = jax.random.randint(kt, (batch,), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(kn, images.shape, images.dtype)
-        rngs = {"dropout": kd}
-        if kind == "diffusion":
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
-            def model_fn(x, ts):
-                y = labels if class_cond else None
-                return net.apply({"params": params}, x, ts, y=y, train=True, rngs=rngs)
-
-            return jnp.mean(diffusion.training_losses(model_fn, images, t, noise)["loss"])
-        x_t = diffusion.q_sample(images, t, noise)
-        logits = net.apply({"params": params}, x_t, t, train=True, rngs=rngs)
-        return jnp.mean(
-            optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-        )
-
-    return loss_fn
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, ConfigGroup) else v for k, v in self.items()}
 
 
-def make_step(loss_fn, optimizer):
-    """step((params, opt_state), images, labels, key, index) -> ((params, opt_state), loss)."""
+def training_config(kind: str, groups: dict[str, dict], *, batch: int, num_steps: int):
+    """The config the benchmark's task is built from, as plain data (no ml_collections).
 
-    def step(state, images, labels, key, index):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(
-            params, images, labels, jax.random.fold_in(key, index)
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    Args:
+      kind: "diffusion" | "classifier".
+      groups: the configuration's model, classifier, diffusion (and sample) groups
+        (`common.sampling_groups`).
+      batch: the global batch.
+      num_steps: the steps the benchmark takes (the length of the learning-rate schedule).
 
-    return step
+    Returns:
+      A `ConfigGroup` of groups: `groups`, the optim and train groups of the reference's training
+      script for `kind` (`KINDS`) through the flag table, with `flags.OPTIM_DEFAULTS` for the
+      optimiser keys no flag sets, no periodic sampling or evaluation, and a data group that only
+      gives the image size (the benchmark feeds random batches: no augmentation).
+    """
+    _, _, script, given = KINDS[kind]
+    kwargs = {
+        **flags.script_defaults(script),
+        **flags.parse_flags(given, script=script),
+        "batch_size": batch,
+    }
+    placed = flags.to_config(kwargs, script)
+    size = int(groups["model"]["image_size"])
+    return ConfigGroup(
+        {
+            **{name: ConfigGroup(values) for name, values in groups.items()},
+            "optim": ConfigGroup({**flags.OPTIM_DEFAULTS, **placed["optim"]}),
+            "train": ConfigGroup(
+                {**placed["train"], "num_steps": num_steps, "sample_every": 0, "eval_every": 0}
+            ),
+            "data": ConfigGroup({"image_size": size, "random_crop": False, "random_flip": False}),
+        }
+    )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=("diffusion", "classifier"), default="diffusion")
+    p.add_argument("--kind", choices=tuple(KINDS), default="diffusion")
     p.add_argument("--config", choices=tuple(common.RELEASED), default="64")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: reference's)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -110,22 +135,23 @@ def parse_args(argv=None):
     return args
 
 
-def time_steps(jitted, state, inputs, args) -> tuple[float, float, float]:
+def time_steps(step_fn, state, batch, args) -> tuple[float, float, float]:
     """(first call s, mean s per timed step, last loss): the first call (compilation included),
-    `args.warmup - 1` more untimed steps, then `args.steps` timed ones."""
+    `args.warmup - 1` more untimed steps, then `args.steps` timed ones. Each step draws its own
+    randomness from the state's step counter, as in training."""
     start = time.perf_counter()
-    state, loss = jitted(state, *inputs, 0)
-    jax.block_until_ready(loss)
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
     first_call = time.perf_counter() - start
-    for i in range(1, args.warmup):
-        state, loss = jitted(state, *inputs, i)
+    for _ in range(1, args.warmup):
+        state, metrics = step_fn(state, batch)
     jax.block_until_ready(state)
     start = time.perf_counter()
-    for i in range(args.steps):
-        state, loss = jitted(state, *inputs, args.warmup + i)
-    jax.block_until_ready((state, loss))
+    for _ in range(args.steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / args.steps
-    loss = float(loss)
+    loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise RuntimeError(f"the training step produced a non-finite loss ({loss})")
     return first_call, seconds, loss
@@ -143,39 +169,40 @@ def main(argv=None) -> dict:
     attention_impl = common.resolve_attention(args.attention, args.dtype)
     # Read first: a missing reference file fails before anything is built.
     ref = common.reference_training(args.kind, config)
-    model, diffusion = common.build_model(config, dtype=args.dtype, attention_impl=attention_impl)
-    class_cond = model.num_classes is not None
-    if args.kind == "diffusion":
-        net = model.clone(remat=args.remat)
-    else:
-        net = common.build_classifier(config, dtype=args.dtype, attention_impl=attention_impl)
-    size = int(net.image_size)
-    abstract = factory.abstract_variables(net)["params"]
-    n_params = factory.param_count(net)
+    overrides = common.config_overrides(dtype=args.dtype, attention_impl=attention_impl)
+    groups = common.sampling_groups(config, {**overrides, "model.remat": args.remat})
+    cfg = training_config(args.kind, groups, batch=batch, num_steps=args.warmup + args.steps)
+    trainer, net_group, _, _ = KINDS[args.kind]
+    # The task --mode=train (--mode=train_classifier) builds from this config.
+    task = trainer.build_task(cfg, mesh)
+    abstract = jax.eval_shape(task.init_params, jax.random.key(0))
+    n_params = int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(abstract)))
+    size = int(cfg.data.image_size)
 
-    lr, weight_decay = OPTIM[args.kind]
-    optimizer = optax.adamw(lr, weight_decay=weight_decay)
-    step = make_step(make_loss(args.kind, net, diffusion, class_cond), optimizer)
-    # Parameters and optimizer state are donated: XLA updates them in place, as a real loop does.
-    # The production training step's compile options (gdiff/xla_options.py; none off the CPU).
-    jitted = jax.jit(
-        step,
-        in_shardings=(rep, rows, rows, rep, rep),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-        compiler_options=xla_options.compiler_options(),
-    )
+    # The training loop's compiled step (gdiff/train/runner.py compile_step).
+    step_fn = runner.compile_step(task, mesh)
+    tx = optim.create_optimizer(cfg.optim)
+
+    def init_state(params):
+        return state_lib.create(
+            params,
+            tx,
+            rng=jax.random.key(1),
+            ema_rates=task.ema_rates,
+            sampler_state=task.sampler_state,
+        )
 
     params = common.random_variables(abstract, jax.random.key(0), rep)
-    opt_state = jax.jit(optimizer.init, out_shardings=rep)(params)
+    state = jax.jit(init_state, out_shardings=rep)(params)
+    del params  # the state holds its own copy
     rng = np.random.default_rng(0)
-    images = jax.device_put(rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32), rows)
-    labels = jax.device_put(rng.integers(0, NUM_CLASSES, batch).astype(np.int32), rows)
-    key = jax.device_put(jax.random.key(1), rep)
-    state = (params, opt_state)
+    num_classes = int(cfg[net_group].num_classes)
+    images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, batch).astype(np.int32)
+    train_batch = jax.device_put({"image": images, "label": labels}, rows)
 
-    flops_per_step = common.cost_flops(jitted.lower(state, images, labels, key, 0))
-    first_call, seconds, loss = time_steps(jitted, state, (images, labels, key), args)
+    flops_per_step = common.cost_flops(step_fn.lower(state, train_batch))
+    first_call, seconds, loss = time_steps(step_fn, state, train_batch, args)
 
     achieved = flops_per_step / seconds / 1e12
     n = args.matmul_n or common.default_matmul_size(args.tiny)
@@ -188,7 +215,9 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "attention_impl": attention_impl,
         "remat": args.remat,
-        "optimizer": f"adamw lr={lr} weight_decay={weight_decay}",
+        "train_step": f"{trainer.__name__}.build_task",
+        "optimizer": f"adamw lr={cfg.optim.lr} weight_decay={cfg.optim.weight_decay}",
+        "ema_rates": task.ema_rates,
         "params": n_params,
         "params_m": round(n_params / 1e6, 2),
         "first_call_s": round(first_call, 3),

@@ -9,7 +9,8 @@ come from XLA's own cost analysis of the program, never from a hand count, so th
 TFLOP/s" column means the same thing on every backend.
 
 Imports stay free of ml_collections, clu and TensorFlow: a GPU machine only needs jax, flax, optax
-and numpy to run `benchmarks/run_all_gpu.sh`.
+and numpy (and, for bench_training.py's production trainers, pillow and scikit-learn) to run
+`benchmarks/run_all_gpu.sh`.
 """
 
 from __future__ import annotations
@@ -49,56 +50,27 @@ CPU_REFERENCE = "reference_sampling_cpu.json"
 CONFIGS = (*RELEASED, "tiny", "cpu")
 
 # "tiny": a CPU-sized stand-in with the same block structure (class-conditional, learned sigma,
-# attention, scale-shift norm, up/down resblocks, an attention-pool classifier), as typed config
-# groups (the keys of configs/common.py's `model`, `classifier`, `diffusion` and `sample`
-# groups). 16x16 inputs, two levels, attention at 8x8 in both networks; float32, attention "auto".
-TINY_MODEL = dict(
-    image_size=16,
-    num_classes=1000,
-    class_cond=True,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult=(1, 2),
-    attention_resolutions=(8,),
-    num_heads=4,
-    num_heads_upsample=-1,
-    num_head_channels=16,
-    dropout=0.1,
-    learn_sigma=True,
-    remat="none",
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    use_new_attention_order=True,
-    small_size=0,
-    dtype="float32",
-    attention_impl="auto",
-)
-TINY_CLASSIFIER = dict(
-    num_classes=1000,
-    width=32,
-    depth=1,
-    channel_mult=(1, 2),
-    attention_resolutions=(8,),
-    num_head_channels=64,
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    pool="attention",
-    dtype="float32",
-    attention_impl="auto",
-)
-TINY_DIFFUSION = dict(
-    steps=1000,
-    noise_schedule="cosine",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-    sigma_small=False,
-    timestep_respacing="",
-)
-# The sampling scripts' defaults (clip_denoised, use_ddim), for "tiny" and "cpu".
-SAMPLE_SCRIPT_DEFAULTS = {"clip_denoised": True, "use_ddim": False}
-TINY_SAMPLE = {**SAMPLE_SCRIPT_DEFAULTS, "timestep_respacing": "", "eta": 0.0, "seed": 0}
+# attention, scale-shift norm, up/down resblocks, an attention-pool classifier): the reference's
+# defaults as typed config groups (`flags.sampling_groups`, as for the other configurations) with
+# these typed values in their place. 16x16 inputs, two levels, attention at 8x8 in both networks;
+# float32, attention "auto" (the defaults').
+TINY = {
+    "model": dict(
+        image_size=16,
+        class_cond=True,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(8,),
+        num_head_channels=16,
+        dropout=0.1,
+        learn_sigma=True,
+        resblock_updown=True,
+        use_new_attention_order=True,
+    ),
+    "classifier": dict(width=32, depth=1, channel_mult=(1, 2), attention_resolutions=(8,)),
+    "diffusion": dict(noise_schedule="cosine"),
+}
 
 # Where the reference's measured figures are (../shared/bench: README.md and its JSON files).
 REFERENCE_DIR_ENV = "GDIFF_BENCH_REFERENCE_DIR"
@@ -126,19 +98,17 @@ def sampling_groups(config: str, overrides: dict[str, Any] | None = None) -> dic
     """
     _check_choice("config", config, CONFIGS)
     if config == "tiny":
-        groups = {
-            "model": dict(TINY_MODEL),
-            "classifier": dict(TINY_CLASSIFIER),
-            "diffusion": dict(TINY_DIFFUSION),
-            "sample": dict(TINY_SAMPLE),
-        }
+        classifier = {k: v for k, v in flags.classifier_defaults().items() if k != "image_size"}
+        kwargs = {**flags.model_and_diffusion_defaults(), **classifier}
+        groups = flags.sampling_groups({**kwargs, **flags.sampling_flag_defaults()})
+        for group, values in TINY.items():
+            groups[group].update(values)
     elif config == "cpu":
         ref = load_reference(CPU_REFERENCE)
         classifier = {k: v for k, v in ref["classifier_flags"].items() if k != "image_size"}
         kwargs = {**flags.model_and_diffusion_defaults(), **ref["model_flags"], **classifier}
-        groups = flags.sampling_groups(
-            {**kwargs, "classifier_scale": ref["classifier_scale"], **SAMPLE_SCRIPT_DEFAULTS}
-        )
+        scale = {"classifier_scale": ref["classifier_scale"]}
+        groups = flags.sampling_groups({**kwargs, **scale, **flags.sampling_flag_defaults()})
     else:
         groups = released.sampling_groups(RELEASED[config])
     for dotted, value in (overrides or {}).items():

@@ -25,8 +25,8 @@
 # one by one) and size them from the times printed.
 #
 # Environment: PYTHON (default python3: the GPU image's interpreter already has jax[cuda], flax,
-# optax and numpy, which is all the benchmarks import: no ml_collections, clu or TensorFlow, so
-# no wheels need carrying), LOGS (default benchmarks/logs), ROW_TIMEOUT seconds (default 540: the
+# optax, numpy, pillow and scikit-learn, which is all the benchmarks import: no ml_collections,
+# clu or TensorFlow, so no wheels need carrying), LOGS (default benchmarks/logs), ROW_TIMEOUT seconds (default 540: the
 # limit of a row outside `first`), TIMEOUT_<row> seconds (one row's limit, e.g. TIMEOUT_ops=300).
 # When $OUT is set (the device tool), each row's JSON and log are copied there the moment the row
 # ends, so a later row that fails or overruns the call loses nothing already measured.

@@ -14,6 +14,12 @@ overridden on the command line (`--config.model.channel_mult="(1,2,2)"`).
 
 import ml_collections
 
+from gdiff.compat import flags as ref_flags
+
+# Defaults that code without ml_collections needs too (the benchmarks build sampling and training
+# runs from plain dicts) are declared once, in gdiff.compat.flags, and read from there.
+_SAMPLING = ref_flags.SAMPLING_GROUP_DEFAULTS
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -53,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.class_cond = data.get_ref("class_cond")
     model.num_channels = 32
     model.num_res_blocks = 1
-    model.channel_mult = ()  # () = the reference's multipliers for 64/128/256/512
+    # () = the reference's multipliers for 64/128/256/512
+    model.channel_mult = _SAMPLING["model"]["channel_mult"]
     model.attention_resolutions = (8,)  # in pixels, as the reference's flag
     model.num_heads = 4
     model.num_heads_upsample = -1
@@ -67,38 +74,39 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat = "none"
     model.use_scale_shift_norm = True
     model.resblock_updown = False
-    model.use_new_attention_order = False
+    model.use_new_attention_order = _SAMPLING["model"]["use_new_attention_order"]
     model.dtype = "float32"  # compute dtype ("bfloat16": the reference's use_fp16); params float32
     # auto: cuDNN fused attention on a CUDA GPU with a 16-bit dtype, XLA elsewhere | xla | cudnn
     # (resolved by gdiff/factory.py when the network is built; a "cudnn" that cannot run fails)
-    model.attention_impl = "auto"
+    model.attention_impl = _SAMPLING["model"]["attention_impl"]
     # > 0: a SuperResModel upsampling from small_size to image_size, trained (like the reference's
     # super_res_train.py) on each batch area-downsampled to small_size as its low_res input.
-    model.small_size = 0
+    model.small_size = _SAMPLING["model"]["small_size"]
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.steps = 1000
     diffusion.noise_schedule = "cosine"
-    diffusion.timestep_respacing = ""
+    diffusion.timestep_respacing = _SAMPLING["diffusion"]["timestep_respacing"]
     diffusion.use_kl = False
     diffusion.predict_xstart = False
     diffusion.rescale_timesteps = False
     diffusion.rescale_learned_sigmas = False
-    diffusion.sigma_small = False
+    diffusion.sigma_small = _SAMPLING["diffusion"]["sigma_small"]
 
     config.classifier = classifier = ml_collections.ConfigDict()
     # The noise-aware classifier (the reference's classifier_* flags, typed), at data.image_size.
     classifier.num_classes = data.get_ref("num_classes")
     classifier.width = 32
     classifier.depth = 1
-    classifier.channel_mult = ()  # () = the reference's multipliers for 64/128/256/512
+    # () = the reference's multipliers for 64/128/256/512, which its create_classifier always uses
+    classifier.channel_mult = ref_flags.CLASSIFIER_FIXED["channel_mult"]
     classifier.attention_resolutions = (8,)  # in pixels
-    classifier.num_head_channels = 64  # the reference hard-codes 64
+    classifier.num_head_channels = ref_flags.CLASSIFIER_HEAD_CHANNELS  # the reference's, fixed
     classifier.use_scale_shift_norm = True
     classifier.resblock_updown = True
     classifier.pool = "attention"  # adaptive | attention | spatial | spatial_v2
     classifier.dtype = "float32"  # "bfloat16": the reference's classifier_use_fp16
-    classifier.attention_impl = "auto"  # as model.attention_impl
+    classifier.attention_impl = _SAMPLING["classifier"]["attention_impl"]  # as model's
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 1e-4
@@ -107,13 +115,14 @@ def get_config() -> ml_collections.ConfigDict:
     # lr_anneal_steps, so steps 0 and 1 use lr) or train.classifier_num_steps (classifier: set
     # before each step, as classifier_train.py's anneal_lr).
     optim.anneal_lr = False
-    optim.grad_clip = 0.0  # 0 disables; the reference does not clip
-    optim.b1 = 0.9
-    optim.b2 = 0.999
-    optim.eps = 1e-8
+    # AdamW's betas and eps, and the global-norm clip (0 disables): the reference's settings.
+    optim.grad_clip = ref_flags.OPTIM_DEFAULTS["grad_clip"]
+    optim.b1 = ref_flags.OPTIM_DEFAULTS["b1"]
+    optim.b2 = ref_flags.OPTIM_DEFAULTS["b2"]
+    optim.eps = ref_flags.OPTIM_DEFAULTS["eps"]
 
     config.train = train = ml_collections.ConfigDict()
-    train.batch_size = 64  # global batch (all devices of all hosts)
+    train.batch_size = 64  # examples per step: the global batch (all devices of all hosts)
     train.microbatch = -1  # -1: no gradient accumulation; else examples per micro-step (global)
     train.num_steps = 1000
     train.ema_rates = "0.9999"
@@ -122,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.save_every = 1000  # 0: no periodic saves (the last step and a preemption still save)
     train.sample_every = 0  # 0 disables the periodic sample grid
     train.eval_every = 0  # classifier held-out evaluation
-    train.eval_batches = 4
+    train.eval_batches = 4  # held-out batches of train.classifier_batch_size per evaluation
     train.max_to_keep = 3
     # Where a fresh workdir starts from: a gdiff training checkpoint (its directory or one step
     # folder), or a reference PyTorch run to continue (its model<step>.pt, or the folder: newest).
@@ -133,14 +142,15 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_nonfinite_steps = 20
     # Classifier training (--mode=train_classifier).
     train.classifier_noised = True
-    train.classifier_batch_size = 64
+    train.classifier_batch_size = 64  # the global batch (all devices of all hosts)
     train.classifier_num_steps = 1000
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_samples = 64
-    sample.batch_size = 16  # per device
+    # Examples per device in one sampling program (a multi-scale sweep runs each at every scale).
+    sample.batch_size = 16
     sample.use_ddim = False
-    sample.eta = 0.0
+    sample.eta = _SAMPLING["sample"]["eta"]
     sample.clip_denoised = True
     sample.timestep_respacing = ""  # overrides diffusion.timestep_respacing when set
     sample.classifier_scale = "0"  # a number, or a comma-separated list for a sweep
@@ -150,7 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.ema_rate = ""  # which EMA params to sample from ("" = the slowest of train.ema_rates)
     sample.base_samples = ""  # super-resolution: .npz of low-resolution samples
     sample.output_dir = ""  # default: <workdir>/samples
-    sample.seed = 0
+    sample.seed = _SAMPLING["sample"]["seed"]
     # An output directory holding another run (other weights or settings) is refused; True moves
     # it aside (<dir>.replaced-<time>, nothing deleted) and starts afresh.
     sample.restart = False
@@ -159,6 +169,8 @@ def get_config() -> ml_collections.ConfigDict:
     ev.ref_batch = ""
     ev.sample_batch = ""
     ev.inception_weights = ""  # pt_inception-2015-12-05 state dict or classify_image_graph_def.pb
+    # Images per Inception forward on each host, split over its own devices (rounded up to a
+    # multiple of their count): every host evaluates its files by itself.
     ev.batch_size = 64
     ev.resize = "legacy"  # legacy: TF1 bilinear as the reference evaluator; halfpixel: pytorch-fid
     ev.is_split_size = 5000  # Inception Score chunk size, as the reference evaluator

@@ -14,6 +14,8 @@ import pathlib
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[pathlib.Path]:
@@ -35,3 +37,13 @@ def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
     with replacing(path) as tmp:
         tmp.write_text(text)
     return pathlib.Path(path)
+
+
+def savez(path: str | os.PathLike, **arrays: np.ndarray) -> pathlib.Path:
+    """`np.savez(path, **arrays)` atomically, synced to disk before it takes the name."""
+    path = pathlib.Path(path)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    return path

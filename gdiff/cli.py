@@ -34,12 +34,10 @@ from ml_collections import config_flags  # noqa: E402
 
 import configs  # noqa: E402
 from gdiff import distributed, errors  # noqa: E402
-from gdiff.compat import convert_checkpoint  # noqa: E402
 from gdiff.compat import flags as ref_flags  # noqa: E402
-from gdiff.evaluation import evaluator, nll  # noqa: E402
-from gdiff.pipeline import digits  # noqa: E402
-from gdiff.sampling import run, sweep  # noqa: E402
-from gdiff.train import classifier_trainer, diffusion_trainer  # noqa: E402
+from gdiff.evaluation import evaluator  # noqa: E402
+from gdiff.jobs import convert, digits, nll, sample, sweep  # noqa: E402
+from gdiff.jobs import train as train_job  # noqa: E402
 
 CONFIG_DIR = pathlib.Path(configs.__file__).parent
 DEFAULT_CONFIG = "digits"
@@ -47,12 +45,12 @@ DEFAULT_CONFIG = "digits"
 # initialised in main() before the first computation.
 MODES = {
     "pipeline": digits.run,
-    "train": diffusion_trainer.train,
-    "train_classifier": classifier_trainer.train,
-    "sample": run.run,
+    "train": train_job.train,
+    "train_classifier": train_job.train_classifier,
+    "sample": sample.run,
     "sweep": sweep.run,
     "evaluate": evaluator.run,
-    "convert": convert_checkpoint.run,
+    "convert": convert.run,
     "nll": nll.run,
 }
 

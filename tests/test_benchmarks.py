@@ -94,6 +94,8 @@ def test_training_tiny(tmp_path, kind):
         *("--warmup", "1", "--steps", "2"),
     )
     assert rec["kind"] == kind and rec["batch"] == 4
+    # The step timed is the one --mode=train (train_classifier) builds, not a copy of it.
+    assert rec["train_step"] == f"gdiff.train.{kind}_trainer.build_task"
     assert rec["ms_per_step"] > 0 and rec["img_per_s"] > 0
     assert rec["img_per_s"] == pytest.approx(4 / (rec["ms_per_step"] / 1e3), rel=1e-2)
     assert rec["params"] > 0 and np.isfinite(rec["loss"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import struct
 
-from gdiff import checkpointing, distributed
+from gdiff import distributed
+from gdiff.checkpoints import locate, store
 
 
 @struct.dataclass
@@ -34,7 +35,7 @@ def _state(step: int, value: float) -> _State:
 
 
 def test_training_checkpoint_round_trip_and_retention(tmp_path):
-    manager = checkpointing.CheckpointManager(
+    manager = store.CheckpointManager(
         tmp_path / "checkpoints", max_to_keep=2, config_fingerprint={"model": {"width": 8}}
     )
     for step in (1, 2, 3):
@@ -50,7 +51,7 @@ def test_training_checkpoint_round_trip_and_retention(tmp_path):
 
 
 def test_restore_onto_a_mesh_keeps_the_requested_sharding(tmp_path):
-    manager = checkpointing.CheckpointManager(tmp_path / "c")
+    manager = store.CheckpointManager(tmp_path / "c")
     manager.save(5, _state(5, 1.0))
     manager.wait_until_finished()
     mesh = distributed.data_mesh()
@@ -68,102 +69,100 @@ def test_restore_onto_a_mesh_keeps_the_requested_sharding(tmp_path):
 
 def test_another_config_is_refused_with_the_differing_keys(tmp_path):
     directory = tmp_path / "checkpoints"
-    manager = checkpointing.CheckpointManager(
+    manager = store.CheckpointManager(
         directory, config_fingerprint={"model": {"width": 8, "depth": 2}}
     )
     manager.save(1, _state(1, 1.0))
     manager.close()
     with pytest.raises(ValueError, match=r"model\.width: checkpoint 8 vs this run 16"):
-        checkpointing.CheckpointManager(
-            directory, config_fingerprint={"model": {"width": 16, "depth": 2}}
-        )
+        store.CheckpointManager(directory, config_fingerprint={"model": {"width": 16, "depth": 2}})
     # The refusal happened before anything was written.
-    assert json.loads((directory / checkpointing.CONFIG_FILE).read_text())["model"]["width"] == 8
-    assert checkpointing.CheckpointManager(directory).latest_step() == 1
+    assert json.loads((directory / store.CONFIG_FILE).read_text())["model"]["width"] == 8
+    assert store.CheckpointManager(directory).latest_step() == 1
 
 
 def test_load_params_picks_ema_rates_from_a_workdir(tmp_path):
-    manager = checkpointing.CheckpointManager(tmp_path / "checkpoints")
+    manager = store.CheckpointManager(tmp_path / "checkpoints")
     manager.save(7, _state(7, 10.0))
     manager.close()
-    slowest = checkpointing.load_params(tmp_path)
+    slowest = locate.load_params(tmp_path)
     np.testing.assert_array_equal(slowest["dense"]["kernel"], np.full((3, 2), 11.0))
-    fast = checkpointing.load_params(tmp_path / "checkpoints", ema_rate=0.5)
+    fast = locate.load_params(tmp_path / "checkpoints", ema_rate=0.5)
     np.testing.assert_array_equal(fast["dense"]["kernel"], np.full((3, 2), 12.0))
-    one_step = checkpointing.load_params(tmp_path / "checkpoints" / "7", ema_rate="0.9999")
+    one_step = locate.load_params(tmp_path / "checkpoints" / "7", ema_rate="0.9999")
     np.testing.assert_array_equal(one_step["dense"]["kernel"], np.full((3, 2), 11.0))
     with pytest.raises(KeyError, match="0.25"):
-        checkpointing.load_params(tmp_path, ema_rate=0.25)
+        locate.load_params(tmp_path, ema_rate=0.25)
 
 
 def test_params_checkpoint_is_atomic_and_never_overwritten(tmp_path):
     params = {"conv": {"kernel": np.arange(8.0, dtype=np.float32).reshape(2, 2, 2)}}
     target = tmp_path / "model_params"
-    checkpointing.save_params(target, params, metadata={"source": "test.pt"})
-    assert checkpointing.read_metadata(target) == {"kind": "params", "source": "test.pt"}
+    store.save_params(target, params, metadata={"source": "test.pt"})
+    assert store.read_metadata(target) == {"kind": "params", "source": "test.pt"}
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        checkpointing.save_params(target, {"conv": {"kernel": np.zeros(3)}})
+        store.save_params(target, {"conv": {"kernel": np.zeros(3)}})
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary left behind
-    loaded = checkpointing.load_params(tmp_path)  # found through the workdir layout
+    loaded = locate.load_params(tmp_path)  # found through the workdir layout
     np.testing.assert_array_equal(loaded["conv"]["kernel"], params["conv"]["kernel"])
-    checkpointing.save_params(target, {"conv": {"kernel": np.ones(3)}}, overwrite=True)
-    np.testing.assert_array_equal(checkpointing.load_params(target)["conv"]["kernel"], np.ones(3))
+    store.save_params(target, {"conv": {"kernel": np.ones(3)}}, overwrite=True)
+    np.testing.assert_array_equal(locate.load_params(target)["conv"]["kernel"], np.ones(3))
 
 
 def test_missing_checkpoints_name_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpointing.load_params(tmp_path / "nowhere")
+        locate.load_params(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="classifier_checkpoints"):
-        checkpointing.load_params(tmp_path, kind="classifier")
+        locate.load_params(tmp_path, kind="classifier")
 
 
 def test_locate_finds_params_training_dirs_step_folders_and_workdirs(tmp_path):
     params = tmp_path / "model_params"
     params.mkdir()
-    (params / checkpointing.METADATA_FILE).write_text("{}")
+    (params / store.METADATA_FILE).write_text("{}")
     train = tmp_path / "checkpoints"
     # Orbax writes a step under a temporary name and renames it when complete.
     for name in ("3", "12", "20.orbax-checkpoint-tmp-1"):
         (train / name).mkdir(parents=True)
-    locate, Location = checkpointing.locate, checkpointing.Location
-    assert locate(params) == Location(params, "params", None)
-    assert locate(train) == Location(train, "training", 12)
-    assert locate(train / "3") == Location(train, "training", 3)
+    find, Location = locate.locate, locate.Location
+    assert find(params) == Location(params, "params", None)
+    assert find(train) == Location(train, "training", 12)
+    assert find(train / "3") == Location(train, "training", 3)
     # A workdir: WORKDIR_LAYOUT order, the training directory first.
-    assert locate(tmp_path, "model") == Location(train, "training", 12)
+    assert find(tmp_path, "model") == Location(train, "training", 12)
     for name in ("3", "12"):
         (train / name).rmdir()
-    assert locate(tmp_path, "model") == Location(params, "params", None)
+    assert find(tmp_path, "model") == Location(params, "params", None)
 
 
 def test_locate_names_what_it_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpointing.locate(tmp_path / "nowhere")
+        locate.locate(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*expected a parameter"):
-        checkpointing.locate(tmp_path)  # a workdir is looked into only for a kind
+        locate.locate(tmp_path)  # a workdir is looked into only for a kind
     train = tmp_path / "classifier_checkpoints"
     (train / "5.orbax-checkpoint-tmp-9").mkdir(parents=True)
-    (train / checkpointing.CONFIG_FILE).write_text("{}")
+    (train / store.CONFIG_FILE).write_text("{}")
     with pytest.raises(FileNotFoundError, match="training checkpoint directory with no finished"):
-        checkpointing.locate(train)
+        locate.locate(train)
     with pytest.raises(
         FileNotFoundError,
         match=r"no classifier checkpoint .* classifier_params \(.*classifier_checkpoints is a "
         "training checkpoint directory with no finished step yet\\)",
     ):
-        checkpointing.locate(tmp_path, "classifier")
+        locate.locate(tmp_path, "classifier")
     with pytest.raises(ValueError, match="kind must be one of"):
-        checkpointing.locate(tmp_path, "vae")
+        locate.locate(tmp_path, "vae")
 
 
 def test_load_params_takes_a_location(tmp_path):
-    manager = checkpointing.CheckpointManager(tmp_path / "c", max_to_keep=2)
+    manager = store.CheckpointManager(tmp_path / "c", max_to_keep=2)
     for step in (1, 2):
         manager.save(step, _state(step, float(step)))
     manager.close()
-    older = checkpointing.locate(tmp_path / "c" / "1")
-    params = checkpointing.load_params(older, ema_rate=0.5)
+    older = locate.locate(tmp_path / "c" / "1")
+    params = locate.load_params(older, ema_rate=0.5)
     np.testing.assert_array_equal(params["dense"]["kernel"], np.full((3, 2), 3.0))
 
 

@@ -70,8 +70,9 @@ def test_float16_checkpoint_is_cast_to_float32():
 
 def test_convert_mode_writes_a_loadable_parameter_checkpoint(tmp_path):
     from configs import common
-    from gdiff import checkpointing
-    from gdiff.compat import convert_checkpoint, flags
+    from gdiff.checkpoints import locate, store
+    from gdiff.compat import flags
+    from gdiff.jobs import convert as convert_checkpoint
 
     cfg, sd = _legacy()
     config = common.get_config()
@@ -79,16 +80,16 @@ def test_convert_mode_writes_a_loadable_parameter_checkpoint(tmp_path):
     config.torch_checkpoint = str(fixture_path("unet_small_legacy.pt"))
     out = convert_checkpoint.run(config, tmp_path)
     assert out == tmp_path / "model_params"
-    params = checkpointing.load_params(out)
+    params = locate.load_params(out)
     np.testing.assert_array_equal(
         np.asarray(params["input_blocks_0_0"]["kernel"]),
         sd["input_blocks.0.0.weight"].transpose(2, 3, 1, 0),
     )
-    assert checkpointing.read_metadata(out)["num_params"] == sum(v.size for v in sd.values())
+    assert store.read_metadata(out)["num_params"] == sum(v.size for v in sd.values())
     # A second conversion refuses to replace the finished one, naming the flag that allows it.
-    stamp = (out / checkpointing.METADATA_FILE).stat().st_mtime_ns
+    stamp = (out / store.METADATA_FILE).stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="--config.convert_overwrite=true"):
         convert_checkpoint.run(config, tmp_path)
-    assert (out / checkpointing.METADATA_FILE).stat().st_mtime_ns == stamp
+    assert (out / store.METADATA_FILE).stat().st_mtime_ns == stamp
     config.convert_overwrite = True
     assert convert_checkpoint.run(config, tmp_path) == out

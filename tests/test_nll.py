@@ -16,10 +16,11 @@ import pytest
 from conftest import load_fixture, nchw_to_nhwc, perturbed, rel_l2
 
 from configs import tiny
-from gdiff import checkpointing, cli, factory
+from gdiff import cli, factory
 from gdiff import diffusion as gdd
+from gdiff.checkpoints import locate, store
 from gdiff.data import digits
-from gdiff.evaluation import nll
+from gdiff.jobs import nll
 from gdiff.sampling import sampler as sampler_lib
 
 N = 12  # two global batches of 8 (one example per device), the last one trimmed
@@ -34,7 +35,7 @@ def params_dir(tmp_path_factory):
     config = tiny.get_config()
     variables = factory.init_variables(factory.build_model(config), jax.random.key(0))
     path = tmp_path_factory.mktemp("nll") / "model_params"
-    return checkpointing.save_params(path, perturbed(variables, seed=1)["params"])
+    return store.save_params(path, perturbed(variables, seed=1)["params"])
 
 
 def _config(params_dir, out, **flag_overrides):
@@ -61,7 +62,7 @@ def _direct(config, params_dir):
     labels = jnp.asarray([y for _, y in loaded], jnp.int32)
     diffusion = factory.build_diffusion(config)
     model = factory.build_model(config)
-    variables = {"params": checkpointing.load_params(params_dir)}
+    variables = {"params": locate.load_params(params_dir)}
     keys = sampler_lib.example_keys(jax.random.key(config.seed), jnp.arange(N, dtype=jnp.int32))
     T = diffusion.num_timesteps
     noise = jnp.stack([sampler_lib.step_noise(keys, T - 1 - k, images.shape[1:]) for k in range(T)])

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from configs import digits as digits_config
-from gdiff import checkpointing
+from gdiff.checkpoints import locate, store
 from gdiff.evaluation import report
-from gdiff.pipeline import digits
+from gdiff.jobs import digits
 
 
 def tiny_config():
@@ -110,12 +110,12 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     assert np.bincount(labels[0], minlength=10).tolist() == [2] * 10
     # Each model trained in its own workdir.
     for model in ("conditional", "unconditional"):
-        assert checkpointing.locate(workdir / model, "model").step == 3
+        assert locate.locate(workdir / model, "model").step == 3
 
 
 def test_real_digit_row_was_never_shown_to_the_evaluation_network(pipeline_run):
     workdir, first = pipeline_run
-    meta = checkpointing.read_metadata(workdir / digits.EVAL_CLASSIFIER_DIR)
+    meta = store.read_metadata(workdir / digits.EVAL_CLASSIFIER_DIR)
     held_back = np.asarray(meta["held_back"])
     _, labels = digits.real_digits("train", 8)
     # As many as samples per scale, balanced like the samples, all distinct training indices.

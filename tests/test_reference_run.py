@@ -10,8 +10,10 @@ import pytest
 from conftest import fixture_path, load_fixture
 
 from configs import common
-from gdiff import checkpointing, distributed
-from gdiff.compat import flags, openai, reference_run, torch_checkpoint
+from gdiff import distributed, errors
+from gdiff.checkpoints import locate, torch_file
+from gdiff.compat import flags, openai, reference_run
+from gdiff.jobs import train as train_job
 from gdiff.train import diffusion_trainer
 
 RUN = "training_run"
@@ -30,14 +32,14 @@ def test_locate_finds_the_run_from_its_model_file_or_folder(run_dir):
     model = _model_file(run_dir)
     step = int(model.stem.removeprefix("model"))
     for path in (run_dir, model):
-        loc = checkpointing.locate(path)
+        loc = locate.locate(path)
         assert (loc.format, loc.path, loc.step) == ("reference_run", run_dir, step)
-    run = reference_run.find_run(checkpointing.locate(run_dir))
+    run = reference_run.find_run(locate.locate(run_dir))
     assert run.model == model and run.opt == run_dir / f"opt{step:06d}.pt"
     assert run.ema and all(p.name.endswith(f"_{step:06d}.pt") for p in run.ema.values())
     # Sampling cannot use the run as it is: the message says what to do instead.
     with pytest.raises(ValueError, match="--mode=convert.*train.resume_checkpoint"):
-        checkpointing.load_params(run_dir)
+        locate.load_params(run_dir)
 
 
 def _as_fp16_layout(opt: dict, shapes: list[tuple]) -> dict:
@@ -56,10 +58,10 @@ def _as_fp16_layout(opt: dict, shapes: list[tuple]) -> dict:
 
 
 def test_adam_state_in_parameter_order_and_in_the_fp16_layout(run_dir):
-    run = reference_run.find_run(checkpointing.locate(run_dir))
-    sd = torch_checkpoint.load_torch_state_dict(run.model)
+    run = reference_run.find_run(locate.locate(run_dir))
+    sd = torch_file.load_torch_state_dict(run.model)
     shapes = {k: v.shape for k, v in sd.items()}
-    opt = torch_checkpoint.load_torch_file(run.opt)
+    opt = torch_file.load_torch_file(run.opt)
     step, mu, nu = reference_run.adam_moments(opt, shapes, "opt")
     assert step == run.step and list(mu) == list(sd)
     first = next(iter(sd))
@@ -99,19 +101,22 @@ def test_train_resume_checkpoint_continues_the_run(run_dir, tmp_path):
     step = int(model.stem.removeprefix("model"))
     mesh = distributed.data_mesh(jax.devices()[:1])
     config = _config(cfg, str(model), step + 1)
-    result = diffusion_trainer.train(config, str(tmp_path / "a"), mesh=mesh)
+    # The trainer alone (the library) reads no foreign format: the job hands the importer down.
+    with pytest.raises(errors.ConfigError, match="is a reference .PyTorch. training run"):
+        diffusion_trainer.train(config, str(tmp_path / "lib"), mesh=mesh)
+    result = train_job.train(config, str(tmp_path / "a"), mesh=mesh)
     assert result["start_step"] == step
     assert [h["step"] for h in result["history"]] == [step + 1]
     assert np.isfinite(result["history"][0]["loss"])
     assert int(result["state"].step) == step + 1
     assert list(result["state"].ema_params) == [config.train.ema_rates]
     # Now a gdiff training checkpoint: the next run resumes from it, not from the reference.
-    ckpt = checkpointing.locate(tmp_path / "a", "model")
+    ckpt = locate.locate(tmp_path / "a", "model")
     assert (ckpt.format, ckpt.step) == ("training", step + 1)
 
     # Another architecture: every mismatched layer is named before anything is trained.
     config = _config(cfg, str(run_dir), step + 1)
     config.model.num_channels = 2 * config.model.num_channels
     with pytest.raises(ValueError, match="does not match this config's network") as err:
-        diffusion_trainer.train(config, str(tmp_path / "b"), mesh=mesh)
+        train_job.train(config, str(tmp_path / "b"), mesh=mesh)
     assert "mis-shaped" in str(err.value) and "input_blocks.0.0.weight" in str(err.value)

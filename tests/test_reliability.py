@@ -21,10 +21,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from gdiff import checkpointing, errors, workdir_lock
-from gdiff.evaluation import nll
-from gdiff.sampling import run as sample_run
-from gdiff.sampling import shards
+from gdiff import errors, workdir_lock
+from gdiff.checkpoints import store
+from gdiff.engine import manifest as manifest_lib
+from gdiff.jobs import nll
+from gdiff.jobs import sample as sample_run
+from gdiff.sampling import sample_files
 from gdiff.train import diffusion_trainer, loop_utils
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def _kill_after_first_batch(batch):
 
 
 def _merged(config):
-    images, labels = shards.read_sample_file(sample_run.run(config, "unused")[0.0])
+    images, labels = sample_files.read_sample_file(sample_run.run(config, "unused")[0.0])
     return images, labels
 
 
@@ -126,9 +128,9 @@ def test_a_resumed_sampling_run_refuses_weights_trained_further(workdir):
     assert not np.array_equal(restarted[0], finished[0])
     aside = [p for p in workdir.iterdir() if p.name.startswith("samples.replaced-")]
     assert len(aside) == 1
-    kept, _ = shards.read_sample_file(aside[0] / "scale_0" / "samples_10x8x8x3.npz")
+    kept, _ = sample_files.read_sample_file(aside[0] / "scale_0" / "samples_10x8x8x3.npz")
     np.testing.assert_array_equal(kept, finished[0])
-    manifest = json.loads((out / shards.RUN_FILE).read_text())
+    manifest = json.loads((out / manifest_lib.RUN_FILE).read_text())
     assert manifest["model_weights"]["step"] == 6
 
 
@@ -148,14 +150,14 @@ def test_a_finished_run_is_not_reported_for_other_settings(workdir):
         sample_run.run(other, str(workdir))
 
     # Even with run.json gone, the merged file's run digest no longer matches: not reused.
-    (workdir / "samples" / shards.RUN_FILE).unlink()
+    (workdir / "samples" / manifest_lib.RUN_FILE).unlink()
     with pytest.raises(errors.ConfigMismatchError, match="merged from another run"):
         sample_run.run(other, str(workdir))
     assert merged.stat().st_mtime_ns == stamp
-    np.testing.assert_array_equal(shards.read_sample_file(merged)[0], images)
+    np.testing.assert_array_equal(sample_files.read_sample_file(merged)[0], images)
 
     # ... and a shard drawn under the first settings is never merged into the second run.
-    (workdir / "samples" / shards.RUN_FILE).unlink()
+    (workdir / "samples" / manifest_lib.RUN_FILE).unlink()
     merged.unlink()
     with pytest.raises(errors.ConfigMismatchError, match="shard_0_0.npz was drawn under another"):
         sample_run.run(other, str(workdir))
@@ -220,7 +222,7 @@ def test_a_corrupt_newest_step_falls_back_to_the_newest_intact_one(workdir, capl
     )
     # Kept for inspection, out of the way of the step the resumed run saved again.
     assert (ckpt / "unrestorable_step_4").is_dir()
-    assert checkpointing.CheckpointManager(ckpt).all_steps() == [4, 6]
+    assert store.CheckpointManager(ckpt).all_steps() == [4, 6]
 
 
 def test_no_intact_step_ends_in_one_line_naming_each_step(workdir):
@@ -238,7 +240,7 @@ def test_no_intact_step_ends_in_one_line_naming_each_step(workdir):
 
 
 def test_a_changed_structure_is_a_config_mismatch_not_a_fallback(tmp_path):
-    manager = checkpointing.CheckpointManager(tmp_path / "c")
+    manager = store.CheckpointManager(tmp_path / "c")
     for step in (1, 2):
         manager.save(step, {"w": np.ones((2, 3), np.float32)})
     manager.wait_until_finished()
@@ -333,7 +335,7 @@ def test_a_second_trainer_is_refused_and_a_sigkilled_one_leaves_a_stale_lock(tmp
     assert lock.exists()  # SIGKILL runs no cleanup
 
     logged = [r["step"] for r in loop_utils.read_metrics(workdir, "metrics_diffusion.jsonl")]
-    saved = checkpointing.CheckpointManager(workdir / "checkpoints").latest_step()
+    saved = store.CheckpointManager(workdir / "checkpoints").latest_step()
     assert saved is not None and logged[-1] >= saved
     end = logged[-1] + 2
     resumed = diffusion_trainer.train(_train_config(num_steps=end), str(workdir))

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import perturbed
 
-from gdiff import distributed
+from gdiff import atomic, distributed
 from gdiff.diffusion import create_gaussian_diffusion
 from gdiff.diffusion import guidance as guidance_lib
+from gdiff.engine import runs
 from gdiff.models import EncoderUNetModel, UNetModel
-from gdiff.sampling import grid, labels, sampler, shards
+from gdiff.sampling import grid, labels, sample_files, sampler
 
 SIZE, CLASSES = 8, 3
 
@@ -228,21 +229,29 @@ def test_shards_atomic_merge_and_grid(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     labs = np.array([0, 1, 2, 0, 1])
-    shards.write_sample_file(shards.shard_path(tmp_path, 1.0, 0, 0), imgs[:3], labs[:3])
-    shards.write_sample_file(shards.shard_path(tmp_path, 1.0, 1, 0), imgs[3:4], labs[3:4])
-    shards.write_sample_file(shards.shard_path(tmp_path, 1.0, 0, 1), imgs[4:], labs[4:])
-    d = shards.scale_dir(tmp_path, 1.0)
+    # The run engine's shards of one part (a scale's folder), gathered in (batch, process) order.
+    layout = runs.Layout(out=tmp_path, parts=("scale_1",), num_batches=2, process_count=2)
+
+    def write(process, batch, rows):
+        arrays = sample_files.sample_arrays(imgs[rows], labs[rows])
+        atomic.savez(layout.shard("scale_1", batch, process), **arrays)
+
+    write(0, 0, slice(0, 3))
+    write(1, 0, slice(3, 4))
+    write(0, 1, slice(4, 5))
+    d = tmp_path / "scale_1"
     assert not [p for p in d.iterdir() if "tmp" in p.name]
     with pytest.raises(FileNotFoundError, match="shard_1_1.npz is missing"):
-        shards.merge_shards(d, 5, d / "m.npz", num_batches=2, num_processes=2)
-    shards.write_sample_file(shards.shard_path(tmp_path, 1.0, 1, 1), imgs[:0], labs[:0])
-    out = shards.merge_shards(d, 5, d / "m.npz", num_batches=2, num_processes=2)
+        runs.gather(layout, "scale_1", None)
+    write(1, 1, slice(0, 0))
+    merged = runs.gather(layout, "scale_1", None)
+    out = sample_files.write_sample_file(d / "m.npz", merged["arr_0"], merged["arr_1"])
     with np.load(out) as z:
         assert z["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(z["arr_0"], imgs)
         np.testing.assert_array_equal(z["arr_1"], labs)
     with pytest.raises(ValueError, match="uint8"):
-        shards.write_sample_file(d / "bad.npz", imgs.astype(np.float32), None)
+        sample_files.write_sample_file(d / "bad.npz", imgs.astype(np.float32), None)
     g = grid.class_grid(imgs, labs, per_class=2)
     assert g.shape == (3 * 6 + 2, 2 * 6 + 2, 3)  # rows = the 3 classes, 2 per row, 2px padding
     np.testing.assert_array_equal(g[2:6, 2:6], imgs[0])  # class 0, first sample

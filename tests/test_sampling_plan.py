@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_config
-from gdiff import checkpointing
+from gdiff.checkpoints import locate, store
 from gdiff.sampling import plan as plan_lib
 
 ONE_HOST = plan_lib.Topology(num_devices=8, local_devices=8)
@@ -19,7 +19,7 @@ SECOND_HOST = plan_lib.Topology(num_devices=8, local_devices=4, process_index=1,
 def _params_dir(path):
     """A stand-in `save_params` checkpoint: `locate` needs only its metadata file."""
     path.mkdir(parents=True)
-    (path / checkpointing.METADATA_FILE).write_text("{}")
+    (path / store.METADATA_FILE).write_text("{}")
     return path
 
 
@@ -80,8 +80,8 @@ def test_outputs_manifest_and_checkpoints(workdir):
         2.0: workdir / "samples" / "scale_2" / "samples_10x8x8x3.npz",
     }
     assert plan.image_shape == (8, 8, 3) and plan.by_class
-    assert plan.model == checkpointing.Location(workdir / "model_params", "params", None)
-    assert plan.classifier == checkpointing.Location(workdir / "cls", "params", None)
+    assert plan.model == locate.Location(workdir / "model_params", "params", None)
+    assert plan.classifier == locate.Location(workdir / "cls", "params", None)
     m = plan.manifest
     assert m["model_checkpoint"] == str(workdir) and m["classifier_checkpoint"] == str(
         workdir / "cls"
@@ -101,9 +101,7 @@ def test_outputs_manifest_and_checkpoints(workdir):
     for step in ("20", "40", "60.orbax-checkpoint-tmp-3"):
         (workdir / "classifier_checkpoints" / step).mkdir(parents=True)
     plan = plan_lib.make_plan(_config(workdir, classifier_checkpoint=""), str(workdir), ONE_HOST)
-    assert plan.classifier == checkpointing.Location(
-        workdir / "classifier_checkpoints", "training", 40
-    )
+    assert plan.classifier == locate.Location(workdir / "classifier_checkpoints", "training", 40)
     assert plan.manifest["classifier_checkpoint"] == str(workdir)
 
 

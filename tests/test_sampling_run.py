@@ -8,9 +8,11 @@ import pytest
 from conftest import perturbed
 
 from configs import tiny as tiny_config
-from gdiff import checkpointing, distributed, factory
-from gdiff.sampling import run as sample_run
-from gdiff.sampling import shards
+from gdiff import distributed, factory
+from gdiff.checkpoints import store
+from gdiff.jobs import sample as sample_run
+from gdiff.sampling import plan as plan_lib
+from gdiff.sampling import sample_files
 
 N = 10  # not a multiple of the 8-example global batch: the last batch is trimmed
 
@@ -26,15 +28,15 @@ def _tiny():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Random tiny model and classifier saved as inference checkpoints (what --mode=convert or
-    training leaves), loaded back by run() through checkpointing.load_params."""
+    training leaves), loaded back by run() through gdiff.checkpoints.locate.load_params."""
     root = tmp_path_factory.mktemp("ckpts")
     config = _tiny()
     # Perturbed: a fresh network's zero-initialised output layers would ignore the inputs.
     model_vars = perturbed(factory.init_variables(factory.build_model(config), jax.random.key(0)))
     cls_vars = factory.init_variables(factory.build_classifier(config), jax.random.key(1))
     cls_vars = perturbed(cls_vars, seed=1, scale=0.2)  # sharp logits: visible guidance
-    checkpointing.save_params(root / "model", model_vars["params"], metadata={"kind": "model"})
-    checkpointing.save_params(root / "cls", cls_vars["params"], metadata={"kind": "classifier"})
+    store.save_params(root / "model", model_vars["params"], metadata={"kind": "model"})
+    store.save_params(root / "cls", cls_vars["params"], metadata={"kind": "classifier"})
     return root
 
 
@@ -78,7 +80,7 @@ def test_run_files_resume_and_devices(ckpts, tmp_path):
             "shard_0_0.npz",
             "shard_0_1.npz",
         ]
-    ref = {s: shards.read_sample_file(p)[0] for s, p in ref_paths.items()}
+    ref = {s: sample_files.read_sample_file(p)[0] for s, p in ref_paths.items()}
     assert np.abs(ref[2.0].astype(int) - ref[0.0]).mean() > 0.5  # guidance did something
 
     # 8 devices, killed after the first batch, then resumed.
@@ -92,8 +94,8 @@ def test_run_files_resume_and_devices(ckpts, tmp_path):
 
     with pytest.raises(Killed):
         sample_run.run(config, str(tmp_path), on_batch_done=die)
-    first = shards.shard_path(tmp_path / "eight", 2.0, 0, 0)
-    assert first.exists() and not shards.shard_path(tmp_path / "eight", 2.0, 0, 1).exists()
+    first = plan_lib.scale_dir(tmp_path / "eight", 2.0) / "shard_0_0.npz"
+    assert first.exists() and not (first.parent / "shard_0_1.npz").exists()
     with np.load(first) as z:
         assert z["arr_0"].shape == (8, 8, 8, 3)
     before = _stat(first)
@@ -102,7 +104,7 @@ def test_run_files_resume_and_devices(ckpts, tmp_path):
     assert done == [1]  # only the missing batch was sampled
     assert _stat(first) == before  # a finished shard is never rewritten
     for scale, path in paths.items():
-        images, labels = shards.read_sample_file(path)
+        images, labels = sample_files.read_sample_file(path)
         # Same samples as the uninterrupted one-device run (per-example noise, same seed).
         np.testing.assert_array_equal(images, ref[scale])
         np.testing.assert_array_equal(labels, np.arange(N) % 10)
@@ -145,7 +147,7 @@ def test_bad_input_messages(ckpts, tmp_path):
     with pytest.raises(ValueError, match="sample.base_samples is empty"):
         sample_run.run(config, str(tmp_path))
     np.savez(base, arr_0=np.full((3, 4, 4, 3), 255, np.uint8))
-    low, labels = sample_run.load_base_samples(str(base), 4)
+    low, labels = plan_lib.load_base_samples(str(base), 4)
     assert labels is None and low.dtype == np.float32 and np.all(low == 1.0)
     config.sample.base_samples = str(base)
     with pytest.raises(ValueError, match="no labels"):
@@ -172,7 +174,7 @@ def test_super_resolution_end_to_end_routes_each_base_image(tmp_path):
     config = _super_res_config(tmp_path / "sr", tmp_path / "out_a", tmp_path / "a.npz")
     module = factory.build_model(config)
     variables = perturbed(factory.init_variables(module, jax.random.key(3)), seed=3)
-    checkpointing.save_params(tmp_path / "sr", variables["params"], metadata={"kind": "model"})
+    store.save_params(tmp_path / "sr", variables["params"], metadata={"kind": "model"})
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
@@ -185,8 +187,8 @@ def test_super_resolution_end_to_end_routes_each_base_image(tmp_path):
     path_a = sample_run.run(config, str(tmp_path))[0.0]
     config_b = _super_res_config(tmp_path / "sr", tmp_path / "out_b", tmp_path / "b.npz")
     path_b = sample_run.run(config_b, str(tmp_path))[0.0]
-    images_a, labels_a = shards.read_sample_file(path_a)
-    images_b, labels_b = shards.read_sample_file(path_b)
+    images_a, labels_a = sample_files.read_sample_file(path_a)
+    images_b, labels_b = sample_files.read_sample_file(path_b)
     assert images_a.shape == (7, 8, 8, 3) and images_a.dtype == np.uint8
     # Labels follow the base samples (the reference's super_res_sample.py cycles them).
     np.testing.assert_array_equal(labels_a, labels[np.arange(7) % 3])

@@ -10,9 +10,10 @@ import pytest
 from configs import tiny as tiny_config
 from configs.ablations import table4
 from configs.released import imagenet256, imagenet256_uncond
-from gdiff import checkpointing, distributed, factory
+from gdiff import distributed, factory
+from gdiff.checkpoints import store
 from gdiff.evaluation import ClassifierExtractor, SmallClassifier, evaluator, metrics, report
-from gdiff.sampling import sweep
+from gdiff.jobs import sweep
 
 
 def _config(tmp_path):
@@ -55,9 +56,9 @@ def workdir(tmp_path_factory):
     for name, class_cond in (("conditional", True), ("unconditional", False)):
         config.model.class_cond = class_cond
         variables = factory.init_variables(factory.build_model(config), jax.random.key(0))
-        checkpointing.save_params(root / name / "model_params", variables["params"], metadata={})
+        store.save_params(root / name / "model_params", variables["params"], metadata={})
     cls_vars = factory.init_variables(factory.build_classifier(config), jax.random.key(1))
-    checkpointing.save_params(root / "classifier_params", cls_vars["params"], metadata={})
+    store.save_params(root / "classifier_params", cls_vars["params"], metadata={})
     return root
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import fixture_path, load_fixture
 
-from gdiff.compat.torch_checkpoint import load_torch_state_dict
+from gdiff.checkpoints.torch_file import load_torch_state_dict
 
 
 def test_released_format_file_equals_fixture_bit_for_bit():

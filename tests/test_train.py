@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from gdiff import checkpointing, distributed
+from gdiff import distributed
+from gdiff.checkpoints import locate, store
 from gdiff.data import pipeline
+from gdiff.jobs import sample as sampling_run
 from gdiff.sampling import grid as grid_lib
-from gdiff.sampling import run as sampling_run
-from gdiff.sampling import shards
+from gdiff.sampling import sample_files
 from gdiff.train import diffusion_trainer, loop_utils
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_training_lowers_the_loss_and_keeps_ema(reference):
     d99 = sum(float(np.abs(a - b).sum()) for a, b in zip(p, e99, strict=True))
     assert d90 < d99
     # Inference loading picks the slowest EMA from the training workdir.
-    loaded = checkpointing.load_params(workdir)
+    loaded = locate.load_params(workdir)
     for a, b in zip(jax.tree.leaves(loaded), e99, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -87,7 +88,7 @@ def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
 def test_stop_and_resume_continues_exactly(reference, tmp_path):
     _, result = reference
     first = diffusion_trainer.train(_config(), str(tmp_path), stop_at_step=8)
-    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").latest_step() == 8
+    assert store.CheckpointManager(tmp_path / "checkpoints").latest_step() == 8
     second = diffusion_trainer.train(_config(), str(tmp_path))
     assert second["start_step"] == 8
     assert [h["step"] for h in second["history"]] == list(range(9, STEPS + 1))
@@ -103,7 +104,7 @@ def test_stop_and_resume_continues_exactly(reference, tmp_path):
 def test_save_every_zero_saves_only_the_last_step(tmp_path):
     # 0 means "off" for save_every as for sample_every and eval_every (it used to save every step).
     diffusion_trainer.train(_config(save_every=0), str(tmp_path), stop_at_step=5)
-    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [5]
+    assert store.CheckpointManager(tmp_path / "checkpoints").all_steps() == [5]
 
 
 def test_sigterm_saves_and_the_resumed_run_matches(reference, tmp_path):
@@ -139,7 +140,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(reference, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "STOPPED_EARLY True" in out
-    k = checkpointing.CheckpointManager(tmp_path / "checkpoints").latest_step()
+    k = store.CheckpointManager(tmp_path / "checkpoints").latest_step()
     logged = [r["step"] for r in loop_utils.read_metrics(tmp_path, "metrics_diffusion.jsonl")]
     assert k == logged[-1] and 3 <= k < STEPS - 2, (k, logged)
     resumed = diffusion_trainer.train(_config(num_steps=k + 2), str(tmp_path))
@@ -184,7 +185,7 @@ def test_nan_steps_are_skipped_then_a_persistent_nan_stops(reference, tmp_path, 
     with pytest.raises(FloatingPointError, match="non-finite for 3 consecutive steps"):
         diffusion_trainer.train(config, str(tmp_path))
     assert sorted(str(p) for p in ckpt.rglob("*")) == before
-    assert checkpointing.CheckpointManager(ckpt).latest_step() == 5
+    assert store.CheckpointManager(ckpt).latest_step() == 5
 
 
 def test_no_checkpoint_is_saved_inside_a_non_finite_streak(tmp_path, monkeypatch):
@@ -192,7 +193,7 @@ def test_no_checkpoint_is_saved_inside_a_non_finite_streak(tmp_path, monkeypatch
     # rerun resumes from step 2 (it used to resume from the poisoned step 3).
     _poison(monkeypatch, {2})
     diffusion_trainer.train(_config(save_every=1), str(tmp_path), stop_at_step=3)
-    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1, 2]
+    assert store.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1, 2]
 
 
 def test_resume_after_a_kill_leaves_one_metrics_row_per_step(tmp_path):
@@ -251,7 +252,7 @@ def test_training_preview_draws_what_mode_sample_draws(tmp_path):
     config.sample.labels = "balanced"
     config.sample.classifier_scale = "0"
     paths = sampling_run.run(config, str(tmp_path))
-    images, labels = shards.read_sample_file(paths[0.0])
+    images, labels = sample_files.read_sample_file(paths[0.0])
     np.testing.assert_array_equal(labels, np.arange(16) % 10)
     np.testing.assert_array_equal(preview, grid_lib.make_grid(images, 4, pad=1, fill=0))
     assert images.std() > 0
@@ -265,7 +266,7 @@ def test_resume_checkpoint_starts_from_a_step_folder_and_refuses_parameters(refe
     assert second["start_step"] == 8
     np.testing.assert_array_equal(_losses(second), _losses(result)[8:])
     # Inference weights carry no optimiser state or step: not something training can resume.
-    checkpointing.save_params(tmp_path / "params", second["state"].params)
+    store.save_params(tmp_path / "params", second["state"].params)
     config = _config(resume_checkpoint=str(tmp_path / "params"))
     with pytest.raises(ValueError, match="parameter checkpoint .* not a resumable training state"):
         diffusion_trainer.train(config, str(tmp_path / "third"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gdiff import checkpointing
+from gdiff.checkpoints import locate
 from gdiff.train import classifier_trainer, loop_utils
 
 
@@ -46,7 +46,7 @@ def test_classifier_beats_chance_on_held_out_digits(trained):
 def test_classifier_checkpoint_has_no_ema_and_loads_for_guidance(trained):
     workdir, result = trained
     assert result["state"].ema_params == {}
-    params = checkpointing.load_params(workdir, kind="classifier")
+    params = locate.load_params(workdir, kind="classifier")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result["state"].params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gdiff import checkpointing, distributed
+from gdiff import distributed
+from gdiff.checkpoints import store
 from gdiff.data import pipeline
 from gdiff.train import classifier_trainer, diffusion_trainer, loop_utils
 from gdiff.train import task as task_lib
@@ -139,7 +140,7 @@ def test_a_streak_found_at_the_row_stops_at_its_step_and_is_never_saved(
     skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
     assert [msg.split(":")[0] for msg in skipped] == [f"diffusion step {s}" for s in (2, 3, 4)]
     # Only the clean step 1 was saved: the loop checks the state's streak before every save.
-    assert checkpointing.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1]
+    assert store.CheckpointManager(tmp_path / "checkpoints").all_steps() == [1]
 
 
 def test_classifier_evaluation_reads_all_its_batches_in_one_transfer(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import pytest
 from configs import tiny
 from gdiff import factory
 from gdiff.data import digits
+from gdiff.jobs import sample as sampling_run
 from gdiff.models import layers
-from gdiff.sampling import run as sampling_run
-from gdiff.sampling import shards
+from gdiff.sampling import sample_files
 from gdiff.train import diffusion_trainer
 
 SMALL = 4
@@ -73,7 +73,7 @@ def test_super_res_trains_previews_and_samples(tmp_path):
     assert (tmp_path / "samples_train" / f"step_{STEPS:07d}.png").exists()
 
     paths = sampling_run.run(config, str(tmp_path))
-    images, got_labels = shards.read_sample_file(paths[0.0])
+    images, got_labels = sample_files.read_sample_file(paths[0.0])
     assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(got_labels, labels[np.arange(6) % 3])
 

@@ -24,7 +24,8 @@ import pytest
 from conftest import fixture_path, load_fixture, nchw_to_nhwc, rel_l2
 
 from configs import common
-from gdiff import checkpointing, factory
+from gdiff import factory
+from gdiff.checkpoints import locate
 from gdiff.compat import convert, openai, reference_run
 from gdiff.diffusion import timestep_sampler
 from gdiff.models import layers
@@ -259,7 +260,7 @@ def test_a_resumed_reference_run_takes_the_reference_step(golden):
     continues with exactly the step the reference's resumed run took."""
     z, cfg = golden
     config, model, diffusion, sampler = _parts(cfg, "unet")
-    location = checkpointing.locate(str(fixture_path("training_run")))
+    location = locate.locate(str(fixture_path("training_run")))
     assert location.format == "reference_run"
     tx = optim.create_optimizer(config.optim)
     rates = state_lib.parse_ema_rates(config.train.ema_rates)

@@ -36,8 +36,11 @@ def apply_flags(config: ml_collections.ConfigDict, flags: str, script: str | Non
         logging.info("reference flag %s", line)
 
 
-def base_config(*, data_name: str, num_classes: int = 1000) -> ml_collections.ConfigDict:
-    """common.get_config() with ImageNet/LSUN-scale data, model and classifier defaults."""
+def base_config(
+    *, data_name: str, num_classes: int = ref_flags.NUM_CLASSES
+) -> ml_collections.ConfigDict:
+    """common.get_config() with ImageNet/LSUN-scale data (default: the reference's ImageNet
+    classes) and the reference's classifier defaults."""
     config = common.get_config()
     config.data.source = "tfds"
     config.data.name = data_name
@@ -46,9 +49,6 @@ def base_config(*, data_name: str, num_classes: int = 1000) -> ml_collections.Co
     defaults = ref_flags.classifier_defaults()
     del defaults["image_size"]
     config.classifier.update(ref_flags.to_config(defaults)["classifier"])
-    config.sample.classifier_scale = "0"
-    config.optim.weight_decay = 0.0
-    config.train.ema_rates = "0.9999"
     return config
 
 

@@ -22,7 +22,7 @@ CHECKPOINT = ref_released.CHECKPOINTS["imagenet512"]
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = released.base_config(data_name="imagenet2012", num_classes=1000)
+    config = released.base_config(data_name="imagenet2012")
     config.torch_checkpoint = f"models/{CHECKPOINT.file}"
     released.apply_flags(config, CHECKPOINT.all_flags)
     # Training hyperparameters of the paper's appendix table for this model.

@@ -474,15 +474,23 @@ _PATH_FLAGS = frozenset(
 )
 
 
+# The number of classes the reference hard-codes (its script_util.NUM_CLASSES, ImageNet's): the
+# label count of every released network. A gdiff config takes its data's (data.num_classes).
+NUM_CLASSES = 1000
+# Channels per attention head of the reference's classifier, which its `create_classifier` fixes
+# (no flag sets it). Declared here once: configs/common.py's classifier.num_head_channels, the
+# adapter (gdiff.compat.openai) and the benchmarks read it.
+CLASSIFIER_HEAD_CHANNELS = 64
 # What a script's networks fix without a flag (with_defaults writes it): the super-resolution
 # model's and the classifier's channel multipliers come from the image size (gdiff's () = the
-# reference's table), and the classifier's attention heads have 64 channels.
-_CLASSIFIER_FIXED = {"classifier": {"channel_mult": (), "num_head_channels": 64}}
+# reference's table), and the classifier's attention heads have CLASSIFIER_HEAD_CHANNELS channels.
+SUPER_RES_FIXED = {"channel_mult": ()}
+CLASSIFIER_FIXED = {"channel_mult": (), "num_head_channels": CLASSIFIER_HEAD_CHANNELS}
 _FIXED_BY_SCRIPT = {
-    "super_res_train": {"model": {"channel_mult": ()}},
-    "super_res_sample": {"model": {"channel_mult": ()}},
-    "classifier_train": _CLASSIFIER_FIXED,
-    "classifier_sample": _CLASSIFIER_FIXED,
+    "super_res_train": {"model": SUPER_RES_FIXED},
+    "super_res_sample": {"model": SUPER_RES_FIXED},
+    "classifier_train": {"classifier": CLASSIFIER_FIXED},
+    "classifier_sample": {"classifier": CLASSIFIER_FIXED},
 }
 
 
@@ -521,26 +529,32 @@ def write_flags(
     return notes(kwargs, script)
 
 
-# The keys of the groups a sampling run is built from that no reference flag sets, at the values
-# configs/common.py gives them (tests/test_released_configs.py checks that both agree), plus what
-# the reference's networks fix without a flag (`_FIXED_BY_SCRIPT`): the groups of a reference run
-# as plain dicts, for code that must not import ml_collections (the benchmarks).
+# The keys of the groups a sampling run is built from that no reference flag sets: what the
+# reference's networks fix without a flag (`_FIXED_BY_SCRIPT`, `NUM_CLASSES`) and gdiff's own
+# defaults, declared here once and read by configs/common.py (tests/test_released_configs.py checks
+# that a released config and its plain groups agree). The groups of a reference run as plain
+# dicts, for code that must not import ml_collections (the benchmarks).
 SAMPLING_GROUP_DEFAULTS = {
     "model": {
-        "num_classes": 1000,
-        "channel_mult": (),
+        "num_classes": NUM_CLASSES,
+        **SUPER_RES_FIXED,  # an image model's flags set channel_mult; an upsampler's is fixed
         "use_new_attention_order": False,  # sr_create_model has no such flag: False
-        "small_size": 0,
+        "small_size": 0,  # > 0 (a super-resolution model) only through --large_size/--small_size
         "attention_impl": "auto",
     },
     "diffusion": {"sigma_small": False, "timestep_respacing": ""},
-    "classifier": {
-        "num_classes": 1000,
-        **_CLASSIFIER_FIXED["classifier"],
-        "attention_impl": "auto",
-    },
+    "classifier": {"num_classes": NUM_CLASSES, **CLASSIFIER_FIXED, "attention_impl": "auto"},
     "sample": {"eta": 0.0, "seed": 0},
 }
+# The optimiser keys no reference flag sets, declared here once and read by configs/common.py: the
+# reference trains with PyTorch's AdamW at its default betas and eps, and never clips gradients.
+OPTIM_DEFAULTS = {"grad_clip": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
+
+
+def sampling_flag_defaults() -> dict:
+    """The sampling scripts' own flags that a sampling program reads (clip_denoised, use_ddim),
+    at the scripts' defaults."""
+    return {name: _SAMPLE_FLAGS[name] for name in ("clip_denoised", "use_ddim")}
 
 
 def sampling_groups(kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from gdiff import diffusion, evaluation, factory
+from gdiff.checkpoints.torch_file import load_torch_state_dict
 from gdiff.compat import flags
 from gdiff.compat.convert import convert_state_dict
 from gdiff.compat.flags import (
@@ -34,7 +35,6 @@ from gdiff.compat.flags import (
     parse_flags,
     sr_model_and_diffusion_defaults,
 )
-from gdiff.compat.torch_checkpoint import load_torch_state_dict
 from gdiff.models import unet
 
 # The diffusion and evaluation names of ../shared/CONTRACT.md (sections 4, 5 and 7), re-exported.
@@ -58,8 +58,13 @@ frechet_distance = evaluation.frechet_distance
 inception_score = evaluation.inception_score
 precision_recall = evaluation.precision_recall
 
-NUM_CLASSES = 1000
-_EXTRA_DEFAULTS = {"num_classes": NUM_CLASSES, "dtype": None, "attention_impl": "auto"}
+NUM_CLASSES = flags.NUM_CLASSES
+# The extra keywords' defaults: the reference's classes, the flags' dtype, the config's attention.
+_EXTRA_DEFAULTS = {
+    "num_classes": NUM_CLASSES,
+    "dtype": None,
+    "attention_impl": flags.SAMPLING_GROUP_DEFAULTS["model"]["attention_impl"],
+}
 _REQUIRED = object()
 
 # The reference's `create_model` parameters in positional order, with their defaults.
@@ -219,10 +224,11 @@ def create_classifier(*args, **kwargs) -> unet.EncoderUNetModel:
     """The reference's `create_classifier(image_size, classifier_use_fp16, classifier_width,
     classifier_depth, classifier_attention_resolutions, classifier_use_scale_shift_norm,
     classifier_resblock_updown, classifier_pool)`: all required. Returns an EncoderUNetModel
-    with 64 channels per attention head and `num_classes` (default 1000) logits, computing in
-    bfloat16 when `classifier_use_fp16` is True (as `use_fp16` does for the model)."""
+    with the channel multipliers and attention-head width the reference fixes
+    (`flags.CLASSIFIER_FIXED`) and `num_classes` (default 1000) logits, computing in bfloat16
+    when `classifier_use_fp16` is True (as `use_fp16` does for the model)."""
     kw = _bind("create_classifier", _CLASSIFIER_PARAMS, args, kwargs)
-    group = _group(kw, "classifier", channel_mult=(), num_head_channels=64)
+    group = _group(kw, "classifier", **flags.CLASSIFIER_FIXED)
     return factory.classifier_from_group(group, int(kw["image_size"]))
 
 
@@ -240,7 +246,7 @@ def sr_create_model(*args, **kwargs) -> unet.SuperResModel:
     512 too, and has none for 128; it leaves `use_new_attention_order` at False).
     """
     kw = _bind("sr_create_model", _SR_MODEL_PARAMS, args, kwargs)
-    group = _group(kw, "model", channel_mult=(), use_new_attention_order=False)
+    group = _group(kw, "model", **flags.SUPER_RES_FIXED, use_new_attention_order=False)
     return factory.unet_from_group(group)
 
 

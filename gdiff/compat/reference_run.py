@@ -13,7 +13,7 @@ Set `train.resume_checkpoint` to the model file (or its folder, for the newest s
 resumes exactly as the reference's own resume does: step N, the run's parameters, its EMA copies
 (an EMA rate without a file starts from the parameters, as `TrainLoop._load_ema_parameters`) and
 AdamW's moments and step count mapped onto optax's adamw state (mu = exp_avg, nu = exp_avg_sq,
-count = step). No PyTorch is needed (gdiff/compat/torch_checkpoint.py reads the files). Runs
+count = step). No PyTorch is needed (gdiff/checkpoints/torch_file.py reads the files). Runs
 trained with `use_fp16` store AdamW's moments over two flattened master tensors (1-D parameters,
 then the others, each in parameter order); those are split back per parameter. A
 classifier_train.py run (model<N>.pt and opt<N>.pt, no EMA) continues the same way under
@@ -35,8 +35,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing
-from gdiff.compat import convert, torch_checkpoint
+from gdiff.checkpoints import locate, torch_file
+from gdiff.compat import convert
 from gdiff.train import optim
 from gdiff.train import state as state_lib
 
@@ -53,8 +53,8 @@ class ReferenceRun:
     opt: pathlib.Path | None
 
 
-def find_run(location: checkpointing.Location) -> ReferenceRun:
-    """The files of the step `checkpointing.locate` found (format "reference_run")."""
+def find_run(location: locate.Location) -> ReferenceRun:
+    """The files of the step `locate.locate` found (format "reference_run")."""
     if location.format != "reference_run":
         raise ValueError(f"{location.path} is a {location.format} checkpoint, not a reference run")
     folder, step = location.path, int(location.step)
@@ -144,7 +144,7 @@ def _ema_params(run: ReferenceRun, rate: str, params: Any, to_params) -> Any:
     """The run's EMA copy at `rate`, or (no file, as the reference) a copy of the parameters."""
     for written, path in run.ema.items():
         if math.isclose(float(written), float(rate), rel_tol=1e-9):
-            return to_params(torch_checkpoint.load_torch_state_dict(path), path)
+            return to_params(torch_file.load_torch_state_dict(path), path)
     logging.warning(
         "reference run %s has no ema_%s_%06d.pt (it has rates %s): EMA %s starts from the "
         "parameters, as the reference's resume does",
@@ -158,7 +158,7 @@ def _ema_params(run: ReferenceRun, rate: str, params: Any, to_params) -> Any:
 
 
 def load_train_state(
-    location: checkpointing.Location,
+    location: locate.Location,
     *,
     params_like: Any,
     tx,
@@ -170,7 +170,7 @@ def load_train_state(
     """A TrainState at the run's step, continuing it exactly (host numpy arrays).
 
     Args:
-      location: what `checkpointing.locate` found (format "reference_run").
+      location: what `locate.locate` found (format "reference_run").
       params_like: the parameter tree of this config's network (arrays or ShapeDtypeStructs).
       tx: this config's optimiser (`optim.create_optimizer`).
       ema_rates: the EMA copies this config keeps (`train.ema_rates`).
@@ -188,7 +188,7 @@ def load_train_state(
         target = f"this config's network (reading {path})"
         return convert.convert_params(params_like, state_dict, target=target)
 
-    state_dict = torch_checkpoint.load_torch_state_dict(run.model)
+    state_dict = torch_file.load_torch_state_dict(run.model)
     params = to_params(state_dict, run.model)
     ema = {rate: _ema_params(run, rate, params, to_params) for rate in ema_rates}
     state = state_lib.create(params, tx, rng=rng, ema_rates=[], sampler_state=sampler_state)
@@ -196,7 +196,7 @@ def load_train_state(
     if run.opt is None:
         logging.warning("%s: no opt%06d.pt; AdamW starts afresh", run.model.parent, run.step)
     else:
-        opt = torch_checkpoint.load_torch_file(run.opt)
+        opt = torch_file.load_torch_file(run.opt)
         _check_hyperparameters(opt, optim_config, run.opt)
         shapes = {name: tuple(v.shape) for name, v in state_dict.items()}
         count, mu, nu = adam_moments(opt, shapes, str(run.opt))

@@ -213,7 +213,7 @@ def sampling_groups(name: str) -> dict[str, dict]:
     checkpoint = get(name)
     classifier = classifier_kwargs(name)
     del classifier["image_size"]  # the model's (it is the data's image size)
-    sampling = {"clip_denoised": True, "use_ddim": False}  # the sampling scripts' defaults
+    sampling = flags.sampling_flag_defaults()
     sampling.update(flags.parse_flags(checkpoint.sample_flags))
     scale = flags.parse_flags(checkpoint.classifier_flags).get("classifier_scale")
     if scale is not None:

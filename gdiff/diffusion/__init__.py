@@ -1,6 +1,6 @@
 """Pure-functional Gaussian diffusion (no TensorFlow, no hidden state); NHWC arrays."""
 
-from gdiff.diffusion.factory import create_gaussian_diffusion
+from gdiff.diffusion.create import create_gaussian_diffusion
 from gdiff.diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,

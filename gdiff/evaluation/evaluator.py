@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from gdiff.compat.torch_checkpoint import load_torch_state_dict
+from gdiff.checkpoints.torch_file import load_torch_state_dict
 from gdiff.evaluation import features, inception_weights, metrics
 
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall")

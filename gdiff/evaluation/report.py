@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib import figure
 
+from gdiff import atomic
 from gdiff.sampling import labels as labels_lib
 
 # Every column a table may have, in table order (the paper's Table 4 first, then the columns at
@@ -94,15 +95,13 @@ def models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:
     """One row per (model, scale); floats as repr, so the file holds every digit computed."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = columns(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    # Atomic: a half-written table never looks finished to a rerun.
+    with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] if k == "model" else repr(float(row[k])) for k in cols})
-    os.replace(tmp, path)  # a half-written table never looks finished to a rerun
     return path
 
 
@@ -168,7 +167,7 @@ def write_markdown(
         lines.append("")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))
     return path
 
 

@@ -1,10 +1,12 @@
-"""Sharded, resumable guided sampling; classifier-scale sweeps; preview grids.
+"""Guided sampling as a library: the compiled sampler, the plan of a run, labels, files, grids.
 
-`run.run(config, workdir)` is --mode=sample and `sweep.run(config, workdir)` is --mode=sweep; the
-compiled sampler itself is `sampler.Sampler` (one lax.scan, data-parallel over a device mesh).
+The compiled sampler is `sampler.Sampler` (one lax.scan, data-parallel over a device mesh), built
+from config groups by `sampler.build_sampler`; `plan.make_plan` decides what a run draws. The
+runs themselves (--mode=sample, --mode=sweep) are jobs: gdiff/jobs/sample.py, gdiff/jobs/sweep.py.
 """
 
 from gdiff.sampling.labels import format_scale, make_labels, parse_scales
+from gdiff.sampling.sample_files import read_sample_file, write_sample_file
 from gdiff.sampling.sampler import (
     Sampler,
     SamplerOptions,
@@ -12,7 +14,6 @@ from gdiff.sampling.sampler import (
     sample_chain,
     to_uint8,
 )
-from gdiff.sampling.shards import read_sample_file, write_sample_file
 
 __all__ = [
     "Sampler",

@@ -4,8 +4,8 @@ The plan fixes every example's id, label and (super-resolution) low-resolution i
 examples split into global batches and which slice of each batch this process draws, where the
 shards and merged files go, the manifest a resumed run must match, and which checkpoints are loaded.
 Everything here is a function of the config, the workdir and the device topology, so a resumed run,
-another device count or another batch size draws every example the same way; gdiff/sampling/run.py
-carries the plan out (draw the batches, merge the shards).
+another device count or another batch size draws every example the same way; gdiff/jobs/sample.py
+carries it out through the run engine (gdiff/engine/runs.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import math
 import os
 import pathlib
 
+import jax
 import numpy as np
 
-from gdiff import checkpointing
+from gdiff import distributed
+from gdiff.checkpoints import locate
 from gdiff.sampling import labels as labels_lib
-from gdiff.sampling import shards
+from gdiff.sampling import sample_files
+from gdiff.sampling import sampler as sampler_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,17 @@ class Topology:
     local_devices: int  # devices of the mesh on this process
     process_index: int = 0
     process_count: int = 1
+
+    @classmethod
+    def of(cls, mesh: jax.sharding.Mesh) -> Topology:
+        """The plan's view of `mesh` from this process."""
+        return cls(
+            num_devices=mesh.size,
+            # This process's share of a one-example-per-device batch: its devices in the mesh.
+            local_devices=distributed.local_batch_size(mesh.size, mesh),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,9 +68,9 @@ class SamplingPlan:
     out: pathlib.Path  # output directory (shards and merged files per scale)
     merged: dict[float, pathlib.Path]  # scale -> merged samples_<N>x<H>x<W>x3.npz
     by_class: bool  # grids with one row per class (balanced labels)
-    manifest: dict  # the settings a resumed run must share (shards.check_run_manifest)
-    model: checkpointing.Location
-    classifier: checkpointing.Location | None  # None when every scale is 0
+    manifest: dict  # the settings a resumed run must share (engine/manifest.py)
+    model: locate.Location
+    classifier: locate.Location | None  # None when every scale is 0
     topology: Topology
 
     def batch_examples(self, batch: int) -> int:
@@ -96,6 +110,16 @@ def output_dir(config, workdir: str) -> pathlib.Path:
     return pathlib.Path(config.sample.output_dir or os.path.join(workdir, "samples"))
 
 
+def scale_dir(out_dir: str | os.PathLike, scale: float) -> pathlib.Path:
+    """Where one guidance scale's shards, merged samples and grid go."""
+    return pathlib.Path(out_dir) / f"scale_{labels_lib.format_scale(scale)}"
+
+
+def merged_path(out_dir, scale: float, shape: tuple[int, int, int, int]) -> pathlib.Path:
+    """The merged samples of one scale: samples_<N>x<H>x<W>x3.npz (the reference's name)."""
+    return scale_dir(out_dir, scale) / sample_files.merged_name(*shape)
+
+
 def load_base_samples(path: str, small_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The low-resolution inputs of a super-resolution run.
 
@@ -114,7 +138,7 @@ def load_base_samples(path: str, small_size: int) -> tuple[np.ndarray, np.ndarra
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"sample.base_samples={path} does not exist")
-    images, labels = shards.read_sample_file(path)
+    images, labels = sample_files.read_sample_file(path)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"base samples {path}: arr_0 must be [N, h, w, 3]; got {images.shape}")
     if images.shape[1:3] != (small_size, small_size):
@@ -174,7 +198,7 @@ def _classifier_checkpoint(config, workdir: str, guided: bool) -> str:
     if given:
         return given
     try:
-        checkpointing.locate(workdir, "classifier")
+        locate.locate(workdir, "classifier")
     except FileNotFoundError as e:
         raise ValueError(
             f"sample.classifier_scale={s.classifier_scale!r} asks for classifier guidance but "
@@ -184,9 +208,9 @@ def _classifier_checkpoint(config, workdir: str, guided: bool) -> str:
     return workdir
 
 
-def _locate(path: str, what: str, kind: str) -> checkpointing.Location:
+def _locate(path: str, what: str, kind: str) -> locate.Location:
     try:
-        return checkpointing.locate(path, kind)
+        return locate.locate(path, kind)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot load the {what} from {path}: {e}") from e
 
@@ -195,10 +219,10 @@ def _manifest(
     config, topology: Topology, *, model_ckpt: str, classifier_ckpt: str, labelled: bool
 ) -> dict:
     """What a resumed run must share with the shards on disk: the sampling settings and the
-    model, diffusion (and, guided, classifier) groups. `sampling/run.py` adds the pins of the
+    model, diffusion (and, guided, classifier) groups. `jobs/sample.py` adds the pins of the
     weights actually loaded (step, EMA copy, content fingerprint). The checkpoint paths as given
-    are recorded for the record only (shards.INFO_KEYS): the pins decide whether the weights
-    are the same."""
+    are recorded for the record only (INFO_KEYS of gdiff/engine/manifest.py): the pins decide
+    whether the weights are the same."""
     s, size = config.sample, int(config.model.image_size)
     return {
         "seed": int(s.seed),
@@ -209,7 +233,7 @@ def _manifest(
         "use_ddim": bool(s.use_ddim),
         "eta": float(s.eta),
         "clip_denoised": bool(s.clip_denoised),
-        "timestep_respacing": str(s.timestep_respacing or config.diffusion.timestep_respacing),
+        "timestep_respacing": sampler_lib.respacing(s, config.diffusion),
         "model_checkpoint": os.path.abspath(model_ckpt),
         "classifier_checkpoint": os.path.abspath(classifier_ckpt) if classifier_ckpt else "",
         "ema_rate": str(s.ema_rate),
@@ -228,7 +252,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
       config: a full gdiff config (configs/common.py); reads `model`, `diffusion`, `classifier`,
         `sample`.
       workdir: default place of the checkpoints and of the output (`<workdir>/samples`).
-      topology: the device mesh's facts (run.py reads them off the mesh).
+      topology: the device mesh's facts (jobs/sample.py reads them off the mesh).
     """
     s = config.sample
     scales = tuple(labels_lib.parse_scales(s.classifier_scale))
@@ -260,7 +284,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
         labels=labels,
         low_res=low_res,
         out=out,
-        merged={sc: shards.merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
+        merged={sc: merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
         by_class=labels_lib.is_balanced(s.labels),
         manifest={
             **_manifest(

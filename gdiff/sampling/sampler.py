@@ -14,7 +14,7 @@ A scale sweep simply repeats each example id (and label) once per scale and pass
 scale array, so all scales run in ONE compiled program over the same noise.
 
 `build_sampler` is the one way a sampling program is built from config groups: `--mode=sample`
-(gdiff/sampling/run.py) hands it the config's groups, benchmarks/bench_sampling.py the same groups
+(gdiff/jobs/sample.py) hands it the config's groups, benchmarks/bench_sampling.py the same groups
 as plain dicts, so the benchmark times the production program (networks, compute dtypes, attention
 implementation, sampler).
 """
@@ -253,6 +253,21 @@ class Sampler:
         return exporter(model_vars, classifier_vars, self._base_key, dict(batch))
 
 
+# The config groups a sampling program is built from (`build_sampler`).
+GROUPS = ("model", "diffusion", "classifier", "sample")
+
+
+def config_groups(config) -> dict[str, Any]:
+    """A full config's groups that `build_sampler` reads."""
+    return {name: config[name] for name in GROUPS}
+
+
+def respacing(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str:
+    """The timestep respacing sampling uses: `sample.timestep_respacing` when set, else the
+    diffusion's own ("" = every training step)."""
+    return str(sample["timestep_respacing"] or diffusion["timestep_respacing"])
+
+
 def build_sampler(
     groups: Mapping[str, Mapping[str, Any]],
     *,
@@ -278,9 +293,10 @@ def build_sampler(
     # Sampling never differentiates the model, so its training-memory setting `remat` changes
     # nothing here (tests/test_remat.py): one sampling program, one module.
     model = factory.unet_from_group({**m, "remat": "none"}, platform=platform)
-    respacing = str(s["timestep_respacing"] or groups["diffusion"]["timestep_respacing"])
     diffusion = factory.diffusion_from_group(
-        groups["diffusion"], learn_sigma=bool(m["learn_sigma"]), timestep_respacing=respacing
+        groups["diffusion"],
+        learn_sigma=bool(m["learn_sigma"]),
+        timestep_respacing=respacing(s, groups["diffusion"]),
     )
     size = int(m["image_size"])
     classifier, guidance = None, None

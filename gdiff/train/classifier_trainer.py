@@ -15,12 +15,11 @@ import optax
 from absl import logging
 
 from gdiff import distributed, factory, xla_options
+from gdiff.checkpoints import locate
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, runner, update
 from gdiff.train import state as state_lib
 from gdiff.train import task as task_lib
-
-CHECKPOINT_SUBDIR = "classifier_checkpoints"
 
 
 def fingerprint(config) -> dict:
@@ -188,7 +187,7 @@ def build_task(config, mesh) -> task_lib.Task:
         )
     return task_lib.Task(
         name="classifier",
-        checkpoint_subdir=CHECKPOINT_SUBDIR,
+        checkpoint_subdir=locate.training_dir("classifier"),
         num_steps=int(config.train.classifier_num_steps),
         batch_size=batch_size,
         init_params=task_lib.params_initializer(classifier, config.data.image_size),

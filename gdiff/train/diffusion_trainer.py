@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory
+from gdiff import distributed, factory
+from gdiff.checkpoints import locate
 from gdiff.models import layers
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
@@ -33,7 +34,6 @@ from gdiff.train import loop_utils, optim, runner, update
 from gdiff.train import state as state_lib
 from gdiff.train import task as task_lib
 
-CHECKPOINT_SUBDIR = "checkpoints"
 PREVIEW_SAMPLES = 16  # images in the periodic training preview (`train.sample_every`)
 
 
@@ -85,14 +85,14 @@ def model_kwargs(model, micro: dict, small_size: int) -> dict:
     return kwargs
 
 
-def make_gradient_fn(config, model, diffusion, sampler, num_devices: int):
+def make_gradient_fn(config, model, diffusion, schedule_sampler, num_devices: int):
     """The pure loss-and-gradient part of a step.
 
     Returns `grad_fn(params, sampler_state, inputs, dropout_key) -> (loss, grads, aux,
     sampler_state)`: `inputs` as `draw_inputs` makes them; loss the mean importance-weighted loss
     (the reference's `(losses["loss"] * weights).mean()`) and grads its gradient; aux dict(terms
-    (per-example loss, mse/vb where the loss type has them), t [B], weights [B]); the sampler's
-    state after every micro-batch's update with its unweighted losses.
+    (per-example loss, mse/vb where the loss type has them), t [B], weights [B]); the timestep
+    sampler's state after every micro-batch's update with its unweighted losses.
     """
     num_micro = optim.check_microbatch(
         config.train.batch_size, config.train.microbatch, num_devices
@@ -104,9 +104,9 @@ def make_gradient_fn(config, model, diffusion, sampler, num_devices: int):
             # Drawn here, not up front: micro-batch i samples from the state micro-batches
             # 0..i-1 updated, as in the reference.
             if "t" in mb:
-                t, w = mb["t"], sampler.importance_weights(sampler_state, mb["t"])
+                t, w = mb["t"], schedule_sampler.importance_weights(sampler_state, mb["t"])
             else:
-                t, w = sampler.from_uniform(sampler_state, mb["u"])
+                t, w = schedule_sampler.from_uniform(sampler_state, mb["u"])
             kwargs = model_kwargs(model, mb, small_size)
             rngs = {"dropout": jax.random.fold_in(dropout_key, i)}
 
@@ -114,7 +114,9 @@ def make_gradient_fn(config, model, diffusion, sampler, num_devices: int):
                 return model.apply({"params": params}, x_t, ts, train=True, rngs=rngs, **kwargs)
 
             terms = diffusion.training_losses(model_fn, mb["x"], t, mb["noise"])
-            new_state = sampler.update(sampler_state, t, jax.lax.stop_gradient(terms["loss"]))
+            new_state = schedule_sampler.update(
+                sampler_state, t, jax.lax.stop_gradient(terms["loss"])
+            )
             aux = {"terms": terms, "t": t, "weights": w}
             return jnp.mean(terms["loss"] * w), (aux, new_state)
 
@@ -125,7 +127,7 @@ def make_gradient_fn(config, model, diffusion, sampler, num_devices: int):
     return grad_fn
 
 
-def make_train_step(config, model, diffusion, sampler, num_devices: int):
+def make_train_step(config, model, diffusion, schedule_sampler, num_devices: int):
     """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`.
 
     The learning rate follows the diffusion TrainLoop: annealed after each step, so step k uses
@@ -133,7 +135,7 @@ def make_train_step(config, model, diffusion, sampler, num_devices: int):
     """
     num_t = int(diffusion.num_timesteps)
     tx = optim.create_optimizer(config.optim)
-    grad_fn = make_gradient_fn(config, model, diffusion, sampler, num_devices)
+    grad_fn = make_gradient_fn(config, model, diffusion, schedule_sampler, num_devices)
 
     def train_step(state: state_lib.TrainState, batch: dict):
         k_draw, k_drop = jax.random.split(state.step_key())
@@ -156,7 +158,7 @@ def make_train_step(config, model, diffusion, sampler, num_devices: int):
     return train_step
 
 
-def make_sample_grid_action(config, model, mesh, num_samples: int = PREVIEW_SAMPLES):
+def make_sample_grid_action(config, mesh, num_samples: int = PREVIEW_SAMPLES):
     """A periodic action: sample a small grid, save PNG + write image.
 
     The preview is drawn by `--mode=sample`'s sampler (gdiff/sampling/sampler.py) from the EMA
@@ -165,17 +167,10 @@ def make_sample_grid_action(config, model, mesh, num_samples: int = PREVIEW_SAMP
     noise comes from fold_in(key(sample.seed), i)), so successive previews show the same noise as
     training goes on.
     """
-    s = config.sample
-    diffusion = factory.build_diffusion(config, timestep_respacing=s.timestep_respacing or None)
-    size = int(config.model.image_size)
-    options = sampling_lib.SamplerOptions(
-        image_shape=(size, size, 3),
-        use_ddim=bool(s.use_ddim),
-        eta=float(s.eta),
-        clip_denoised=bool(s.clip_denoised),
-        class_cond=bool(config.model.class_cond),
+    # The production builder (remat is a training-memory setting; sampling builds without it).
+    sampler, _, _ = sampling_lib.build_sampler(
+        sampling_lib.config_groups(config), guided=False, mesh=mesh
     )
-    sampler = sampling_lib.Sampler(diffusion, model.apply, options, mesh=mesh, seed=int(s.seed))
     rows = _preview_rows(config, num_samples, mesh)
     rate = _preview_ema_rate(config)
 
@@ -196,12 +191,12 @@ def make_sample_grid_action(config, model, mesh, num_samples: int = PREVIEW_SAMP
 
 
 def _preview_ema_rate(config) -> str | None:
-    """The EMA copy `--mode=sample` loads from a training checkpoint (`checkpointing.ema_key`);
+    """The EMA copy `--mode=sample` loads from a training checkpoint (`locate.ema_key`);
     None (the raw parameters) without EMA."""
     rates = state_lib.parse_ema_rates(config.train.ema_rates)
     if not rates:
         return None
-    return checkpointing.ema_key(rates, config.sample.ema_rate, where="train.ema_rates")
+    return locate.ema_key(rates, config.sample.ema_rate, where="train.ema_rates")
 
 
 def _preview_rows(config, num_samples: int, mesh) -> dict[str, np.ndarray]:
@@ -242,20 +237,20 @@ def build_task(config, mesh) -> task_lib.Task:
             f"data.image_size={config.data.image_size}"
         )
     model = factory.build_model(config)
-    diffusion, sampler = task_lib.training_diffusion(config)
+    diffusion, schedule_sampler = task_lib.training_diffusion(config)
     periodic = []
     if config.train.sample_every and config.train.sample_every > 0:
-        action = make_sample_grid_action(config, model, mesh)
+        action = make_sample_grid_action(config, mesh)
         periodic.append((int(config.train.sample_every), action))
     return task_lib.Task(
         name="diffusion",
-        checkpoint_subdir=CHECKPOINT_SUBDIR,
+        checkpoint_subdir=locate.training_dir("model"),
         num_steps=int(config.train.num_steps),
         batch_size=int(config.train.batch_size),
         init_params=task_lib.params_initializer(model, config.model.image_size),
         ema_rates=state_lib.parse_ema_rates(config.train.ema_rates),
-        sampler_state=sampler.init_state(),
-        train_step=make_train_step(config, model, diffusion, sampler, mesh.size),
+        sampler_state=schedule_sampler.init_state(),
+        train_step=make_train_step(config, model, diffusion, schedule_sampler, mesh.size),
         fingerprint=fingerprint(config),
         random_crop=bool(config.data.random_crop),
         random_flip=bool(config.data.random_flip),
@@ -267,8 +262,8 @@ def train(config, workdir: str, *, mesh=None, stop_at_step: int | None = None) -
     """Trains the diffusion model; checkpoints go to `<workdir>/checkpoints`.
 
     Resumes from the newest checkpoint there (or `train.resume_checkpoint`) with the exact step,
-    optimiser, EMA, sampler state, rng stream and data position. `mesh` defaults to all devices;
-    `stop_at_step` ends early (with a checkpoint), as a preemption would.
+    optimiser, EMA, timestep-sampler state, rng stream and data position. `mesh` defaults to all
+    devices; `stop_at_step` ends early (with a checkpoint), as a preemption would.
 
     Returns:
       runner.run's dict: final state, per-step history, start step, whether stopped early.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gdiff import distributed
+from gdiff import atomic, distributed
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -88,9 +88,7 @@ def _drop_rows_after(path: pathlib.Path, step: int) -> None:
     if len(keep) == len([line for line in lines if line.strip()]):
         return
     logging.warning("%s: dropping %d row(s) past step %d", path, len(lines) - len(keep), step)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,8 +19,8 @@ import jax
 import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, progress, workdir_lock, xla_options
-from gdiff.compat import reference_run
+from gdiff import distributed, errors, progress, workdir_lock, xla_options
+from gdiff.checkpoints import locate, store
 from gdiff.data import pipeline
 from gdiff.train import loop_utils, optim, preemption
 from gdiff.train import state as state_lib
@@ -34,6 +34,13 @@ def initialize_distributed(config) -> None:
     distributed.maybe_initialize(config.distributed)
 
 
+# import_run(location, *, params_like, tx, ema_rates, rng, sampler_state, optim_config) ->
+# TrainState: reads a foreign training run that `train.resume_checkpoint` names (a reference
+# PyTorch run: gdiff/compat/reference_run.py load_train_state). The command line hands it down;
+# the loop itself knows no foreign format.
+ImportRun = Callable[..., state_lib.TrainState]
+
+
 def train(
     config,
     workdir: str,
@@ -41,13 +48,29 @@ def train(
     *,
     mesh: jax.sharding.Mesh | None = None,
     stop_at_step: int | None = None,
+    import_run: ImportRun | None = None,
 ) -> dict:
     """A trainer's entry point: checks the data config, builds its Task on the mesh (default: all
     devices), and `run`s it."""
     initialize_distributed(config)
     pipeline.check_data_config(config)
     mesh = distributed.data_mesh() if mesh is None else mesh
-    return run(config, workdir, build_task(config, mesh), mesh=mesh, stop_at_step=stop_at_step)
+    task = build_task(config, mesh)
+    return run(config, workdir, task, mesh=mesh, stop_at_step=stop_at_step, import_run=import_run)
+
+
+def compile_step(task: task_lib.Task, mesh: jax.sharding.Mesh) -> Callable:
+    """The task's train step as training runs it (and benchmarks/bench_training.py times it):
+    the state replicated and donated, so XLA updates parameters, EMA and optimizer state in
+    place; the batch sharded over every device; the production compile options."""
+    repl = distributed.replicated(mesh)
+    return jax.jit(
+        task.train_step,
+        in_shardings=(repl, distributed.batch_sharding(mesh)),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+        compiler_options=xla_options.compiler_options(),
+    )
 
 
 def abstract_with_sharding(tree: Any, sharding) -> Any:
@@ -61,8 +84,12 @@ def run(
     *,
     mesh: jax.sharding.Mesh | None = None,
     stop_at_step: int | None = None,
+    import_run: ImportRun | None = None,
 ) -> dict:
     """Trains `task` to `task.num_steps` (or `stop_at_step`), resuming from the workdir if possible.
+
+    `import_run` reads a foreign run named by `train.resume_checkpoint` (see `ImportRun`); without
+    it such a run is refused in one line.
 
     Returns:
       dict(state=final TrainState, history=list of per-step dicts (step, loss, finite),
@@ -72,7 +99,7 @@ def run(
     # One trainer per task and workdir: a second one would save the same steps and interleave
     # the metrics rows (released when this run ends; a killed run's lock is found stale).
     with workdir_lock.hold(workdir, f"train_{task.name}", what=f"{task.name} training"):
-        loop = _start(config, workdir, task, mesh, stop_at_step)
+        loop = _start(config, workdir, task, mesh, stop_at_step, import_run)
         try:
             loop.train()
             loop.finish()
@@ -93,7 +120,7 @@ class _Loop:
     config: Any
     task: task_lib.Task
     mesh: jax.sharding.Mesh
-    manager: checkpointing.CheckpointManager
+    manager: store.CheckpointManager
     state: state_lib.TrainState
     start: int
     end: int
@@ -167,16 +194,18 @@ class _Loop:
         self.preempt.restore()
 
 
-def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | None) -> _Loop:
+def _start(
+    config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | None, import_run
+) -> _Loop:
     """Opens the checkpoints, restores or initialises the state, compiles the step."""
-    repl, batch_sh = distributed.replicated(mesh), distributed.batch_sharding(mesh)
-    manager = checkpointing.CheckpointManager(
+    repl = distributed.replicated(mesh)
+    manager = store.CheckpointManager(
         pathlib.Path(workdir) / task.checkpoint_subdir,
         max_to_keep=config.train.max_to_keep,
         config_fingerprint=task.fingerprint,
         ignore_keys=task_lib.RUNTIME_KEYS,
     )
-    state = _init_or_resume(config, task, manager, repl)
+    state = _init_or_resume(config, task, manager, repl, import_run)
     start = int(distributed.host_copy(state.step))
     _report_schedule_change(config, task, manager, start)
     end = task.num_steps if stop_at_step is None else min(task.num_steps, stop_at_step)
@@ -188,13 +217,7 @@ def _start(config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | 
             end,
             _parameter_overview(state.params),
         )
-    step_fn = jax.jit(
-        task.train_step,
-        in_shardings=(repl, batch_sh),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-        compiler_options=xla_options.compiler_options(),
-    )
+    step_fn = compile_step(task, mesh)
     batches = pipeline.local_batches(
         config,
         global_batch_size=task.batch_size,
@@ -251,7 +274,9 @@ def _report_schedule_change(config, task: task_lib.Task, manager, start: int) ->
         )
 
 
-def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.TrainState:
+def _init_or_resume(
+    config, task: task_lib.Task, manager, repl, import_run: ImportRun | None
+) -> state_lib.TrainState:
     """The workdir's newest checkpoint, else `train.resume_checkpoint` (a gdiff training
     checkpoint, or a reference PyTorch run: gdiff/compat/reference_run.py), else a fresh state;
     every one born replicated on the mesh."""
@@ -274,11 +299,16 @@ def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.Tra
         return jax.jit(init_state, out_shardings=repl)()
     logging.info("%s: starting from %s", task.name, path)
     try:
-        loc = checkpointing.locate(path)
+        loc = locate.locate(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"train.resume_checkpoint={path!r}: {e}") from e
     if loc.format == "reference_run":
-        state = reference_run.load_train_state(
+        if import_run is None:
+            raise errors.ConfigError(
+                f"train.resume_checkpoint={path!r} is a reference (PyTorch) training run; "
+                "continue it with --mode=train (or --mode=train_classifier), which reads it"
+            )
+        state = import_run(
             loc,
             params_like=abstract.params,
             tx=tx,
@@ -291,7 +321,7 @@ def _init_or_resume(config, task: task_lib.Task, manager, repl) -> state_lib.Tra
     return _restore_external(path, loc, abstract)
 
 
-def _restore_external(path: str, loc: checkpointing.Location, abstract: Any):
+def _restore_external(path: str, loc: locate.Location, abstract: Any):
     """Restores `train.resume_checkpoint`: a training checkpoint directory or one of its steps."""
     if loc.format != "training":
         raise ValueError(
@@ -299,7 +329,7 @@ def _restore_external(path: str, loc: checkpointing.Location, abstract: Any):
             "only), not a resumable training state (step, optimiser, EMA); give a training "
             "checkpoint directory or one of its step folders"
         )
-    manager = checkpointing.CheckpointManager(loc.path)
+    manager = store.CheckpointManager(loc.path)
     try:
         return manager.restore(abstract, step=loc.step)
     finally:

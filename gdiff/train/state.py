@@ -2,7 +2,7 @@
 
 Checkpoints store it whole (orbax), so a resumed run continues with the same step, parameters,
 EMA copies, optimiser moments, timestep-sampler statistics and random stream. Field names are part
-of the checkpoint format (`gdiff.checkpointing.load_params` reads `params` and `ema_params`).
+of the checkpoint format (`gdiff.checkpoints.locate.load_params` reads `params` and `ema_params`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 
 reads `config.torch_checkpoint` (no PyTorch needed), builds the network `config.convert_target`
 names ("model" or "classifier") from the config, checks every name and shape, and writes
-`<workdir>/<target>_params` with `gdiff.checkpointing.save_params`, where `--mode=sample` finds it.
+`<workdir>/<target>_params` (`gdiff.checkpoints.locate.params_dir`) with
+`gdiff.checkpoints.store.save_params`, where `--mode=sample` finds it.
 """
 
 import os
@@ -13,8 +14,9 @@ import pathlib
 
 from absl import logging
 
-from gdiff import checkpointing, factory
-from gdiff.compat import convert, torch_checkpoint
+from gdiff import factory
+from gdiff.checkpoints import locate, store, torch_file
+from gdiff.compat import convert
 
 
 def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) -> pathlib.Path:
@@ -41,7 +43,7 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) ->
     else:
         raise ValueError(f"config.convert_target must be 'model' or 'classifier', got {target!r}")
 
-    out = pathlib.Path(workdir) / f"{target}_params"
+    out = pathlib.Path(workdir) / locate.params_dir(target)
     overwrite = bool(config.convert_overwrite) if overwrite is None else overwrite
     if out.exists() and not overwrite:
         # Checked before the (large) file is read; the finished checkpoint stays as it is.
@@ -50,7 +52,7 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) ->
             "--config.convert_overwrite=true to replace it, or use another --workdir"
         )
     logging.info("reading %s", path)
-    state_dict = torch_checkpoint.load_torch_state_dict(path)
+    state_dict = torch_file.load_torch_state_dict(path)
     variables = convert.convert_state_dict(
         module, state_dict, image_size=int(config.model.image_size)
     )
@@ -62,8 +64,6 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) ->
         "model": config.model.to_dict() if target == "model" else None,
         "classifier": config.classifier.to_dict() if target == "classifier" else None,
     }
-    written = checkpointing.save_params(
-        out, variables["params"], metadata=metadata, overwrite=overwrite
-    )
+    written = store.save_params(out, variables["params"], metadata=metadata, overwrite=overwrite)
     logging.info("wrote %s (%d parameters)", written, metadata["num_params"])
     return written

@@ -5,7 +5,7 @@
 
 One or more diffusion models (`sweep.models`, e.g. a class-conditional and an unconditional one)
 are guided by the same classifier. Each is sampled at every scale of its `sample.classifier_scale`
-in one compiled program (gdiff/sampling/run.py), and all models draw the same labels from the same
+in one compiled program (gdiff/jobs/sample.py), and all models draw the same labels from the same
 noise (per-example keys from `sample.seed`), so rows differ by the model and the scale alone. Every
 (model, scale)'s merged samples are scored by `gdiff.evaluation.scoring.Scorer` against
 `eval.ref_batch` exactly as `--mode=evaluate` scores that file (the batch's own mu / sigma / mu_s /
@@ -42,12 +42,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory
+from gdiff import distributed, factory
+from gdiff.checkpoints import locate
 from gdiff.evaluation import evaluator, report, scoring
+from gdiff.jobs import sample as sample_job
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import plan as plan_lib
-from gdiff.sampling import run as sample_run
-from gdiff.sampling import shards
+from gdiff.sampling import sample_files
+from gdiff.sampling import sampler as sampler_lib
 
 TABLE_CSV = "scale_sweep.csv"
 TABLE_MD = "scale_sweep.md"
@@ -117,7 +119,7 @@ def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.S
     """Every model's sampling plan (checkpoints located, settings validated), checking that all
     models draw the same labels and image shape: the rows of a sweep differ by model and scale
     only. Raises before anything is sampled."""
-    topology = sample_run.topology(mesh)
+    topology = plan_lib.Topology.of(mesh)
     plans = {
         m.name: plan_lib.make_plan(m.sampling_config(), str(workdir), topology) for m in models
     }
@@ -143,19 +145,19 @@ def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.S
 def sample_models(models: list[SweepModel], workdir, mesh) -> dict[str, dict[float, pathlib.Path]]:
     """Samples every model at its scales (resumable); {model: {scale: merged .npz}}."""
     plan_models(models, workdir, mesh)
-    return {m.name: sample_run.run(m.sampling_config(), str(workdir), mesh=mesh) for m in models}
+    return {m.name: sample_job.run(m.sampling_config(), str(workdir), mesh=mesh) for m in models}
 
 
 def load_guidance(config, workdir) -> scoring.ClassifierScore | None:
     """The guidance classifier's scorer (`sample.classifier_checkpoint`, else the workdir's
     classifier), or None when there is none."""
     try:
-        found = checkpointing.locate(config.sample.classifier_checkpoint or workdir, "classifier")
+        found = locate.locate(config.sample.classifier_checkpoint or workdir, "classifier")
     except FileNotFoundError:
         return None
-    params = checkpointing.load_params(found)
+    params = locate.load_params(found)
     return scoring.ClassifierScore(
-        factory.build_classifier(config), sample_run._as_variables(params)
+        factory.build_classifier(config), sample_job.as_variables(params)
     )
 
 
@@ -170,7 +172,7 @@ def score_models(scorer: scoring.Scorer, sample_paths) -> list[dict[str, Any]]:
     rows = []
     for name, paths in sample_paths.items():
         for scale in sorted(paths):
-            images, labels = shards.read_sample_file(paths[scale])
+            images, labels = sample_files.read_sample_file(paths[scale])
             row = {"model": name, "scale": float(scale), **scorer(images, labels)}
             logging.info("%s, scale %s: %s", name, labels_lib.format_scale(scale), row)
             rows.append(row)
@@ -223,7 +225,7 @@ def reference_scorer(config, workdir, ref_batch, extractor=None) -> scoring.Scor
 def sampling_description(config) -> str:
     """How a sweep samples, in one line of its report."""
     s = config.sample
-    respacing = s.timestep_respacing or config.diffusion.timestep_respacing or "none"
+    respacing = sampler_lib.respacing(s, config.diffusion) or "none"
     return (
         f"{'DDIM' if s.use_ddim else 'ancestral'}, respacing {respacing}, {s.num_samples} samples "
         f"per model and scale, labels {s.labels}, seed {s.seed}"

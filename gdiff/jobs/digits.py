@@ -23,7 +23,7 @@ Swapping a stage: point a model's `sample.model_checkpoint`
 (`--config.sweep.models.<model>.sample.model_checkpoint`, or `sample.model_checkpoint` for a model
 that does not override it) or `sample.classifier_checkpoint` at another checkpoint, or drop one
 into `<workdir>/<model>/model_params` / `<workdir>/classifier_params`
-(`gdiff.checkpointing.save_params`); the training stage is then skipped. Delete `samples/` and
+(`gdiff.checkpoints.store.save_params`); the training stage is then skipped. Delete `samples/` and
 `results.csv` to sample and evaluate again with it (samples are never silently overwritten).
 """
 
@@ -39,13 +39,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import checkpointing, distributed
+from gdiff import distributed
+from gdiff.checkpoints import locate, store
 from gdiff.data import digits as digits_data
 from gdiff.evaluation import features, report, scoring, small_classifier
+from gdiff.jobs import sweep
+from gdiff.jobs import train as train_job
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
-from gdiff.sampling import shards, sweep
-from gdiff.train import classifier_trainer, diffusion_trainer
+from gdiff.sampling import sample_files
 
 EVAL_CLASSIFIER_DIR = "eval_classifier"
 RESULTS_CSV = "results.csv"
@@ -102,12 +104,12 @@ class StageLog:
 def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
     """Why the training stage of `kind` ("model" | "classifier") need not run, or None: a
     checkpoint was named, or the workdir holds parameters or a training run that reached its
-    `train` step count (what sampling will then load: checkpointing.locate finds both)."""
+    `train` step count (what sampling will then load: locate.locate finds both)."""
     explicit = config.sample[f"{kind}_checkpoint"]
     if explicit:
         return f"sample.{kind}_checkpoint={explicit}"
     try:
-        found = checkpointing.locate(workdir, kind)
+        found = locate.locate(workdir, kind)
     except FileNotFoundError:
         return None
     if found.format == "params":
@@ -186,13 +188,13 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
     p = config.pipeline
     num_classes = int(config.data.num_classes)
     directory = workdir / EVAL_CLASSIFIER_DIR
-    if (directory / checkpointing.METADATA_FILE).exists():
-        meta = checkpointing.read_metadata(directory)
+    if (directory / store.METADATA_FILE).exists():
+        meta = store.read_metadata(directory)
         log.skip("eval_net", f"found {directory}")
         module = small_classifier.SmallClassifier(
             num_classes=int(meta["num_classes"]), width=int(meta["width"])
         )
-        return module, {"params": checkpointing.load_params(directory)}, meta
+        return module, {"params": locate.load_params(directory)}, meta
     t0 = log.start(
         "eval_net", f"train the clean-image evaluation classifier ({p.eval_classifier_steps} steps)"
     )
@@ -224,7 +226,7 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
         # Training-split indices of the real-data row, never shown to this network.
         "held_back": [int(i) for i in held_back],
     }
-    checkpointing.save_params(directory, variables["params"], metadata=meta, overwrite=True)
+    store.save_params(directory, variables["params"], metadata=meta, overwrite=True)
     StageLog._say(f"    evaluation classifier: {accuracy:.3f} accuracy on held-out real digits")
     log.done("eval_net", t0)
     return module, variables, meta
@@ -244,7 +246,7 @@ def _stored_results(workdir: pathlib.Path, sample_paths) -> dict[str, Any] | Non
     (model, scale) pairs, else None."""
     csv_path, json_path = workdir / RESULTS_CSV, workdir / RESULTS_JSON
     inputs = [p for paths in sample_paths.values() for p in paths.values()]
-    inputs.append(workdir / EVAL_CLASSIFIER_DIR / checkpointing.METADATA_FILE)
+    inputs.append(workdir / EVAL_CLASSIFIER_DIR / store.METADATA_FILE)
     newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
     if not (csv_path.exists() and json_path.exists() and csv_path.stat().st_mtime >= newest_input):
         return None
@@ -264,7 +266,7 @@ def _save_grids(config, workdir: pathlib.Path, sample_paths) -> dict[tuple[str, 
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
     samples = {}
     for name, scale in _pairs(sample_paths):
-        images, labels = shards.read_sample_file(sample_paths[name][scale])
+        images, labels = sample_files.read_sample_file(sample_paths[name][scale])
         samples[(name, scale)] = images, np.asarray(labels, np.int32)
         grid_lib.save_png(
             _grid_path(workdir, name, scale), _grid(*samples[(name, scale)], per_class, zoom)
@@ -408,7 +410,7 @@ def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) 
         t0 = log.start(
             stage, f"train the {kind} diffusion model ({m.config.train.num_steps} steps)"
         )
-        diffusion_trainer.train(m.config, str(m.workdir), mesh=mesh)
+        train_job.train(m.config, str(m.workdir), mesh=mesh)
         log.done(stage, t0)
     if not _is_guided(models):
         log.skip("classifier", "every classifier scale is 0: no guidance")
@@ -419,7 +421,7 @@ def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) 
         return
     steps = config.train.classifier_num_steps
     t0 = log.start("classifier", f"train the noise-aware classifier ({steps} steps)")
-    classifier_trainer.train(config, str(workdir), mesh=mesh)
+    train_job.train_classifier(config, str(workdir), mesh=mesh)
     log.done("classifier", t0)
 
 

@@ -24,6 +24,10 @@ Outputs, under `eval.nll_output_dir` (default `<workdir>/nll`):
     per_image.npz                     position, id (index in the split; -1 for TFDS), label [N];
                                       total_bpd, prior_bpd [N]; vb, mse, xstart_mse [N, T]
     summary.json                      bits/dim (mean, standard error), its parts, the settings
+
+What is this job's own: the plan of stream positions, `bpd_fn` (one jitted calc_bpd_loop per
+batch), the data stream and the output files. Locking, resuming, the manifest, shards and progress
+are the run engine's (gdiff/engine/runs.py), as for sampling.
 """
 
 from __future__ import annotations
@@ -38,18 +42,19 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 
-from gdiff import checkpointing, distributed, factory, progress, workdir_lock, xla_options
+from gdiff import atomic, distributed, factory, xla_options
+from gdiff.checkpoints import fingerprints, locate
 from gdiff.data import pipeline
+from gdiff.engine import runs
 from gdiff.sampling import sampler as sampler_lib
-from gdiff.sampling import shards
 
 # The reference's files: <term>_terms.npz with arr_0 = the term per step, averaged over images.
 TERMS = ("vb", "mse", "xstart_mse")
 PER_IMAGE = "per_image.npz"
 SUMMARY = "summary.json"
+SHARDS = "shards"  # the engine's one part: <out>/shards/shard_<process>_<batch>.npz
 # Arrays of a shard and of per_image.npz, in that order.
 KEYS = ("position", "id", "label", "total_bpd", "prior_bpd", *TERMS)
 
@@ -72,16 +77,16 @@ class NllPlan:
     process_count: int
     out: pathlib.Path
     manifest: dict
-    model: checkpointing.Location
+    model: locate.Location
 
     def positions(self, batch: int) -> np.ndarray:
         """int32 [local_examples]: this process's stream positions in global batch `batch`."""
         first = batch * self.per_batch + self.first_local
         return np.arange(first, first + self.local_examples, dtype=np.int32)
 
-    def shard(self, batch: int, process: int | None = None) -> pathlib.Path:
-        process = self.process_index if process is None else process
-        return self.out / "shards" / f"shard_{process}_{batch}.npz"
+    def kept(self, batch: int) -> int:
+        """How many of this process's examples in `batch` lie inside the run."""
+        return int(np.sum(self.positions(batch) < self.num_samples))
 
 
 def _manifest(config, per_batch: int, model_checkpoint: str) -> dict:
@@ -126,7 +131,7 @@ def make_plan(config, workdir: str, mesh: jax.sharding.Mesh) -> NllPlan:
     local = distributed.local_batch_size(per_batch, mesh)
     model_checkpoint = config.sample.model_checkpoint or workdir
     try:
-        model = checkpointing.locate(model_checkpoint, "model")
+        model = locate.locate(model_checkpoint, "model")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot load the model from {model_checkpoint}: {e}") from e
     return NllPlan(
@@ -191,13 +196,6 @@ def _build(config, mesh: jax.sharding.Mesh, params: Any):
     return jitted, variables, key
 
 
-def _todo(plan: NllPlan) -> list[int]:
-    """The batches some process has no shard of yet (agreed by all processes)."""
-    done = np.array([plan.shard(b).exists() for b in range(plan.num_batches)], bool)
-    done = distributed.all_agree(done)
-    return [b for b in range(plan.num_batches) if not done[b]]
-
-
 def _next_batch(stream: Iterator, batch: int, plan: NllPlan) -> dict[str, np.ndarray]:
     try:
         return next(stream)
@@ -206,89 +204,6 @@ def _next_batch(stream: Iterator, batch: int, plan: NllPlan) -> dict[str, np.nda
             f"the eval split ended after {batch} batches of {plan.per_batch}: it holds fewer than "
             f"eval.nll_num_samples={plan.num_samples} examples; lower eval.nll_num_samples"
         ) from None
-
-
-def _write_shard(plan: NllPlan, batch: int, local: dict, out: dict) -> np.ndarray:
-    """Writes this process's rows of `batch` that lie inside the run; returns their total_bpd."""
-    positions = plan.positions(batch)
-    keep = positions < plan.num_samples
-    ids = local.get("id", np.full(len(positions), -1))
-    values = {
-        "position": positions,
-        "id": np.asarray(ids, np.int64),
-        "label": local["label"],
-        **{k: sampler_lib.local_rows(out[k]) for k in ("total_bpd", "prior_bpd", *TERMS)},
-    }
-    shards.atomic_savez(plan.shard(batch), **{k: np.asarray(values[k])[keep] for k in KEYS})
-    return values["total_bpd"][keep]
-
-
-def _load_pinned(config, plan: NllPlan) -> tuple[Any, dict]:
-    """(the model's parameters, checked against the config; `plan.manifest` plus their pin:
-    step, EMA copy, sha256), so a resumed run never mixes two models' bits/dim."""
-    params, pin = checkpointing.load_pinned(plan.model, ema_rate=config.sample.ema_rate or None)
-    abstract = factory.abstract_variables(factory.build_model(config))["params"]
-    checkpointing.check_params_match(params, abstract, what="model", where=plan.model.path)
-    manifest = {
-        **plan.manifest,
-        "model_weights": {k: pin[k] for k in ("step", "ema_rate", "sha256")},
-        "model_located": pin["path"],
-    }
-    return params, manifest
-
-
-def evaluate(config, plan: NllPlan, mesh, params: Any, *, on_batch_done=None) -> None:
-    """Evaluates every batch that has no shard yet with `params`; each process writes its own
-    shards. Every process must call it (each batch is one collective program)."""
-    todo = _todo(plan)
-    if not todo:
-        return
-    jitted, variables, key = _build(config, mesh, params)
-    stream = pipeline.local_batches(
-        config, global_batch_size=plan.per_batch, mesh=mesh, start_step=todo[0], train=False
-    )
-    bar = _progress_bar(plan, todo)
-    seen = []
-    for b in range(todo[0], plan.num_batches):
-        local = _next_batch(stream, b, plan)
-        if b not in todo:
-            continue
-        ids = plan.positions(b)
-        batch = {"image": local["image"], "label": local["label"], "ids": ids}
-        out = jitted(variables, key, distributed.global_batch(batch, mesh))
-        seen.extend(_write_shard(plan, b, local, out).tolist())
-        logging.info("done batch %d: bpd=%.6f (this process)", b, np.mean(seen))
-        if bar is not None:
-            bar.update(int(np.sum(ids < plan.num_samples)))
-            bar.set_postfix(bpd=f"{np.mean(seen):.4f}")
-        if on_batch_done is not None:
-            on_batch_done(b)
-    stream.close()
-    if bar is not None:
-        bar.close()
-
-
-def _progress_bar(plan: NllPlan, todo: list[int]) -> tqdm.tqdm | None:
-    """Process 0's bar over its images, starting at those already on disk."""
-    left = sum(int(np.sum(plan.positions(b) < plan.num_samples)) for b in todo)
-    mine = sum(int(np.sum(plan.positions(b) < plan.num_samples)) for b in range(plan.num_batches))
-    return progress.bar(mine, initial=mine - left, unit="img", desc="nll")
-
-
-def merge_shards(plan: NllPlan) -> dict[str, np.ndarray]:
-    """Every shard in (batch, process) order, i.e. stream order -> {key: [num_samples, ...]}."""
-    parts = []
-    for b in range(plan.num_batches):
-        for p in range(plan.process_count):
-            path = plan.shard(b, p)
-            if not path.exists():
-                raise FileNotFoundError(f"cannot merge {plan.out}: {path.name} is missing (rerun)")
-            with np.load(path) as z:
-                parts.append({k: z[k] for k in KEYS})
-    merged = {k: np.concatenate([part[k] for part in parts]) for k in KEYS}
-    if merged["position"].tolist() != list(range(plan.num_samples)):
-        raise ValueError(f"{plan.out}: the shards do not hold positions 0..{plan.num_samples - 1}")
-    return merged
 
 
 def summarize(per_image: dict[str, np.ndarray], manifest: dict) -> dict:
@@ -306,16 +221,128 @@ def summarize(per_image: dict[str, np.ndarray], manifest: dict) -> dict:
     }
 
 
-def _write_outputs(plan: NllPlan) -> None:
-    """Process 0: per_image.npz, the reference's <term>_terms.npz files and summary.json."""
-    per_image = merge_shards(plan)
-    shards.atomic_savez(plan.out / PER_IMAGE, **per_image)
-    for term in TERMS:
-        shards.atomic_savez(plan.out / f"{term}_terms.npz", arr_0=per_image[term].mean(axis=0))
-    summary = summarize(per_image, plan.manifest)
-    tmp = plan.out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-    os.replace(tmp, plan.out / SUMMARY)
+class NllJob:
+    """A bits/dim run as the engine's job: one part, every example's terms."""
+
+    what = "bits/dim run"
+    unit = "img"
+    setting = "eval.nll_output_dir"
+    restart_setting = None
+    restart = False
+
+    def __init__(self, config, plan: NllPlan, mesh: jax.sharding.Mesh):
+        self.config, self.plan, self.mesh = config, plan, mesh
+        self.layout = runs.Layout(
+            out=plan.out,
+            parts=(SHARDS,),
+            num_batches=plan.num_batches,
+            process_index=plan.process_index,
+            process_count=plan.process_count,
+        )
+        self.params = None
+        self.manifest = plan.manifest
+        self._program = None
+        self._stream: Iterator | None = None
+        self._next = 0  # the batch the stream yields next
+        self._seen: list[float] = []  # this process's total_bpd so far (the running mean)
+
+    def pin(self) -> dict:
+        """Loads the model, checked against the config; the plan's manifest plus its pin (step,
+        EMA copy, sha256), so a resumed run never mixes two models' bits/dim."""
+        plan = self.plan
+        params, pin = locate.load_pinned(plan.model, ema_rate=self.config.sample.ema_rate or None)
+        abstract = factory.abstract_variables(factory.build_model(self.config))["params"]
+        fingerprints.check_params_match(params, abstract, what="model", where=plan.model.path)
+        self.params = params
+        self.manifest = {
+            **plan.manifest,
+            "model_weights": {k: pin[k] for k in ("step", "ema_rate", "sha256")},
+            "model_located": pin["path"],
+        }
+        return self.manifest
+
+    def hint(self, manifest: dict) -> str:
+        return ""
+
+    def finished(self, run_id: str) -> bool:
+        return (self.plan.out / SUMMARY).exists()
+
+    def start(self, todo: list[int]) -> None:
+        self._program = _build(self.config, self.mesh, self.params)
+        # Each host reads its own part of the stream; a resumed run starts at its first gap.
+        self._stream = pipeline.local_batches(
+            self.config,
+            global_batch_size=self.plan.per_batch,
+            mesh=self.mesh,
+            start_step=todo[0],
+            train=False,
+        )
+        self._next = todo[0]
+
+    def _batch(self, batch: int) -> dict[str, np.ndarray]:
+        """The stream's batch `batch` (batches between are read and dropped: already on disk)."""
+        while True:
+            local = _next_batch(self._stream, self._next, self.plan)
+            self._next += 1
+            if self._next > batch:
+                return local
+
+    def compute(self, batch: int) -> dict[str, dict[str, np.ndarray]]:
+        """This process's rows of `batch` that lie inside the run."""
+        plan = self.plan
+        jitted, variables, key = self._program
+        local = self._batch(batch)
+        positions = plan.positions(batch)
+        inputs = {"image": local["image"], "label": local["label"], "ids": positions}
+        out = jitted(variables, key, distributed.global_batch(inputs, self.mesh))
+        keep = positions < plan.num_samples
+        values = {
+            "position": positions,
+            "id": np.asarray(local.get("id", np.full(len(positions), -1)), np.int64),
+            "label": local["label"],
+            **{k: sampler_lib.local_rows(out[k]) for k in ("total_bpd", "prior_bpd", *TERMS)},
+        }
+        rows = {k: np.asarray(values[k])[keep] for k in KEYS}
+        self._seen.extend(rows["total_bpd"].tolist())
+        logging.info("done batch %d: bpd=%.6f (this process)", batch, np.mean(self._seen))
+        if batch == plan.num_batches - 1:
+            self._stream.close()
+        return {SHARDS: rows}
+
+    def units(self, batch: int) -> int:
+        return self.plan.kept(batch)
+
+    def total_units(self) -> int:
+        return sum(self.plan.kept(b) for b in range(self.plan.num_batches))
+
+    def postfix(self) -> dict[str, str]:
+        return {"bpd": f"{np.mean(self._seen):.4f}"} if self._seen else {}
+
+    def merge(self, gather: Callable[[str], dict[str, np.ndarray]], run_id: str) -> None:
+        """per_image.npz, the reference's <term>_terms.npz files and summary.json."""
+        out = self.plan.out
+        arrays = gather(SHARDS)
+        per_image = {k: arrays[k] for k in KEYS}
+        if per_image["position"].tolist() != list(range(self.plan.num_samples)):
+            raise ValueError(
+                f"{out}: the shards do not hold positions 0..{self.plan.num_samples - 1}"
+            )
+        atomic.savez(out / PER_IMAGE, **per_image)
+        for term in TERMS:
+            atomic.savez(out / f"{term}_terms.npz", arr_0=per_image[term].mean(axis=0))
+        summary = summarize(per_image, self.manifest)
+        atomic.write_text(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
+
+    def result(self) -> dict:
+        summary = json.loads((self.plan.out / SUMMARY).read_text())
+        logging.info(
+            "bits/dim %.4f +- %.4f over %d images (%s)",
+            summary["bpd"],
+            summary["bpd_stderr"],
+            summary["num_samples"],
+            self.plan.out,
+        )
+        return summary
 
 
 def run(config, workdir: str, *, mesh=None, on_batch_done=None) -> dict:
@@ -334,26 +361,4 @@ def run(config, workdir: str, *, mesh=None, on_batch_done=None) -> dict:
     """
     mesh = mesh if mesh is not None else distributed.data_mesh()
     plan = make_plan(config, workdir, mesh)
-    with workdir_lock.hold(plan.out.parent, plan.out.name, what="bits/dim run"):
-        params, manifest = _load_pinned(config, plan)
-        shards.check_run_manifest(
-            plan.out,
-            manifest,
-            write=distributed.is_main_process(),
-            setting="eval.nll_output_dir",
-        )
-        if not (plan.out / SUMMARY).exists():
-            evaluate(config, plan, mesh, params, on_batch_done=on_batch_done)
-            distributed.barrier("gdiff_nll_shards_written")
-            if distributed.is_main_process():
-                _write_outputs(plan)
-            distributed.barrier("gdiff_nll_merged")
-    summary = json.loads((plan.out / SUMMARY).read_text())
-    logging.info(
-        "bits/dim %.4f +- %.4f over %d images (%s)",
-        summary["bpd"],
-        summary["bpd_stderr"],
-        summary["num_samples"],
-        plan.out,
-    )
-    return summary
+    return runs.run(NllJob(config, plan, mesh), on_batch_done=on_batch_done)

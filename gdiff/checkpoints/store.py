@@ -1,31 +1,24 @@
-"""Checkpoints: orbax behind one small module.
+"""Writing and reading checkpoints: orbax behind one small module.
 
 Two kinds live on disk:
 
-* Training checkpoints: an orbax `CheckpointManager` directory (one sub-folder per step, written
-  atomically by orbax: a killed save leaves the previous step usable) plus `gdiff_config.json`, the
-  fingerprint of the configuration that wrote them. A run whose configuration differs refuses to
-  resume from it instead of silently loading mismatched weights.
+* Training checkpoints (`CheckpointManager`): an orbax `CheckpointManager` directory (one
+  sub-folder per step, written atomically by orbax: a killed save leaves the previous step usable)
+  plus `gdiff_config.json`, the fingerprint of the configuration that wrote them. A run whose
+  configuration differs refuses to resume from it instead of silently loading mismatched weights.
+  A restore is verified first; a resumed run falls back to the newest intact step, setting the
+  broken ones aside.
 * Parameter checkpoints (`save_params`): inference weights only, e.g. a converted OpenAI checkpoint.
   Layout `<dir>/params` (orbax) + `<dir>/gdiff_metadata.json`, built in a temporary folder and
   renamed into place, so a finished one is never half-overwritten.
 
-`locate` also recognises a reference (PyTorch) training run, the files guided-diffusion's
-`TrainLoop.save()` writes (`model<step>.pt`, `ema_<rate>_<step>.pt`, `opt<step>.pt`), so that
-`train.resume_checkpoint` can name one (gdiff/compat/reference_run.py imports it).
-
-`locate` is the one place that finds a checkpoint on disk (a path given by the user, a step folder,
-or a workdir); `load_params`, sampling, the digits pipeline and resuming training all go through it.
-Workdir conventions (what `locate(workdir, kind)` looks for, in order):
-  kind "model":      `<workdir>/checkpoints`, `<workdir>/model_params`
-  kind "classifier": `<workdir>/classifier_checkpoints`, `<workdir>/classifier_params`
+Finding one on disk (a path, a step folder or a workdir) and loading its parameters is
+gdiff/checkpoints/locate.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -37,23 +30,17 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gdiff import atomic, distributed, errors
+from gdiff import atomic, distributed, errors, treediff
+from gdiff.checkpoints import fingerprints
 
 CONFIG_FILE = "gdiff_config.json"
 # Settings a resumed run may change (the learning-rate schedule): recorded to report the change.
 SETTINGS_FILE = "gdiff_settings.json"
 METADATA_FILE = "gdiff_metadata.json"
 PARAMS_ITEM = "params"
-# The model file of a reference training run: `model{step:06d}.pt` (TrainLoop.save()).
-REFERENCE_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
-WORKDIR_LAYOUT = {
-    "model": ("checkpoints", "model_params"),
-    "classifier": ("classifier_checkpoints", "classifier_params"),
-}
 
 
 def _jsonable(tree: Any) -> Any:
@@ -66,23 +53,6 @@ def _without(tree: Any, keys: Collection[str]) -> Any:
     if isinstance(tree, dict):
         return {k: _without(v, keys) for k, v in tree.items() if k not in keys}
     return tree
-
-
-# Stands for a key one side of `changed_keys` lacks.
-MISSING = type("Missing", (), {"__repr__": lambda self: "(absent)"})()
-
-
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every leaf where two nested JSON dicts differ, in
-    sorted key order; a key one side lacks has MISSING there. Fingerprints, resumable settings
-    and sampling manifests are all compared this way."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out.extend(changed_keys(old.get(key, MISSING), new.get(key, MISSING), name))
-        return out
-    return [] if old == new else [(prefix, old, new)]
 
 
 class CheckpointManager:
@@ -122,11 +92,11 @@ class CheckpointManager:
             stored = json.loads(path.read_text())
             diffs = [
                 f"{k} (only in this run)"
-                if a is MISSING
+                if a is treediff.MISSING
                 else f"{k} (only in checkpoint)"
-                if b is MISSING
+                if b is treediff.MISSING
                 else f"{k}: checkpoint {a!r} vs this run {b!r}"
-                for k, a, b in changed_keys(_without(stored, ignore), fingerprint)
+                for k, a, b in treediff.changed_keys(_without(stored, ignore), fingerprint)
             ]
             if diffs:
                 raise errors.ConfigMismatchError(
@@ -163,7 +133,7 @@ class CheckpointManager:
         path = self.directory / SETTINGS_FILE
         settings = _jsonable(dict(settings))
         old = json.loads(path.read_text()) if path.exists() else None
-        changes = [] if old is None else changed_keys(old, settings)
+        changes = [] if old is None else treediff.changed_keys(old, settings)
         if jax.process_index() == 0 and old != settings:
             atomic.write_text(path, json.dumps(settings, indent=1, sort_keys=True))
         return [f"{k}: {a!r} -> {b!r}" for k, a, b in changes]
@@ -176,7 +146,7 @@ class CheckpointManager:
             if not errors.is_disk_full(e):
                 raise
             step = self._writing if step is None else step
-            newest = [s for s in _finished_steps(self.directory) if s != step]
+            newest = [s for s in finished_steps(self.directory) if s != step]
             resume = f"step {newest[-1]}" if newest else "the start"
             raise errors.DiskFullError(
                 f"disk full while saving step {step} to {self.directory}: free space (or lower "
@@ -301,51 +271,6 @@ _ITEM = "default"
 _ARRAY_IN_ERROR = re.compile(r"path[^\w/]+([A-Za-z_][\w.\-]*)/")
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def tree_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{"params/block/kernel": (shape, dtype name)} for every array leaf of `tree` (arrays,
-    ShapeDtypeStructs or orbax array metadata alike), so two trees compare by content layout."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-        for path, leaf in flat
-        if hasattr(leaf, "shape")
-    }
-
-
-def first_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
-    """The first key (in sorted order) where two `tree_signature`s differ, described; None when
-    they are equal."""
-    for name in sorted(set(stored) | set(wanted)):
-        if name not in stored:
-            return f"{name} is in this config but not in the checkpoint"
-        if name not in wanted:
-            return f"{name} is in the checkpoint but not in this config"
-        if stored[name] != wanted[name]:
-            (s_shape, s_dtype), (w_shape, w_dtype) = stored[name], wanted[name]
-            ckpt, this = f"{s_dtype}{list(s_shape)}", f"{w_dtype}{list(w_shape)}"
-            return f"{name}: checkpoint {ckpt} vs this config {this}"
-    return None
-
-
-def check_params_match(params: Any, abstract_params: Any, *, what: str, where: Any) -> None:
-    """Raises ConfigMismatchError unless `params` (loaded from `where`) have exactly the shapes
-    and dtypes of `abstract_params` (e.g. `jax.eval_shape` of the configured network's init), so
-    a wrong config is named by its first differing key instead of failing inside Flax."""
-    diff = first_difference(tree_signature(params), tree_signature(abstract_params))
-    if diff is not None:
-        raise errors.ConfigMismatchError(
-            f"the {what} config does not match the checkpoint {where} (first differing key: "
-            f"{diff}); use the config it was trained or converted with"
-        )
-
-
 def _step_problem(step_dir: pathlib.Path, abstract_state: Any) -> str | None:
     """Why `step_dir` cannot be restored, judged from its metadata without reading arrays; None
     when it looks intact.
@@ -370,7 +295,9 @@ def _step_problem(step_dir: pathlib.Path, abstract_state: Any) -> str | None:
     if metadata is None:
         return f"the metadata of {item} cannot be read"
     if abstract_state is not None:
-        diff = first_difference(tree_signature(metadata), tree_signature(abstract_state))
+        diff = fingerprints.first_difference(
+            fingerprints.tree_signature(metadata), fingerprints.tree_signature(abstract_state)
+        )
         if diff is not None:
             raise errors.ConfigMismatchError(
                 f"this config does not match the checkpoint {step_dir} (first differing key: "
@@ -468,196 +395,10 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """Where a checkpoint is, as `locate` found it."""
-
-    # a save_params directory, an orbax CheckpointManager directory, or the folder of a reference
-    # training run's files
-    path: pathlib.Path
-    # "params" (save_params), "training" (CheckpointManager steps) or "reference_run"
-    # (model<step>.pt + ema_<rate>_<step>.pt + opt<step>.pt of guided-diffusion's TrainLoop)
-    format: str
-    # "training": the step to restore (the step folder given, else the newest finished one);
-    # "reference_run": the model file's step (the one given, else the newest); None for "params".
-    step: int | None
-
-
-def _finished_steps(directory: pathlib.Path) -> list[int]:
+def finished_steps(directory: pathlib.Path) -> list[int]:
     """The steps of an orbax checkpoint directory, ascending. Orbax writes a step under a
     temporary name and renames it to the bare number when it is complete, so only digit-named
     folders count."""
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _checkpoint_at(path: pathlib.Path) -> Location | None:
-    """`path` itself as a checkpoint (params dir, training dir, or one step folder), else None."""
-    if (path / METADATA_FILE).exists():
-        return Location(path, "params", None)
-    steps = _finished_steps(path)
-    if steps:
-        return Location(path, "training", steps[-1])
-    if path.name.isdigit() and _finished_steps(path.parent):
-        return Location(path.parent, "training", int(path.name))
-    return _reference_run_at(path)
-
-
-def _reference_run_at(path: pathlib.Path) -> Location | None:
-    """A reference run's `model<step>.pt` file, or a folder holding some (the newest step)."""
-    match = REFERENCE_MODEL_FILE.match(path.name)
-    if path.is_file() and match:
-        return Location(path.parent, "reference_run", int(match.group(1)))
-    if not path.is_dir():
-        return None
-    steps = [int(m.group(1)) for p in path.iterdir() if (m := REFERENCE_MODEL_FILE.match(p.name))]
-    return Location(path, "reference_run", max(steps)) if steps else None
-
-
-def _unfinished(path: pathlib.Path) -> str:
-    """A note for the error message when `path` is a training directory with no finished step."""
-    if (path / CONFIG_FILE).exists():
-        return f" ({path} is a training checkpoint directory with no finished step yet)"
-    return ""
-
-
-def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
-    """Finds the checkpoint that `path` names.
-
-    Args:
-      path: a save_params dir, a training checkpoint dir, one step folder of it, a reference
-        training run (a `model<step>.pt` file or its folder), or (when kind is "model" or
-        "classifier") a workdir holding one of WORKDIR_LAYOUT[kind], tried in order.
-      kind: None when `path` itself must be a checkpoint; "model" or "classifier" to also look
-        inside a workdir.
-
-    Raises:
-      FileNotFoundError naming what was looked for: the path is missing, holds no checkpoint, or
-      is a training directory with no finished step.
-    """
-    if kind is not None and kind not in WORKDIR_LAYOUT:
-        raise ValueError(f"kind must be one of {sorted(WORKDIR_LAYOUT)}; got {kind!r}")
-    path = pathlib.Path(path).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    found = _checkpoint_at(path)
-    if found is not None:
-        return found
-    if kind is None:
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}), "
-            "a training checkpoint directory (digit-named step folders) or a reference training "
-            f"run (model<step>.pt){_unfinished(path)}"
-        )
-    candidates = [path / name for name in WORKDIR_LAYOUT[kind]]
-    for candidate in candidates:
-        found = _checkpoint_at(candidate)
-        if found is not None:
-            return found
-    raise FileNotFoundError(
-        f"no {kind} checkpoint at {path}: expected a parameter checkpoint (with {METADATA_FILE}), "
-        f"a training checkpoint directory, or a workdir containing one of "
-        f"{', '.join(WORKDIR_LAYOUT[kind])}" + "".join(_unfinished(c) for c in candidates)
-    )
-
-
-def load_params(
-    path: str | os.PathLike | Location,
-    *,
-    ema_rate: str | float | None = None,
-    kind: str = "model",
-) -> Any:
-    """Loads inference parameters from any gdiff checkpoint.
-
-    Args:
-      path: a `save_params` directory, a training checkpoint directory (newest step is used), one
-        step folder of it, or a workdir (see the module docstring for where it looks); or what
-        `locate` returned for one.
-      ema_rate: which EMA copy of a training checkpoint to return (e.g. "0.9999"); default the
-        slowest (largest) rate stored, the one the reference samples from; the raw parameters when
-        the checkpoint has no EMA.
-      kind: "model" or "classifier", for workdir look-up.
-
-    Returns:
-      The parameter pytree (nested dicts of arrays), ready for `module.apply({"params": p}, ...)`.
-    """
-    return load_pinned(path, ema_rate=ema_rate, kind=kind)[0]
-
-
-def load_pinned(
-    path: str | os.PathLike | Location,
-    *,
-    ema_rate: str | float | None = None,
-    kind: str = "model",
-) -> tuple[Any, dict]:
-    """`load_params`, plus what exactly was loaded: (params, pin).
-
-    pin = {"path", "format", "step", "ema_rate", "sha256"}: the checkpoint found, its step (None
-    for a parameter checkpoint), the EMA copy taken (None: the raw parameters) and
-    `params_fingerprint(params)`. A run that records the pin (a sampling manifest) can tell the
-    same weights from others at the same path.
-    """
-    found = path if isinstance(path, Location) else locate(path, kind)
-    if found.format == "reference_run":
-        raise ValueError(
-            f"{found.path} holds a reference (PyTorch) training run (model{found.step:06d}.pt): "
-            "convert its model or EMA file with --mode=convert (config.torch_checkpoint) to sample "
-            "from it, or continue training it with train.resume_checkpoint"
-        )
-    key = None
-    if found.format == "params":
-        params = ocp.StandardCheckpointer().restore(found.path / PARAMS_ITEM)
-    else:
-        manager = CheckpointManager(found.path)
-        try:
-            state = manager.restore_raw(found.step)
-        finally:
-            manager.close()
-        ema = state.get("ema_params") or {}
-        params = state["params"]
-        if ema:
-            key = ema_key(ema, ema_rate, where=f"{found.path} step {found.step}")
-            params = ema[key]
-    pin = {
-        "path": str(found.path),
-        "format": found.format,
-        "step": found.step,
-        "ema_rate": key,
-        "sha256": params_fingerprint(params),
-    }
-    return params, pin
-
-
-def params_fingerprint(tree: Any) -> str:
-    """sha256 over every leaf's key path, dtype, shape and bytes, in key-path order: equal for the
-    same values however they were saved (re-saved, converted again, copied), different for any
-    other weights."""
-    digest = hashlib.sha256()
-    flat = jax.tree_util.tree_flatten_with_path(distributed.host_copy(tree))[0]
-    for path, leaf in sorted(flat, key=lambda item: jax.tree_util.keystr(item[0])):
-        leaf = np.ascontiguousarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
-        digest.update(leaf.tobytes())
-    return digest.hexdigest()
-
-
-def ema_key(rates, ema_rate: str | float | None = None, *, where: str = "the checkpoint") -> str:
-    """Which stored EMA copy to sample from: the one equal to `ema_rate`, else the slowest
-    (largest) rate, the one the reference samples from.
-
-    Args:
-      rates: the stored EMA rates (strings, e.g. the keys of `TrainState.ema_params`); not empty.
-      ema_rate: the requested rate, or None / "" for the default.
-      where: what holds them, for the error message.
-
-    Raises:
-      KeyError: `ema_rate` is not among `rates`.
-    """
-    rates = list(rates)
-    if ema_rate in (None, ""):
-        return max(rates, key=float)
-    matches = [k for k in rates if np.isclose(float(k), float(ema_rate))]
-    if not matches:
-        raise KeyError(f"{where} has EMA rates {sorted(rates)}, not {ema_rate}")
-    return matches[0]

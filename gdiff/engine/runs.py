@@ -1,0 +1,242 @@
+"""The one resumable, sharded run engine: work items -> shards on disk -> merge -> pinned manifest.
+
+Sampling runs, classifier-scale sweeps and bits/dim runs are the same job shape: a fixed list of
+global batches, each one collective program over every device of every host, whose rows each
+process writes to its own shard; a killed run resumes from the shards on disk, and at the end
+process 0 merges them into the job's outputs. This module does everything that shape needs, once:
+
+    lock the output directory (one writer)
+    -> job.pin(): load the weights, return the manifest with their pins
+    -> manifest.check_run_manifest (refuse, or move aside, a run made with other settings)
+    -> job.finished(): outputs already there (and made under this run)? done
+    -> draw: the batches some process lacks a shard of (agreed by all), a progress bar, one shard
+       per (part, batch, process) tagged with the run digest, never rewritten
+    -> gather + job.merge (process 0), between barriers
+
+A job supplies only what is its own (`Job`): where its output goes and how its batches split
+(`Layout`), its manifest and weights, the per-batch computation and the output format. The
+engine neither knows nor cares whether a row is an image or a bits/dim term.
+
+Layout of a run's output directory:
+
+    <out>/run.json                          the manifest (gdiff/engine/manifest.py)
+    <out>/<part>/shard_<process>_<batch>.npz  one per part, batch and process
+    <out>/...                               the job's merged outputs
+
+Every file is written to a temporary name and `os.replace`d into place (gdiff/atomic.py), so a
+killed run leaves either a complete file or none; a shard that exists is finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from absl import logging
+
+from gdiff import atomic, distributed, errors, progress, workdir_lock
+from gdiff.engine import manifest as manifest_lib
+
+_SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.npz$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a run's shards go and how its work splits: `num_batches` global batches, each
+    written by every process as one shard per part (a sampling run's part is a guidance scale's
+    folder, a bits/dim run has one part)."""
+
+    out: pathlib.Path  # the run's output directory (holds run.json)
+    parts: tuple[str, ...]  # sub-folders of `out`, one shard per batch and process in each
+    num_batches: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def shard(self, part: str, batch: int, process: int | None = None) -> pathlib.Path:
+        process = self.process_index if process is None else process
+        return self.out / part / f"shard_{process}_{batch}.npz"
+
+    def todo(self) -> list[int]:
+        """The batches still to draw: those some process lacks a shard of (agreed by all, so
+        every process runs the same collective programs)."""
+
+        def done(b: int) -> bool:
+            return all(self.shard(part, b).exists() for part in self.parts)
+
+        flags = distributed.all_agree(np.array([done(b) for b in range(self.num_batches)], bool))
+        return [b for b in range(self.num_batches) if not flags[b]]
+
+
+class Job(Protocol):
+    """What a job gives the engine; everything else is the engine's."""
+
+    what: str  # e.g. "sampling run": names the lock and the logs
+    unit: str  # progress unit, e.g. "img"
+    layout: Layout
+    setting: str  # the config key choosing layout.out (named in refusals)
+    restart_setting: str | None  # the config key that moves a differing run aside, if any
+    restart: bool
+
+    def pin(self) -> dict:
+        """Loads what the run computes with and returns its manifest, pins included."""
+
+    def hint(self, manifest: dict) -> str:
+        """A sentence added to a refusal (how to finish the old run), or ""."""
+
+    def finished(self, run_id: str) -> bool:
+        """Whether the merged outputs exist (raising when they were made under another run)."""
+
+    def start(self, todo: list[int]) -> None:
+        """Builds what the batches need (the compiled program); called only when there is work."""
+
+    def compute(self, batch: int) -> dict[str, dict[str, np.ndarray]]:
+        """This process's rows of `batch` to keep, per part: {part: {array name: array}}."""
+
+    def units(self, batch: int) -> int:
+        """Progress units (e.g. images) of `batch`, as this process's bar counts them."""
+
+    def total_units(self) -> int:
+        """Progress units of the whole run."""
+
+    def postfix(self) -> dict[str, str]:
+        """Running figures shown beside the bar (e.g. the mean bits/dim so far), or {}."""
+
+    def merge(self, gather: Callable[[str], dict[str, np.ndarray]], run_id: str) -> None:
+        """Process 0: writes the outputs; `gather(part)` returns that part's arrays of every
+        shard in (batch, process) order, i.e. the global example order."""
+
+    def result(self) -> Any:
+        """What the run returns (read from the outputs)."""
+
+
+def run(job: Job, *, on_batch_done: Callable[[int], None] | None = None) -> Any:
+    """Runs `job` to completion, resuming from what is on disk (see the module docstring).
+
+    Every process must call it: the batches left to draw are agreed across hosts, and each batch
+    is one collective program.
+
+    Args:
+      job: the job.
+      on_batch_done: called with the batch index after its shards are written (progress hooks;
+        tests inject a failure here to simulate a killed run).
+    """
+    out = job.layout.out
+    # One writer per output directory: a second one would compute every shard again.
+    with workdir_lock.hold(out.parent, out.name, what=job.what):
+        manifest = job.pin()
+        run_id = manifest_lib.run_digest(manifest)
+        manifest_lib.check_run_manifest(
+            out,
+            manifest,
+            write=distributed.is_main_process(),
+            setting=job.setting,
+            restart_setting=job.restart_setting,
+            restart=job.restart,
+            hint=job.hint(manifest),
+        )
+        if not job.finished(run_id):
+            draw(job, run_id, on_batch_done=on_batch_done)
+            distributed.barrier(f"gdiff_shards_written_{out.name}")
+            if distributed.is_main_process():
+                job.merge(functools.partial(_gather, job, run_id=run_id), run_id)
+            distributed.barrier(f"gdiff_merged_{out.name}")
+        return job.result()
+
+
+def draw(job: Job, run_id: str, *, on_batch_done: Callable[[int], None] | None = None) -> None:
+    """Computes every batch that some process has no shard of yet; each process writes its own
+    shards, tagged with `run_id`. A shard already on disk is never rewritten."""
+    todo = job.layout.todo()
+    if not todo:
+        return
+    job.start(todo)
+    units = [job.units(b) for b in todo]
+    total = job.total_units()
+    bar = progress.bar(total, initial=total - sum(units), unit=job.unit, desc=job.what)
+    start, done = time.perf_counter(), 0
+    for b, n in zip(todo, units, strict=True):
+        for part, arrays in job.compute(b).items():
+            path = job.layout.shard(part, b)
+            if not path.exists():
+                atomic.savez(path, **arrays, **{manifest_lib.RUN_KEY: np.asarray(run_id)})
+        done += n
+        if bar is not None:
+            # The figures first: a log line written by update() then shows this batch's.
+            if postfix := job.postfix():
+                bar.set_postfix(**postfix, refresh=False)
+            bar.update(n)
+        if on_batch_done is not None:
+            on_batch_done(b)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    logging.info(
+        "%s: %d %s in %.1fs (%.2f %s/s on this process)",
+        job.what,
+        done,
+        job.unit,
+        elapsed,
+        done / max(elapsed, 1e-9),
+        job.unit,
+    )
+
+
+def _gather(job: Job, part: str, *, run_id: str) -> dict[str, np.ndarray]:
+    return gather(job.layout, part, run_id, setting=job.setting)
+
+
+def list_shards(directory) -> dict[tuple[int, int], pathlib.Path]:
+    """{(batch, process): path} of the finished shards in one part's directory."""
+    found = {}
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return found
+    for p in directory.iterdir():
+        if m := _SHARD_RE.match(p.name):
+            found[(int(m.group(2)), int(m.group(1)))] = p
+    return found
+
+
+def gather(
+    layout: Layout, part: str, run_id: str | None, *, setting: str = "sample.output_dir"
+) -> dict[str, np.ndarray]:
+    """Every shard of `part` in (batch, process) order, concatenated per array name.
+
+    That order is the global example order, so row i of each result is example i of the run.
+
+    Raises:
+      FileNotFoundError: a shard is missing (the run is not finished).
+      ValueError: the shards hold different arrays.
+      errors.ConfigMismatchError: a shard was made under another run than `run_id` (None: not
+        checked).
+    """
+    directory = layout.out / part
+    found = list_shards(directory)
+    pieces: list[dict[str, np.ndarray]] = []
+    for b in range(layout.num_batches):
+        for p in range(layout.process_count):
+            if (b, p) not in found:
+                raise FileNotFoundError(
+                    f"cannot merge {directory}: shard_{p}_{b}.npz is missing (rerun to finish it)"
+                )
+            with np.load(found[(b, p)]) as z:
+                arrays = {k: z[k] for k in z.files}
+            made = arrays.pop(manifest_lib.RUN_KEY, None)
+            made = None if made is None else str(made)
+            if run_id is not None and made != run_id:
+                raise errors.ConfigMismatchError(
+                    f"{found[(b, p)]} was drawn under another run ({made or 'unrecorded'}, this "
+                    f"one {run_id}); refusing to merge it. Delete it to redraw it, or start "
+                    f"afresh with another {setting}"
+                )
+            pieces.append(arrays)
+    names = set(pieces[0]) if pieces else set()
+    if any(set(piece) != names for piece in pieces):
+        raise ValueError(f"{directory}: the shards hold different arrays (some lack labels?)")
+    return {k: np.concatenate([piece[k] for piece in pieces], axis=0) for k in sorted(names)}

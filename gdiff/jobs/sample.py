@@ -1,0 +1,262 @@
+"""`--mode=sample`: draw a run of samples, sharded over every device, resumable, per guidance scale.
+
+    python main.py --mode=sample --config configs/<model>.py --workdir <dir> \
+        --config.sample.classifier_checkpoint=<dir> --config.sample.classifier_scale=1.0
+
+The model (and, when any guidance scale is non-zero, the classifier) is loaded from
+`sample.model_checkpoint` / `sample.classifier_checkpoint` or the workdir. Every scale of
+`sample.classifier_scale` is sampled in the same compiled program over the same noise and labels
+(gdiff/sampling/sampler.py), batch by batch; each batch leaves one shard per scale and process on
+disk, so an interrupted run continues where it stopped. At the end process 0 merges each scale into
+the reference's `samples_<N>x<H>x<W>x3.npz` and a grid PNG.
+
+Super-resolution configs (`model.small_size` > 0) read `sample.base_samples` (the reference's
+super_res_sample.py input: arr_0 uint8 [N, small, small, 3], arr_1 labels) as the low-resolution
+input; example i is conditioned on base sample i (cycled when the base file is shorter).
+
+What is this job's own: the plan (`gdiff/sampling/plan.py`: labels, batches, checkpoints), the
+weights and their pins, one sampler call per batch and the output format (a reference-format file
+and a grid per scale). Locking, resuming, the manifest, shards and progress are the run engine's
+(gdiff/engine/runs.py).
+
+Output directory (`sample.output_dir`, default `<workdir>/samples`):
+
+    run.json                                  the pinned manifest (gdiff/engine/manifest.py)
+    scale_<s>/shard_<process>_<batch>.npz     one per batch and process
+    scale_<s>/samples_<N>x<H>x<W>x3.npz       the merged run, in the reference's format
+    scale_<s>/samples_<N>x<H>x<W>x3.npz.run   the run digest it was merged under
+    scale_<s>/grid.png                        a preview grid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from gdiff import distributed, factory
+from gdiff.checkpoints import fingerprints, locate
+from gdiff.engine import manifest as manifest_lib
+from gdiff.engine import runs
+from gdiff.sampling import grid as grid_lib
+from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import plan as plan_lib
+from gdiff.sampling import sample_files
+from gdiff.sampling import sampler as sampler_lib
+
+
+def as_variables(params: Any) -> dict:
+    """A loaded parameter tree as flax variables; a full {"params": ...} dict passes through."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return dict(params)
+    return {"params": params}
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The parameters a run samples with (host or device pytrees) and their pins
+    (`locate.load_pinned`: path, format, step, EMA copy, content fingerprint)."""
+
+    model: Any
+    model_pin: dict
+    classifier: Any = None
+    classifier_pin: dict | None = None
+
+
+def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
+    """Loads the plan's model (and classifier) and checks them against the configured networks.
+
+    Raises:
+      errors.ConfigMismatchError: a config describes another network than its checkpoint holds
+        (naming the first differing parameter).
+    """
+    ema_rate = config.sample.ema_rate or None
+    model, model_pin = locate.load_pinned(plan.model, ema_rate=ema_rate)
+    network = factory.unet_from_group(config.model)
+    fingerprints.check_params_match(
+        model, factory.abstract_variables(network)["params"], what="model", where=plan.model.path
+    )
+    if plan.classifier is None:
+        return Weights(model, model_pin)
+    classifier, classifier_pin = locate.load_pinned(plan.classifier)
+    network = factory.classifier_from_group(config.classifier, int(config.model.image_size))
+    fingerprints.check_params_match(
+        classifier,
+        factory.abstract_variables(network)["params"],
+        what="classifier",
+        where=plan.classifier.path,
+    )
+    return Weights(model, model_pin, classifier, classifier_pin)
+
+
+def pinned_manifest(plan: plan_lib.SamplingPlan, weights: Weights) -> dict:
+    """The plan's manifest plus what exactly is sampled: each network's step, EMA copy and
+    content fingerprint (compared), and where it was found (recorded only)."""
+
+    def pin(p: dict | None) -> dict | None:
+        return None if p is None else {k: p[k] for k in ("step", "ema_rate", "sha256")}
+
+    return {
+        **plan.manifest,
+        "model_weights": pin(weights.model_pin),
+        "model_located": weights.model_pin["path"],
+        "classifier_weights": pin(weights.classifier_pin),
+        "classifier_located": weights.classifier_pin["path"] if weights.classifier_pin else "",
+    }
+
+
+class SampleJob:
+    """A sampling run as the engine's job: one part (folder) per guidance scale."""
+
+    what = "sampling run"
+    unit = "img"
+    setting = "sample.output_dir"
+    restart_setting = "sample.restart"
+
+    def __init__(self, config, plan: plan_lib.SamplingPlan, mesh: jax.sharding.Mesh):
+        self.config, self.plan, self.mesh = config, plan, mesh
+        self.restart = bool(config.sample.restart)
+        self.parts = {scale: plan_lib.scale_dir(plan.out, scale).name for scale in plan.scales}
+        self.layout = runs.Layout(
+            out=plan.out,
+            parts=tuple(self.parts.values()),
+            num_batches=plan.num_batches,
+            process_index=plan.topology.process_index,
+            process_count=plan.topology.process_count,
+        )
+        self.weights: Weights | None = None
+        self._program = None
+
+    def pin(self) -> dict:
+        self.weights = load_weights(self.config, self.plan)
+        return pinned_manifest(self.plan, self.weights)
+
+    def hint(self, manifest: dict) -> str:
+        """How to finish the run on disk with the training step it began with, when its model
+        came from a training directory that has moved on since."""
+        old = manifest_lib.read(self.plan.out)
+        if old is None:
+            return ""
+        was, now = old.get("model_weights") or {}, manifest["model_weights"]
+        if was.get("step") in (None, now["step"]) or not old.get("model_located"):
+            return ""
+        step_dir = pathlib.Path(old["model_located"]) / str(was["step"])
+        if not step_dir.is_dir():
+            return ""
+        return (
+            f"To finish it with the weights it began with, set sample.model_checkpoint={step_dir}. "
+        )
+
+    def finished(self, run_id: str) -> bool:
+        merged = self.plan.merged.values()
+        if not all(p.exists() for p in merged):
+            return False
+        for path in merged:
+            manifest_lib.check_side_digest(path, run_id)
+        logging.info(
+            "all %d scale(s) already merged under %s; nothing to do",
+            len(self.plan.scales),
+            self.plan.out,
+        )
+        return True
+
+    def start(self, todo: list[int]) -> None:
+        plan = self.plan
+        if plan.num_samples % plan.per_batch:
+            logging.info(
+                "sample.num_samples=%d is not a multiple of the global batch %d (%d per device x "
+                "%d devices): the last batch is trimmed",
+                plan.num_samples,
+                plan.per_batch,
+                plan.per_batch // plan.topology.num_devices,
+                plan.topology.num_devices,
+            )
+        # The program is build_sampler's, the one benchmarks/bench_sampling.py times.
+        guided = plan.classifier is not None
+        sampler, _, _ = sampler_lib.build_sampler(
+            sampler_lib.config_groups(self.config), guided=guided, mesh=self.mesh
+        )
+        model_vars = sampler.put_params(as_variables(self.weights.model))
+        classifier_vars = sampler.put_params(
+            as_variables(self.weights.classifier) if guided else None
+        )
+        self._program = (sampler, model_vars, classifier_vars)
+
+    def compute(self, batch: int) -> dict[str, dict[str, np.ndarray]]:
+        """This process's rows of `batch`, one reference-format array dict per scale, trimmed to
+        the run's examples."""
+        plan = self.plan
+        sampler, model_vars, classifier_vars = self._program
+        images = sampler(model_vars, classifier_vars, sampler.make_batch(plan.batch_rows(batch)))
+        images = sampler_lib.local_rows(images).reshape(
+            len(plan.scales), plan.local_examples, *plan.image_shape
+        )
+        ids = plan.local_ids(batch)
+        keep = ids < plan.num_samples
+        labels = None if plan.labels is None else plan.labels[ids[keep]]
+        return {
+            self.parts[scale]: sample_files.sample_arrays(images[k][keep], labels)
+            for k, scale in enumerate(plan.scales)
+        }
+
+    def units(self, batch: int) -> int:
+        return self.plan.batch_examples(batch) * len(self.plan.scales)
+
+    def total_units(self) -> int:
+        return self.plan.num_samples * len(self.plan.scales)
+
+    def postfix(self) -> dict[str, str]:
+        return {}
+
+    def merge(self, gather: Callable[[str], dict[str, np.ndarray]], run_id: str) -> None:
+        """Each scale's samples file (left alone when it exists) and grid."""
+        plan = self.plan
+        for scale in plan.scales:
+            path = plan.merged[scale]
+            if not path.exists():
+                arrays = gather(self.parts[scale])
+                if arrays["arr_0"].shape[0] != plan.num_samples:
+                    raise ValueError(
+                        f"{path.parent}: shards hold {arrays['arr_0'].shape[0]} samples, "
+                        f"expected {plan.num_samples}"
+                    )
+                manifest_lib.write_side_digest(path, run_id)
+                sample_files.write_sample_file(path, arrays["arr_0"], arrays.get("arr_1"))
+            grid_path = path.parent / "grid.png"
+            if not grid_path.exists():
+                images, labels = sample_files.read_sample_file(path)
+                grid_lib.save_sample_grid(grid_path, images, labels, by_class=plan.by_class)
+            logging.info("scale %s: %s", labels_lib.format_scale(scale), path)
+
+    def result(self) -> dict[float, pathlib.Path]:
+        return dict(self.plan.merged)
+
+
+def run(
+    config,
+    workdir: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    on_batch_done: Callable[[int], None] | None = None,
+) -> dict[float, pathlib.Path]:
+    """Samples `config.sample.num_samples` images per guidance scale.
+
+    Args:
+      config: a full gdiff config (configs/common.py); reads `model`, `diffusion`, `classifier`,
+        `sample`.
+      workdir: default place of the checkpoints and of the output (`<workdir>/samples`).
+      mesh: the device mesh (default: all devices of all hosts).
+      on_batch_done: called with the batch index after each batch's shards are written (progress
+        hooks; tests inject a failure here to simulate a killed run).
+
+    Returns:
+      {scale: path of the merged samples_<N>x<H>x<W>x3.npz}.
+    """
+    mesh = mesh if mesh is not None else distributed.data_mesh()
+    plan = plan_lib.make_plan(config, workdir, plan_lib.Topology.of(mesh))
+    return runs.run(SampleJob(config, plan, mesh), on_batch_done=on_batch_done)
