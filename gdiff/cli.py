@@ -232,11 +232,17 @@ def _main(argv):
     if mode in ("train", "train_classifier", "pipeline", "nll"):
         _hide_accelerators_from_tensorflow()
     try:
-        MODES[mode](config, workdir)
+        result = MODES[mode](config, workdir)
+        if isinstance(result, dict) and result.get("stopped_early"):
+            raise errors.StoppedError(
+                f"{mode} stopped on a request after saving step {int(result['state'].step)}; "
+                "rerun the same command to resume"
+            )
     except errors.GdiffError as e:
         # A complete message (what, where, what to do): the traceback would only bury it.
         logging.error("%s", e)
-        sys.exit(f"gdiff: {e}")
+        print(f"gdiff: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
 
 
 def main(argv: list[str] | None = None) -> None:

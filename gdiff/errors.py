@@ -1,8 +1,14 @@
 """Errors a user can act on, reported by the command line in one line (no traceback).
 
 A `GdiffError` carries a complete message: what went wrong, where (the file, step or key), and
-what to do about it. `gdiff.cli` prints `gdiff: <message>` and exits with status 1; a library
-caller catches it like any exception. Bugs stay ordinary exceptions with their tracebacks.
+what to do about it. `gdiff.cli` prints `gdiff: <message>` and exits with the error's
+`exit_status` (1, or `EXIT_STOPPED` for a run that stopped on request); a library caller catches it
+like any exception. Each kind also subclasses the builtin exception a Python caller would expect
+(a missing input is a FileNotFoundError, a bad value a ValueError). Bugs stay ordinary exceptions
+with their tracebacks.
+
+Exit statuses of the `gdiff` command: 0 done; 1 an error (one `gdiff: ...` line); 3 stopped on a
+request (SIGTERM, a scheduler's preemption) after saving: rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -10,8 +16,15 @@ from __future__ import annotations
 import errno
 
 
+# The exit status of a run that stopped on a request (SIGTERM) after saving its state, so that
+# a scheduler can tell it from a finished run (0) and from a failed one (1).
+EXIT_STOPPED = 3
+
+
 class GdiffError(Exception):
     """A problem with the user's inputs or machine, described completely by its message."""
+
+    exit_status = 1
 
 
 class ConfigError(GdiffError, ValueError):
@@ -32,6 +45,21 @@ class WorkdirLockedError(GdiffError):
 
 class DiskFullError(GdiffError, OSError):
     """A write failed because the disk (or quota) is full."""
+
+
+class InputError(GdiffError, ValueError):
+    """An input file or value that cannot be used (a malformed .npz, a truncated shard, a label
+    out of range), named with what is wrong and what was expected."""
+
+
+class MissingInputError(GdiffError, FileNotFoundError):
+    """A path that does not exist, or a directory where a file is expected (or the reverse)."""
+
+
+class StoppedError(GdiffError):
+    """A run stopped on a request (SIGTERM) after saving; rerunning the command resumes it."""
+
+    exit_status = EXIT_STOPPED
 
 
 def is_disk_full(exc: BaseException) -> bool:
