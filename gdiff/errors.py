@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 
-
 # The exit status of a run that stopped on a request (SIGTERM) after saving its state, so that
 # a scheduler can tell it from a finished run (0) and from a failed one (1).
 EXIT_STOPPED = 3
