@@ -13,22 +13,26 @@ $DIFFUSION_FLAGS $TRAIN_FLAGS" --reference_script=image_train` writes those flag
 config (through `gdiff.compat.flags.TO_CONFIG`, where that script puts them) before the mode runs,
 and logs what means something else in gdiff or nothing at all.
 
-A missing config file or an unknown config key ends in a one-line message naming it (and the
-closest known key), not a traceback; so does every `gdiff.errors.GdiffError` a mode raises (a
-checkpoint that cannot be restored, a config that does not match it, a locked workdir, a full
-disk).
+A missing config file (or one without a `get_config` returning a ConfigDict) or an unknown config
+key ends in a one-line message naming it (and the closest known key), not a traceback; so does
+every `gdiff.errors.GdiffError` a mode raises (a checkpoint that cannot be restored, a config that
+does not match it, a locked workdir, a malformed input file), and, wherever it happens, a
+permission error (a read-only directory) or a full disk, naming the path. Any other exception is
+a bug and keeps its traceback.
 """
 
 import difflib
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 
 # TensorFlow (input pipeline only) must never grab accelerator memory that JAX needs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -136,12 +140,33 @@ def prepare_argv(argv: list[str]) -> list[str]:
 
 
 def load_config(value: str):
-    """The config a `--config=<path>[:<arg>]` value names (what config_flags will load)."""
+    """The config a `--config=<path>[:<arg>]` value names (what config_flags will load).
+
+    Raises:
+      UsageError: the file is not a Python file, has no `get_config`, or its `get_config` returns
+        something other than an `ml_collections.ConfigDict`.
+    """
     path, _, arg = value.partition(":")
     spec = importlib.util.spec_from_file_location("_gdiff_checked_config", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(
+            f"config file {path} is not a Python file: a config is a .py file defining "
+            "get_config() -> ml_collections.ConfigDict"
+        )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(
+            f"config file {path} defines no get_config(): a config file defines "
+            "get_config() -> ml_collections.ConfigDict (see configs/tiny.py)"
+        )
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(
+            f"config file {path}: get_config() returned a value of type "
+            f"{type(config).__name__}, not an ml_collections.ConfigDict (see configs/tiny.py)"
+        )
+    return config
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -240,9 +265,65 @@ def _main(argv):
             )
     except errors.GdiffError as e:
         # A complete message (what, where, what to do): the traceback would only bury it.
-        logging.error("%s", e)
-        print(f"gdiff: {e}", file=sys.stderr)
-        sys.exit(e.exit_status)
+        _exit_with(str(e), e.exit_status)
+    except PermissionError as e:
+        _exit_with(_permission_message(e, workdir), 1)
+    except Exception as e:
+        if not errors.is_disk_full(e):
+            raise  # a bug: its traceback is the report
+        _exit_with(_disk_full_message(e, workdir), 1)
+
+
+def _exit_with(message: str, status: int) -> None:
+    logging.error("%s", message)
+    print(f"gdiff: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _named_path(path) -> str:
+    """The path a failed write meant: an atomic write's temporary sibling
+    (`.<name>.tmp-<hex>`, gdiff.atomic) names the file it was to replace."""
+    path = os.fspath(path)
+    head, name = os.path.split(path)
+    match = re.fullmatch(r"\.(.+)\.tmp-[0-9a-f]{32}", name)
+    return os.path.join(head, match.group(1)) if match else path
+
+
+def _permission_message(e: PermissionError, workdir: str) -> str:
+    """A permission error anywhere in a mode: which path, and what to do."""
+    if e.filename is None:
+        return (
+            f"permission denied: {e.strerror or e}; check that --workdir={workdir} and the "
+            "config's output paths are writable by this user"
+        )
+    path = _named_path(e.filename)
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied; make it readable by this user"
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        return (
+            f"cannot write {path}: permission denied; the file is read-only for this user: make "
+            "it writable, or give a writable --workdir (or output path)"
+        )
+    parent = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path
+    return (
+        f"cannot write {path}: permission denied; the directory {parent} is read-only for this "
+        "user: make it writable, or give a writable --workdir (or output path)"
+    )
+
+
+def _disk_full_message(e: BaseException, workdir: str) -> str:
+    """A full disk anywhere in a mode: which path (where the failed write says), what to do."""
+    path, seen = None, set()
+    while e is not None and id(e) not in seen and path is None:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename is not None:
+            path = _named_path(e.filename)
+        e = e.__cause__ or e.__context__
+    where = f"writing {path}" if path else f"writing under --workdir={workdir}"
+    return (
+        f"no space left on device (or disk quota exceeded) {where}: free space on that disk or "
+        "give a --workdir on another one, then rerun the same command"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gdiff import errors
+
 DATA_AXIS = "data"
 
 # Environment variables that mean "a coordinator is configured for this process".
@@ -36,7 +38,9 @@ def maybe_initialize(setting: Any = "auto") -> bool:
     if isinstance(setting, str):
         value = setting.strip().lower()
         if value not in ("auto", "true", "false", "1", "0", ""):
-            raise ValueError(f"config.distributed must be auto, true or false; got {setting!r}")
+            raise errors.ConfigError(
+                f"config.distributed must be auto, true or false; got {setting!r}"
+            )
         setting = "auto" if value == "auto" else value in ("true", "1")
     if setting == "auto":
         setting = any(os.environ.get(name) for name in _COORDINATOR_ENV)
@@ -63,10 +67,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_divisible(global_batch: int, what: str = "train.batch_size", mesh=None) -> None:
-    """Raises a ValueError naming `what` unless the batch splits evenly over the devices."""
+    """Raises errors.ConfigError (a ValueError) naming `what` and the device count unless the
+    batch splits evenly over the devices."""
     n = mesh.size if mesh is not None else jax.device_count()
     if global_batch <= 0 or global_batch % n:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{what}={global_batch} must be a positive multiple of the number of devices ({n}); "
             f"try {max(n, (global_batch // n) * n) or n}"
         )

@@ -46,6 +46,17 @@ class DiskFullError(GdiffError, OSError):
     """A write failed because the disk (or quota) is full."""
 
 
+class UnknownKeyError(ConfigError, KeyError):
+    """A config value names something that does not exist (an EMA copy a checkpoint lacks, a key
+    a sweep model cannot override); a KeyError too, for callers that look it up."""
+
+    __str__ = ConfigError.__str__  # the message as is (a KeyError would quote it)
+
+
+class OutputExistsError(GdiffError, FileExistsError):
+    """A finished output would be replaced; the message names the setting that allows it."""
+
+
 class InputError(GdiffError, ValueError):
     """An input file or value that cannot be used (a malformed .npz, a truncated shard, a label
     out of range), named with what is wrong and what was expected."""

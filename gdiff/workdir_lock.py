@@ -88,15 +88,39 @@ def _read(path: pathlib.Path) -> dict | None:
         return {}
 
 
-def _create(path: pathlib.Path, record: dict) -> bool:
-    """Writes `record` to `path` unless the file exists; whether this call created it."""
+def _create(path: pathlib.Path, record: dict, what: str) -> bool:
+    """Writes `record` to `path` unless the file exists; whether this call created it.
+
+    A write that fails (a full disk) removes the file it created: an empty lock would name no
+    holder and block every later run.
+
+    Raises:
+      errors.DiskFullError: the disk (or quota) is full.
+    """
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
+    except OSError as e:
+        if errors.is_disk_full(e):
+            raise _disk_full(path, what, e) from e
+        raise
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+    except BaseException as e:
+        path.unlink(missing_ok=True)
+        if errors.is_disk_full(e):
+            raise _disk_full(path, what, e) from e
+        raise
     return True
+
+
+def _disk_full(path: pathlib.Path, what: str, exc: BaseException) -> errors.DiskFullError:
+    return errors.DiskFullError(
+        f"disk full while taking the lock {path} for the {what}: free space in {path.parent} "
+        f"and rerun; nothing was written ({exc})"
+    )
 
 
 def _refuse(path: pathlib.Path, holder: dict, what: str) -> errors.WorkdirLockedError:
@@ -116,7 +140,7 @@ def acquire(path: pathlib.Path, what: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = _record(what)
     for _ in range(3):  # a stale lock removed by a concurrent starter: try again
-        if _create(path, record):
+        if _create(path, record, what):
             return record
         holder = _read(path)
         if holder is None:

@@ -22,7 +22,7 @@ import pytest
 
 from configs import tiny
 from gdiff import errors, workdir_lock
-from gdiff.checkpoints import store
+from gdiff.checkpoints import locate, store
 from gdiff.engine import manifest as manifest_lib
 from gdiff.jobs import nll
 from gdiff.jobs import sample as sample_run
@@ -134,15 +134,21 @@ def test_a_resumed_sampling_run_refuses_weights_trained_further(workdir):
     assert manifest["model_weights"]["step"] == 6
 
 
+def _params_copy(workdir) -> str:
+    """The workdir's weights as a parameter checkpoint, which records no training settings (as a
+    converted released checkpoint): only the sampling manifest tells runs apart."""
+    return str(store.save_params(workdir / "params", locate.load_params(workdir)))
+
+
 def test_a_finished_run_is_not_reported_for_other_settings(workdir):
-    config = _sample_config(workdir, model_checkpoint=str(workdir))
+    config = _sample_config(workdir, model_checkpoint=_params_copy(workdir))
     images, _ = _merged(config)
     merged = workdir / "samples" / "scale_0" / "samples_10x8x8x3.npz"
     stamp = merged.stat().st_mtime_ns
 
     # Another noise schedule over the same weights: refused, naming the key (it used to print
     # "nothing to do" and keep the old samples).
-    other = _sample_config(workdir, model_checkpoint=str(workdir))
+    other = _sample_config(workdir, model_checkpoint=config.sample.model_checkpoint)
     other.diffusion.noise_schedule = "linear"
     with pytest.raises(
         errors.ConfigMismatchError, match="diffusion.noise_schedule: 'cosine' -> 'linear'"
@@ -164,8 +170,13 @@ def test_a_finished_run_is_not_reported_for_other_settings(workdir):
 
 
 def test_a_config_that_does_not_match_the_checkpoint_names_the_first_key(workdir):
+    # A training checkpoint records its network: the setting is named before any weight is read.
     config = _sample_config(workdir, model_checkpoint=str(workdir))
     config.model.num_channels = 64
+    with pytest.raises(errors.ConfigMismatchError, match="model.num_channels: trained 32, config"):
+        sample_run.run(config, str(workdir))
+    # A parameter checkpoint records nothing: the first differing parameter is named.
+    config.sample.model_checkpoint = _params_copy(workdir)
     with pytest.raises(errors.ConfigMismatchError) as e:
         sample_run.run(config, str(workdir))
     assert "first differing key: input_blocks_0_0/bias: checkpoint float32[32] vs this config " in (

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
+from gdiff import errors
 from gdiff.checkpoints import fingerprints, store
 
 # The model file of a reference training run: `model{step:06d}.pt` (TrainLoop.save()).
@@ -60,6 +62,10 @@ class Location:
     # "training": the step to restore (the step folder given, else the newest finished one);
     # "reference_run": the model file's step (the one given, else the newest); None for "params".
     step: int | None
+    # Whether `step` is the newest one found (no step folder was named): a live trainer may
+    # rotate it away, and loading then takes the new newest step (`load_pinned`). Not compared:
+    # the same step is the same checkpoint however it was found.
+    newest: bool = dataclasses.field(default=False, compare=False)
 
 
 def _checkpoint_at(path: pathlib.Path) -> Location | None:
@@ -68,7 +74,7 @@ def _checkpoint_at(path: pathlib.Path) -> Location | None:
         return Location(path, "params", None)
     steps = store.finished_steps(path)
     if steps:
-        return Location(path, "training", steps[-1])
+        return Location(path, "training", steps[-1], newest=True)
     if path.name.isdigit() and store.finished_steps(path.parent):
         return Location(path.parent, "training", int(path.name))
     return _reference_run_at(path)
@@ -103,19 +109,19 @@ def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
         inside a workdir.
 
     Raises:
-      FileNotFoundError naming what was looked for: the path is missing, holds no checkpoint, or
-      is a training directory with no finished step.
+      errors.MissingInputError (a FileNotFoundError) naming what was looked for: the path is
+      missing, holds no checkpoint, or is a training directory with no finished step.
     """
     if kind is not None and kind not in WORKDIR_LAYOUT:
         raise ValueError(f"kind must be one of {sorted(WORKDIR_LAYOUT)}; got {kind!r}")
     path = pathlib.Path(path).absolute()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+        raise errors.MissingInputError(f"checkpoint path {path} does not exist")
     found = _checkpoint_at(path)
     if found is not None:
         return found
     if kind is None:
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"no checkpoint at {path}: expected a parameter checkpoint "
             f"(with {store.METADATA_FILE}), a training checkpoint directory (digit-named step "
             f"folders) or a reference training run (model<step>.pt){_unfinished(path)}"
@@ -125,7 +131,7 @@ def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
         found = _checkpoint_at(candidate)
         if found is not None:
             return found
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"no {kind} checkpoint at {path}: expected a parameter checkpoint "
         f"(with {store.METADATA_FILE}), a training checkpoint directory, or a workdir containing "
         f"one of {', '.join(WORKDIR_LAYOUT[kind])}" + "".join(_unfinished(c) for c in candidates)
@@ -167,10 +173,18 @@ def load_pinned(
     for a parameter checkpoint), the EMA copy taken (None: the raw parameters) and
     `fingerprints.params_fingerprint(params)`. A run that records the pin (a sampling manifest)
     can tell the same weights from others at the same path.
+
+    A training directory's newest step may be rotated away (train.max_to_keep) by a live trainer
+    while it is read: the new newest step is then read instead, once.
+
+    Raises:
+      errors.MissingInputError: no checkpoint at `path`, or its step was deleted while it was
+        read (a live trainer's rotation).
+      errors.UnknownKeyError: `ema_rate` is not among the EMA copies stored.
     """
     found = path if isinstance(path, Location) else locate(path, kind)
     if found.format == "reference_run":
-        raise ValueError(
+        raise errors.InputError(
             f"{found.path} holds a reference (PyTorch) training run (model{found.step:06d}.pt): "
             "convert its model or EMA file with --mode=convert (config.torch_checkpoint) to sample "
             "from it, or continue training it with train.resume_checkpoint"
@@ -179,11 +193,7 @@ def load_pinned(
     if found.format == "params":
         params = ocp.StandardCheckpointer().restore(found.path / store.PARAMS_ITEM)
     else:
-        manager = store.CheckpointManager(found.path)
-        try:
-            state = manager.restore_raw(found.step)
-        finally:
-            manager.close()
+        state, found = _restore_training(found)
         ema = state.get("ema_params") or {}
         params = state["params"]
         if ema:
@@ -199,6 +209,42 @@ def load_pinned(
     return params, pin
 
 
+def _restore_training(found: Location) -> tuple[Any, Location]:
+    """(the raw state of `found`'s step, the location actually read).
+
+    A live trainer deletes its oldest step after saving a new one (train.max_to_keep), so the
+    step being read may vanish under the reader: the newest step (no step folder was named) is
+    then read again from the new newest, once; a named step, or a second loss, is reported.
+    """
+    retried = False
+    while True:
+        manager = store.CheckpointManager(found.path)
+        try:
+            return manager.restore_raw(found.step), found
+        except (errors.CheckpointError, FileNotFoundError):
+            if (found.path / str(found.step)).is_dir():
+                raise  # damaged, not rotated away: restore_raw's message says which file
+        finally:
+            manager.close()
+        gone, steps = found.step, store.finished_steps(found.path)
+        if not (found.newest and steps and not retried):
+            raise errors.MissingInputError(
+                f"step {gone} of {found.path} was deleted while it was being read: a live "
+                "trainer rotated it away (train.max_to_keep); rerun to read the newest step, or "
+                "set sample.model_checkpoint (sample.classifier_checkpoint for a classifier) to a "
+                "copy of one step folder, kept under its step number, that the trainer cannot "
+                "delete"
+            )
+        logging.warning(
+            "%s: step %d was deleted while it was being read (a live trainer rotated it away); "
+            "reading step %d, now the newest",
+            found.path,
+            gone,
+            steps[-1],
+        )
+        found, retried = dataclasses.replace(found, step=steps[-1]), True
+
+
 def ema_key(rates, ema_rate: str | float | None = None, *, where: str = "the checkpoint") -> str:
     """Which stored EMA copy to sample from: the one equal to `ema_rate`, else the slowest
     (largest) rate, the one the reference samples from.
@@ -209,12 +255,19 @@ def ema_key(rates, ema_rate: str | float | None = None, *, where: str = "the che
       where: what holds them, for the error message.
 
     Raises:
-      KeyError: `ema_rate` is not among `rates`.
+      errors.UnknownKeyError (a ConfigError and a KeyError): `ema_rate` is not among `rates`.
     """
     rates = list(rates)
     if ema_rate in (None, ""):
         return max(rates, key=float)
-    matches = [k for k in rates if np.isclose(float(k), float(ema_rate))]
+    try:
+        wanted = float(ema_rate)
+    except (TypeError, ValueError):
+        wanted = None
+    matches = [k for k in rates if wanted is not None and np.isclose(float(k), wanted)]
     if not matches:
-        raise KeyError(f"{where} has EMA rates {sorted(rates)}, not {ema_rate}")
+        raise errors.UnknownKeyError(
+            f"{where} has EMA rates {sorted(rates)}, not {ema_rate}: set sample.ema_rate to one "
+            "of them, or leave it empty for the slowest"
+        )
     return matches[0]

@@ -367,7 +367,7 @@ def save_params(
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not overwrite:
-        raise FileExistsError(
+        raise errors.OutputExistsError(
             f"{directory} already exists; refusing to overwrite a finished checkpoint "
             "(pass overwrite=True or choose another directory)"
         )

@@ -33,7 +33,7 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 
-from gdiff import progress
+from gdiff import errors, progress
 
 # torch's typed storage classes (the names torch.save writes) -> element dtype.
 _STORAGE_DTYPES = {
@@ -312,9 +312,20 @@ def load_torch_file(path: str | os.PathLike) -> object:
     as `load_torch_state_dict`, so nothing from the file is imported or executed.
 
     Raises:
-      ValueError: neither torch.save format, truncated, corrupt, or naming any other global.
+      errors.MissingInputError (a FileNotFoundError): no such file, or a directory.
+      errors.InputError (a ValueError): neither torch.save format, truncated, corrupt, or naming
+        any other global; the message names the file.
     """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise errors.MissingInputError(
+            f"torch checkpoint {path} does not exist: give the path of a torch.save .pt file"
+        )
+    if os.path.isdir(path):
+        raise errors.MissingInputError(
+            f"torch checkpoint {path} is a directory: give the path of the torch.save .pt file "
+            "itself"
+        )
     try:
         with open(path, "rb") as f:
             legacy = f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
@@ -322,15 +333,15 @@ def load_torch_file(path: str | os.PathLike) -> object:
             kind = "legacy torch.save file" if legacy else "torch.save file"
             obj = _load_legacy(f) if legacy else _load_zip(path)
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        raise errors.InputError(f"cannot read {path}: {e}") from e
     except EOFError as e:
-        raise ValueError(f"{path}: the {kind} ends early ({e}): truncated or corrupt") from e
+        raise errors.InputError(f"{path}: the {kind} ends early ({e}): truncated or corrupt") from e
     except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path}: cannot read the {kind}: {e}") from e
+        raise errors.InputError(f"{path}: cannot read the {kind}: {e}") from e
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise errors.InputError(f"{path}: {e}") from e
     except Exception as e:  # anything else a damaged pickle stream can raise
-        raise ValueError(f"{path}: corrupt {kind}: {e!r}") from e
+        raise errors.InputError(f"{path}: corrupt {kind}: {e!r}") from e
     return _contiguous(obj)
 
 
@@ -347,16 +358,20 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       array is a contiguous copy, also where the file's tensors share a storage.
 
     Raises:
-      ValueError: neither torch.save format, truncated, corrupt, or not a flat state dict.
-      pickle.UnpicklingError (wrapped in ValueError): the pickle names anything beyond tensors.
+      errors.MissingInputError (a FileNotFoundError): no such file, or a directory.
+      errors.InputError (a ValueError): neither torch.save format, truncated, corrupt, or not a
+        flat state dict; pickle.UnpicklingError (wrapped): the pickle names anything beyond tensors.
     """
     obj = load_torch_file(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (a mapping), got {type(obj).__name__}")
+        raise errors.InputError(
+            f"{path}: expected a state dict (a mapping), got {type(obj).__name__}; save "
+            "model.state_dict() itself"
+        )
     out = {}
     for key, value in obj.items():
         if not isinstance(value, np.ndarray):
-            raise ValueError(
+            raise errors.InputError(
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; save "
                 "model.state_dict() itself"
             )

@@ -98,6 +98,25 @@ def check_run_manifest(
         atomic.write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def start_afresh(out_dir, manifest: dict[str, Any], *, why: str, write: bool) -> None:
+    """Moves `out_dir` aside (`<out_dir>.replaced-<time>`, nothing deleted) and records
+    `manifest` in the fresh directory: what a restart setting does when the outputs on disk were
+    made under another run although run.json matches (it was deleted or edited).
+
+    Args:
+      why: what was found, for the log line.
+      write: whether this process moves and writes (process 0); every process must call it.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if write:
+        _move_aside(out_dir, [why])
+    distributed.barrier("gdiff_run_started_afresh")
+    if write:
+        manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
+        atomic.write_text(out_dir / RUN_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    distributed.barrier("gdiff_run_started_afresh_manifest")
+
+
 def _move_aside(out_dir: pathlib.Path, diff: list[str]) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}")
@@ -126,6 +145,8 @@ def check_side_digest(
 
     Raises:
       errors.ConfigMismatchError: it was made under another run (or before digests existed).
+        With `restart_setting` true the run engine then moves the output directory aside and
+        draws afresh (`start_afresh`).
     """
     side = side_digest_path(path)
     made = side.read_text().strip() if side.exists() else None

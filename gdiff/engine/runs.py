@@ -8,7 +8,9 @@ process 0 merges them into the job's outputs. This module does everything that s
     lock the output directory (one writer)
     -> job.pin(): load the weights, return the manifest with their pins
     -> manifest.check_run_manifest (refuse, or move aside, a run made with other settings)
-    -> job.finished(): outputs already there (and made under this run)? done
+    -> job.finished(): outputs already there (and made under this run)? done; made under
+       another run (run.json deleted or edited): refused, or with the job's restart setting the
+       directory is moved aside and the run starts afresh
     -> draw: the batches some process lacks a shard of (agreed by all), a progress bar, one shard
        per (part, batch, process) tagged with the run digest, never rewritten
     -> gather + job.merge (process 0), between barriers
@@ -24,11 +26,14 @@ Layout of a run's output directory:
     <out>/...                               the job's merged outputs
 
 Every file is written to a temporary name and `os.replace`d into place (gdiff/atomic.py), so a
-killed run leaves either a complete file or none; a shard that exists is finished.
+killed run leaves either a complete file or none; a shard that exists is finished, never rewritten:
+one that cannot be read (damaged on disk) stops the merge, named, for the user to delete. A full
+disk stops the run in one line (`errors.DiskFullError`, naming the shard); the rerun resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -128,7 +133,7 @@ def run(job: Job, *, on_batch_done: Callable[[int], None] | None = None) -> Any:
     """
     out = job.layout.out
     # One writer per output directory: a second one would compute every shard again.
-    with workdir_lock.hold(out.parent, out.name, what=job.what):
+    with workdir_lock.hold(out.parent, out.name, what=job.what), _reporting_disk_full(job):
         manifest = job.pin()
         run_id = manifest_lib.run_digest(manifest)
         manifest_lib.check_run_manifest(
@@ -140,13 +145,60 @@ def run(job: Job, *, on_batch_done: Callable[[int], None] | None = None) -> Any:
             restart=job.restart,
             hint=job.hint(manifest),
         )
-        if not job.finished(run_id):
+        if not _finished(job, manifest, run_id):
             draw(job, run_id, on_batch_done=on_batch_done)
             distributed.barrier(f"gdiff_shards_written_{out.name}")
             if distributed.is_main_process():
                 job.merge(functools.partial(_gather, job, run_id=run_id), run_id)
             distributed.barrier(f"gdiff_merged_{out.name}")
         return job.result()
+
+
+def _finished(job: Job, manifest: dict, run_id: str) -> bool:
+    """`job.finished(run_id)`; with the job's restart setting, outputs merged under another run
+    (their digest missing or different: run.json was deleted or edited) are moved aside with the
+    whole output directory, and the run draws afresh."""
+    try:
+        done, problem = job.finished(run_id), None
+    except errors.ConfigMismatchError as e:
+        done, problem = False, e
+    # Every process takes the same path (process 0 alone moves the directory, between barriers).
+    if distributed.all_agree(np.array([problem is None]))[0]:
+        return done
+    if not job.restart:
+        raise problem or errors.ConfigMismatchError(
+            f"another process found outputs in {job.layout.out} merged under another run; use "
+            f"another {job.setting}"
+        )
+    manifest_lib.start_afresh(
+        job.layout.out,
+        manifest,
+        why=str(problem) if problem else "outputs merged under another run",
+        write=distributed.is_main_process(),
+    )
+    return False
+
+
+@contextlib.contextmanager
+def _reporting_disk_full(job: Job):
+    """A full disk while the run writes (its manifest, its merged outputs) as one line; a
+    shard's write is reported by `draw`, naming the shard."""
+    try:
+        yield
+    except errors.GdiffError:
+        raise
+    except Exception as e:
+        if not errors.is_disk_full(e):
+            raise
+        raise errors.DiskFullError(
+            f"disk full while writing the {job.what} in {job.layout.out}: free space and rerun "
+            f"the same command; it resumes from the shards on disk ({_first_line(e)})"
+        ) from e
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def draw(job: Job, run_id: str, *, on_batch_done: Callable[[int], None] | None = None) -> None:
@@ -160,11 +212,22 @@ def draw(job: Job, run_id: str, *, on_batch_done: Callable[[int], None] | None =
     total = job.total_units()
     bar = progress.bar(total, initial=total - sum(units), unit=job.unit, desc=job.what)
     start, done = time.perf_counter(), 0
-    for b, n in zip(todo, units, strict=True):
+    for i, (b, n) in enumerate(zip(todo, units, strict=True)):
         for part, arrays in job.compute(b).items():
             path = job.layout.shard(part, b)
             if not path.exists():
-                atomic.savez(path, **arrays, **{manifest_lib.RUN_KEY: np.asarray(run_id)})
+                try:
+                    atomic.savez(path, **arrays, **{manifest_lib.RUN_KEY: np.asarray(run_id)})
+                except Exception as e:
+                    if not errors.is_disk_full(e):
+                        raise
+                    finished = job.layout.num_batches - len(todo) + i
+                    raise errors.DiskFullError(
+                        f"disk full while writing the shard {path} of the {job.what} in "
+                        f"{job.layout.out}: free space and rerun the same command; it resumes "
+                        f"from the {finished} of {job.layout.num_batches} batches on disk "
+                        f"({_first_line(e)})"
+                    ) from e
         done += n
         if bar is not None:
             # The figures first: a log line written by update() then shows this batch's.
@@ -211,8 +274,10 @@ def gather(
     That order is the global example order, so row i of each result is example i of the run.
 
     Raises:
-      FileNotFoundError: a shard is missing (the run is not finished).
-      ValueError: the shards hold different arrays.
+      errors.MissingInputError (a FileNotFoundError): a shard is missing (the run is not
+        finished).
+      errors.InputError (a ValueError): a shard cannot be read (truncated, damaged), or the
+        shards hold different arrays.
       errors.ConfigMismatchError: a shard was made under another run than `run_id` (None: not
         checked).
     """
@@ -222,11 +287,10 @@ def gather(
     for b in range(layout.num_batches):
         for p in range(layout.process_count):
             if (b, p) not in found:
-                raise FileNotFoundError(
+                raise errors.MissingInputError(
                     f"cannot merge {directory}: shard_{p}_{b}.npz is missing (rerun to finish it)"
                 )
-            with np.load(found[(b, p)]) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = _read_shard(found[(b, p)])
             made = arrays.pop(manifest_lib.RUN_KEY, None)
             made = None if made is None else str(made)
             if run_id is not None and made != run_id:
@@ -238,5 +302,25 @@ def gather(
             pieces.append(arrays)
     names = set(pieces[0]) if pieces else set()
     if any(set(piece) != names for piece in pieces):
-        raise ValueError(f"{directory}: the shards hold different arrays (some lack labels?)")
+        raise errors.InputError(
+            f"{directory}: the shards hold different arrays (some lack labels?); delete the "
+            "shards of the odd ones out to redraw them"
+        )
     return {k: np.concatenate([piece[k] for piece in pieces], axis=0) for k in sorted(names)}
+
+
+def _read_shard(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """A shard's arrays. A finished shard is never rewritten silently, so one that cannot be read
+    (cut short, damaged on disk) stops the merge, named, for the user to delete.
+
+    Raises:
+      errors.InputError: the file cannot be read.
+    """
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # a damaged .npz fails in many ways (BadZipFile, EOFError, zlib.error)
+        raise errors.InputError(
+            f"cannot read the shard {path} ({type(e).__name__}: {_first_line(e)}): it is "
+            "truncated or damaged; delete it and rerun the same command to redraw it"
+        ) from e

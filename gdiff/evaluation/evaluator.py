@@ -10,7 +10,10 @@ NHWC) and prints the same five numbers, also written as JSON.
     python -m gdiff.evaluation.evaluator REF.npz SAMPLES.npz --weights PATH
 
 Reference activations are cached next to the reference batch (or in the workdir when that folder
-is read-only), keyed by a hash of the file's content and of the weights file.
+is read-only), keyed by a hash of the file's content and of the weights file; the cache is written
+atomically, and a damaged one is computed again (with a warning). A missing or malformed batch
+file is an `errors.InputError` / `errors.MissingInputError` naming it, raised before the Inception
+weights are loaded.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 import zipfile
+import zlib
 
 import numpy as np
+from absl import logging
 
+from gdiff import atomic, errors
 from gdiff.checkpoints.torch_file import load_torch_state_dict
 from gdiff.evaluation import features, inception_weights, metrics
 
@@ -123,60 +130,91 @@ def metrics_from_activations(
 # ----------------------------------------------------------------------------- files
 
 
-def _npz_keys(path) -> list[str]:
+# What np.load raises on a damaged or foreign .npz (a truncated member, a pickled object array).
+_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _npz_keys(path, what: str = "batch file") -> list[str]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"batch file {path} does not exist")
+        raise errors.MissingInputError(
+            f"{what} {path} does not exist: check the path (an .npz written by np.savez)"
+        )
+    if os.path.isdir(path):
+        raise errors.MissingInputError(
+            f"{what} {path} is a directory, not an .npz file: give the path of the .npz itself"
+        )
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not an .npz file (np.savez output)") from e
+    except (zipfile.BadZipFile, OSError) as e:
+        raise errors.InputError(
+            f"{what} {path} is not an .npz file (np.savez output), or is truncated: {e}"
+        ) from e
+
+
+def _read_arrays(path, keys, what: str) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz, as a one-line InputError when the file cannot be read."""
+    try:
+        with np.load(path) as z:
+            return {k: np.asarray(z[k]) for k in keys}
+    except _NPZ_READ_ERRORS as e:
+        raise errors.InputError(
+            f"{what} {path} cannot be read ({type(e).__name__}: {e}): it is truncated, corrupt or "
+            "holds pickled objects; write it again with np.savez"
+        ) from e
 
 
 def check_images(images: np.ndarray, path, what: str) -> np.ndarray:
     """Validates a batch's `arr_0`: uint8, NHWC, 3 channels, at least 2 images."""
     if images.dtype != np.uint8:
         rng = f"values {float(images.min()):.3g}..{float(images.max()):.3g}" if images.size else ""
-        raise ValueError(
+        raise errors.InputError(
             f"{what} {path}: arr_0 must be uint8 images in 0..255 (NHWC); got dtype "
             f"{images.dtype} {rng}. Convert samples with ((x + 1) * 127.5).round().clip(0, 255)"
             ".astype(np.uint8) before saving"
         )
     if images.ndim != 4 or images.shape[-1] != 3:
         nchw = images.ndim == 4 and images.shape[1] == 3
-        raise ValueError(
+        raise errors.InputError(
             f"{what} {path}: arr_0 must have shape [N, H, W, 3]; got {images.shape}"
             + (" (this looks NCHW: transpose to NHWC)" if nchw else "")
         )
     if images.shape[0] < 2:
-        raise ValueError(f"{what} {path}: need at least 2 images for statistics; got {len(images)}")
+        raise errors.InputError(
+            f"{what} {path}: need at least 2 images for statistics; got {len(images)}"
+        )
     return images
 
 
 def read_sample_batch(path) -> np.ndarray:
     """`arr_0` of a sample batch, validated (uint8 [N, H, W, 3])."""
-    keys = _npz_keys(path)
+    keys = _npz_keys(path, "sample batch")
     if "arr_0" not in keys:
-        raise ValueError(
+        raise errors.InputError(
             f"sample batch {path} has no arr_0 (keys: {keys}); sampling writes "
             "np.savez(path, arr_0=uint8 [N, H, W, 3], arr_1=labels)"
         )
-    with np.load(path) as z:
-        return check_images(z["arr_0"], path, "sample batch")
+    images = _read_arrays(path, ["arr_0"], "sample batch")["arr_0"]
+    return check_images(images, path, "sample batch")
 
 
 def read_reference_batch(path) -> tuple[np.ndarray | None, dict]:
     """(images or None, stats dict with any of mu/sigma/mu_s/sigma_s) of a reference batch."""
-    keys = _npz_keys(path)
-    with np.load(path) as z:
-        stats = {k: np.asarray(z[k]) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
-        images = check_images(z["arr_0"], path, "reference batch") if "arr_0" in keys else None
+    keys = _npz_keys(path, "reference batch")
+    wanted = [k for k in ("arr_0", "mu", "sigma", "mu_s", "sigma_s") if k in keys]
+    stats = _read_arrays(path, wanted, "reference batch")
+    images = stats.pop("arr_0", None)
+    if images is not None:
+        images = check_images(images, path, "reference batch")
     if stats and set(stats) != {"mu", "sigma", "mu_s", "sigma_s"}:
-        raise ValueError(
+        raise errors.InputError(
             f"reference batch {path} has only {sorted(stats)} of mu, sigma, mu_s, sigma_s"
         )
     if images is None and not stats:
-        raise ValueError(f"reference batch {path} has neither arr_0 images nor mu/sigma statistics")
+        raise errors.InputError(
+            f"reference batch {path} has neither arr_0 images nor mu/sigma statistics "
+            f"(keys: {keys}); a reference batch is np.savez(path, arr_0=uint8 [N, H, W, 3])"
+        )
     if not stats:
         print(f"reference batch {path} has no mu/sigma: computing statistics from its images")
     return images, stats
@@ -208,9 +246,15 @@ def load_inception_variables(path) -> dict:
     """FID-Inception variables from `classify_image_graph_def.pb`, a pytorch-fid `.pth`, or an
     `.npz` of state-dict arrays."""
     if not path:
-        raise FileNotFoundError("config.eval.inception_weights is empty. " + WEIGHTS_HELP)
+        raise errors.MissingInputError("config.eval.inception_weights is empty. " + WEIGHTS_HELP)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"inception weights file {path} does not exist. " + WEIGHTS_HELP)
+        raise errors.MissingInputError(
+            f"inception weights file {path} does not exist. " + WEIGHTS_HELP
+        )
+    if os.path.isdir(path):
+        raise errors.MissingInputError(
+            f"inception weights file {path} is a directory, not a weights file. " + WEIGHTS_HELP
+        )
     if str(path).endswith(".pb"):
         return inception_weights.load_fid_inception_graph_def(path)
     if str(path).endswith(".npz"):
@@ -254,17 +298,41 @@ def load_reference(
         return ref
     cache = _cache_path(ref_path, weights_path, resize, workdir) if weights_path else None
     if cache is not None and cache.exists():
-        print(f"reading cached reference activations {cache}")
-        with np.load(cache) as z:
-            ref.update({k: z[k] for k in z.files})
-        return ref
+        cached = _read_cache(cache, len(ref_images))
+        if cached is not None:
+            print(f"reading cached reference activations {cache}")
+            ref.update(cached)
+            return ref
     print("computing reference batch activations...")
     acts = extractor(ref_images)
     ref.update(pool=acts["pool"], spatial=acts["spatial"])
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, pool=acts["pool"], spatial=acts["spatial"])
+        # Atomic: a run killed mid-write leaves no truncated cache for the next one to trust.
+        atomic.savez(cache, pool=acts["pool"], spatial=acts["spatial"])
     return ref
+
+
+def _read_cache(cache: pathlib.Path, num_images: int) -> dict | None:
+    """The cached `pool` / `spatial` activations of `num_images` reference images, or None (with
+    a warning) when the cache file is damaged (truncated, unreadable, missing an array, or of the
+    wrong length): the caller then computes them again and replaces the file."""
+    try:
+        with np.load(cache) as z:
+            acts = {k: np.asarray(z[k]) for k in ("pool", "spatial")}
+        bad = [f"{k}: shape {v.shape}" for k, v in acts.items() if v.shape[:1] != (num_images,)]
+        damaged = "; ".join(bad) or None
+    except _NPZ_READ_ERRORS as e:
+        damaged = f"{type(e).__name__}: {e}"
+    if damaged is None:
+        return acts
+    logging.warning(
+        "cached reference activations %s are damaged (%s; %d reference images): computing them "
+        "again and replacing the file",
+        cache,
+        damaged,
+        num_images,
+    )
+    return None
 
 
 def evaluate_files(
@@ -315,9 +383,9 @@ def _write_record(results: dict, ref_path, sample_path, output, workdir) -> None
         if not os.access(output.parent, os.W_OK):
             output = pathlib.Path(workdir or ".") / output.name
     output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     record = dict(results, ref_batch=str(ref_path), sample_batch=str(sample_path))
-    output.write_text(json.dumps(record, indent=2) + "\n")
+    # Replaces the name (a symlink planted there included), never writes through it.
+    atomic.write_text(output, json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
 
 
@@ -326,7 +394,7 @@ def run(config, workdir) -> dict:
     batch_size, output; optional resize, is_split_size) and evaluates."""
     ev = config.eval
     if not ev.ref_batch or not ev.sample_batch:
-        raise ValueError(
+        raise errors.ConfigError(
             "--mode=evaluate needs --config.eval.ref_batch=REF.npz and "
             "--config.eval.sample_batch=SAMPLES.npz"
         )
@@ -365,5 +433,14 @@ def main(argv=None) -> dict:
     )
 
 
+def _command() -> None:
+    """`python -m gdiff.evaluation.evaluator`: a GdiffError ends in one line, as `gdiff` does."""
+    try:
+        main()
+    except errors.GdiffError as e:
+        print(f"gdiff: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+
+
 if __name__ == "__main__":
-    main()
+    _command()

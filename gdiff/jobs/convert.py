@@ -14,7 +14,7 @@ import pathlib
 
 from absl import logging
 
-from gdiff import factory
+from gdiff import errors, factory
 from gdiff.checkpoints import locate, store, torch_file
 from gdiff.compat import convert
 
@@ -27,27 +27,45 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool | None = None) ->
       `<workdir>/classifier_params`).
 
     Raises:
-      ValueError: no checkpoint path, an unknown target, or a checkpoint that does not match the
-        config's architecture (the message lists every offending layer with both shapes).
+      errors.ConfigError (a ValueError): no checkpoint path, or an unknown target.
+      errors.MissingInputError (a FileNotFoundError): the checkpoint path does not exist or is a
+        directory (checked before the network is built).
+      errors.InputError (a ValueError): the file is not a torch checkpoint (or is truncated).
+      ValueError: a checkpoint that does not match the config's architecture (the message lists
+        every offending layer with both shapes).
       FileExistsError: the output exists and neither `overwrite` nor `config.convert_overwrite`
         allows replacing it (checked before the file is read).
     """
     path = str(config.torch_checkpoint)
     if not path:
-        raise ValueError("--mode=convert needs --config.torch_checkpoint=<released .pt file>")
+        raise errors.ConfigError(
+            "--mode=convert needs --config.torch_checkpoint=<released .pt file>"
+        )
+    if not os.path.exists(path):
+        raise errors.MissingInputError(
+            f"config.torch_checkpoint {path} does not exist: give the path of the released .pt "
+            "file (--config.torch_checkpoint=PATH)"
+        )
+    if os.path.isdir(path):
+        raise errors.MissingInputError(
+            f"config.torch_checkpoint {path} is a directory: give the path of the released .pt "
+            "file itself (--config.torch_checkpoint=PATH)"
+        )
     target = str(config.convert_target)
     if target == "model":
         module = factory.build_model(config)
     elif target == "classifier":
         module = factory.build_classifier(config)
     else:
-        raise ValueError(f"config.convert_target must be 'model' or 'classifier', got {target!r}")
+        raise errors.ConfigError(
+            f"config.convert_target must be 'model' or 'classifier', got {target!r}"
+        )
 
     out = pathlib.Path(workdir) / locate.params_dir(target)
     overwrite = bool(config.convert_overwrite) if overwrite is None else overwrite
     if out.exists() and not overwrite:
         # Checked before the (large) file is read; the finished checkpoint stays as it is.
-        raise FileExistsError(
+        raise errors.OutputExistsError(
             f"{out} already holds a converted checkpoint; refusing to replace it. Rerun with "
             "--config.convert_overwrite=true to replace it, or use another --workdir"
         )

@@ -1,9 +1,7 @@
 """`--mode=pipeline`: the whole method on scikit-learn's digits, start to finish, on a CPU.
 
 The paper's Table 4 on a toy scale: a class-conditional and an unconditional diffusion model
-(`sweep.models`), one noise-aware classifier guiding both. Stages, each writing into the workdir and
-each skipped when its output is already there, so an interrupted run resumes and one stage can be
-swapped by hand:
+(`sweep.models`), one noise-aware classifier guiding both. Stages, each writing into the workdir:
 
   1. diffusion/<model>  train each diffusion model            -> <model>/checkpoints/
   2. classifier         train the noise-aware guidance classifier -> classifier_checkpoints/
@@ -19,16 +17,41 @@ swapped by hand:
                         real-digit row), scale_sweep.png (one line per model), sweep_grid.png,
                         grids/<model>_scale_<s>.png
 
+A rerun skips a stage only when its outputs are complete and were made from the inputs it would
+use now; otherwise the stage runs again (resuming where it can) and its log line says why. What
+each stage pins:
+
+  - diffusion/<model>, classifier: the training step reached (`train.num_steps`,
+    `train.classifier_num_steps`); a checkpoint below it is resumed, a named checkpoint or
+    dropped-in parameters are used as they are. The trainer checks a resume's settings itself.
+  - eval_net: its settings (steps, batch, learning rate, width, seed, number of held-back
+    digits), recorded in eval_classifier/metadata; other settings train it again.
+  - sample: each model's sampling manifest (samples/<model>/run.json: the sampling settings and
+    the model's and classifier's step, EMA copy and sha256). When the networks changed (retrained
+    with more steps, another checkpoint) the old samples are moved aside
+    (`<dir>.replaced-<time>`, nothing deleted; the sample job's `sample.restart`) and drawn
+    afresh; an interrupted run resumes from its shards.
+  - evaluate: what it scored, recorded in results.json, which is written last: the run digest of
+    every merged samples file (`<merged>.npz.run`), the evaluation network's fingerprint and the
+    scoring settings. It counts as done only when results.csv, results.md, results.json, both
+    figures and every grid exist and that record matches; results.json is removed before an
+    evaluation begins, so an interrupted one is redone.
+
+A training stage stopped by a request (SIGTERM: the trainer saves, then returns) stops the job with
+`errors.StoppedError` naming the stage (exit status 3 from the command line); rerunning the command
+resumes that stage from its checkpoint.
+
 Swapping a stage: point a model's `sample.model_checkpoint`
 (`--config.sweep.models.<model>.sample.model_checkpoint`, or `sample.model_checkpoint` for a model
 that does not override it) or `sample.classifier_checkpoint` at another checkpoint, or drop one
 into `<workdir>/<model>/model_params` / `<workdir>/classifier_params`
-(`gdiff.checkpoints.store.save_params`); the training stage is then skipped. Delete `samples/` and
-`results.csv` to sample and evaluate again with it (samples are never silently overwritten).
+(`gdiff.checkpoints.store.save_params`); the training stage is then skipped, and the samples and
+results of the old networks are replaced on the next run (the old samples kept aside).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -39,10 +62,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import distributed
-from gdiff.checkpoints import locate, store
+from gdiff import atomic, distributed, errors, treediff
+from gdiff.checkpoints import fingerprints, locate, store
 from gdiff.data import digits as digits_data
+from gdiff.engine import manifest as manifest_lib
 from gdiff.evaluation import features, report, scoring, small_classifier
+from gdiff.jobs import sample as sample_job
 from gdiff.jobs import sweep
 from gdiff.jobs import train as train_job
 from gdiff.sampling import grid as grid_lib
@@ -68,16 +93,24 @@ def stages(models: list[sweep.SweepModel]) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class StageLog:
-    """Prints one line per stage (ran / skipped, with timing) and remembers what happened."""
+    """Prints one line per stage (ran / skipped / redone, with timing and why) and remembers what
+    happened."""
 
     stages: tuple[str, ...]
     ran: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    # {stage: why} of the stages whose earlier outputs were out of date or incomplete.
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def skip(self, stage: str, why: str) -> None:
         self.skipped.append(stage)
         self._say(f"{self._counter(stage)} {stage}: skipped ({why})")
+
+    def redo(self, stage: str, why: str) -> None:
+        """Notes that `stage` runs again although it ran before, and why (before `start`)."""
+        self.redone[stage] = why
+        self._say(f"{self._counter(stage)} {stage}: redone ({why})")
 
     def start(self, stage: str, what: str) -> float:
         self._say(f"{self._counter(stage)} {stage}: {what}")
@@ -101,21 +134,24 @@ class StageLog:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> str | None:
-    """Why the training stage of `kind` ("model" | "classifier") need not run, or None: a
-    checkpoint was named, or the workdir holds parameters or a training run that reached its
-    `train` step count (what sampling will then load: locate.locate finds both)."""
+def _trained_elsewhere(config, workdir: pathlib.Path, kind: str) -> tuple[str | None, str | None]:
+    """(why the training stage of `kind` ("model" | "classifier") need not run, why it resumes
+    an earlier run), each None when it does not apply. It need not run when a checkpoint was
+    named, or the workdir holds parameters or a training run that reached its `train` step count
+    (what sampling will then load: locate.locate finds both)."""
     explicit = config.sample[f"{kind}_checkpoint"]
     if explicit:
-        return f"sample.{kind}_checkpoint={explicit}"
+        return f"sample.{kind}_checkpoint={explicit}", None
     try:
         found = locate.locate(workdir, kind)
     except FileNotFoundError:
-        return None
+        return None, None
     if found.format == "params":
-        return f"found parameters {found.path}"
+        return f"found parameters {found.path}", None
     want = int(config.train.num_steps if kind == "model" else config.train.classifier_num_steps)
-    return f"found step {found.step} in {found.path}" if found.step >= want else None
+    if found.step >= want:
+        return f"found step {found.step} in {found.path}", None
+    return None, f"found step {found.step} of {want} in {found.path}: resuming it"
 
 
 def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,18 +219,48 @@ def _is_guided(models: list[sweep.SweepModel]) -> bool:
 # ----------------------------------------------------------------------------- stages
 
 
+def _eval_settings(config) -> dict[str, Any]:
+    """What the evaluation network is trained with (its stage's pin, kept in its metadata)."""
+    p = config.pipeline
+    return {
+        "steps": int(p.eval_classifier_steps),
+        "batch_size": int(p.eval_classifier_batch_size),
+        "learning_rate": float(p.eval_classifier_lr),
+        "width": int(p.eval_classifier_width),
+        "seed": int(config.seed),
+        "num_classes": int(config.data.num_classes),
+        "image_size": int(config.data.image_size),
+        "train_split": str(config.data.train_split),
+        # The real-data row: as many held-back training digits as samples per scale.
+        "held_back_count": int(config.sample.num_samples),
+    }
+
+
+def _load_eval_network(directory: pathlib.Path, meta: dict):
+    module = small_classifier.SmallClassifier(
+        num_classes=int(meta["num_classes"]), width=int(meta["width"])
+    )
+    return module, {"params": locate.load_params(directory)}, meta
+
+
 def _eval_network(config, workdir: pathlib.Path, log: StageLog):
-    """Stage 3: the clean-image evaluation classifier (trained once, then loaded)."""
+    """Stage 3: the clean-image evaluation classifier (trained once, then loaded; trained again
+    when its settings changed)."""
     p = config.pipeline
     num_classes = int(config.data.num_classes)
     directory = workdir / EVAL_CLASSIFIER_DIR
+    settings = _eval_settings(config)
     if (directory / store.METADATA_FILE).exists():
         meta = store.read_metadata(directory)
-        log.skip("eval_net", f"found {directory}")
-        module = small_classifier.SmallClassifier(
-            num_classes=int(meta["num_classes"]), width=int(meta["width"])
-        )
-        return module, {"params": locate.load_params(directory)}, meta
+        if meta.get("settings") == settings:
+            log.skip("eval_net", f"found {directory}")
+            return _load_eval_network(directory, meta)
+        if "settings" in meta:
+            changed = treediff.changed_keys(meta["settings"], settings)
+            why = "its settings changed: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in changed)
+        else:
+            why = f"{directory} records no settings (made by an older gdiff)"
+        log.redo("eval_net", why)
     t0 = log.start(
         "eval_net", f"train the clean-image evaluation classifier ({p.eval_classifier_steps} steps)"
     )
@@ -225,6 +291,7 @@ def _eval_network(config, workdir: pathlib.Path, log: StageLog):
         "held_out_accuracy": float(accuracy),
         # Training-split indices of the real-data row, never shown to this network.
         "held_back": [int(i) for i in held_back],
+        "settings": settings,
     }
     store.save_params(directory, variables["params"], metadata=meta, overwrite=True)
     StageLog._say(f"    evaluation classifier: {accuracy:.3f} accuracy on held-out real digits")
@@ -241,24 +308,62 @@ def _pairs(sample_paths) -> list[tuple[str, float]]:
     return sorted((name, float(s)) for name, paths in sample_paths.items() for s in paths)
 
 
-def _stored_results(workdir: pathlib.Path, sample_paths) -> dict[str, Any] | None:
-    """An earlier evaluation's results when they are newer than every input and cover the same
-    (model, scale) pairs, else None."""
-    csv_path, json_path = workdir / RESULTS_CSV, workdir / RESULTS_JSON
-    inputs = [p for paths in sample_paths.values() for p in paths.values()]
-    inputs.append(workdir / EVAL_CLASSIFIER_DIR / store.METADATA_FILE)
-    newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
-    if not (csv_path.exists() and json_path.exists() and csv_path.stat().st_mtime >= newest_input):
-        return None
+def _scored(config, sample_paths, eval_net) -> dict[str, Any]:
+    """What an evaluation scores (the evaluate stage's pin, recorded in results.json): the run
+    digest of every merged samples file, the evaluation network's fingerprint, the scoring
+    settings."""
+    return {
+        "samples": {
+            f"{name}/scale_{labels_lib.format_scale(s)}": _side_digest(sample_paths[name][s])
+            for name, s in _pairs(sample_paths)
+        },
+        "eval_net": fingerprints.params_fingerprint(eval_net[1]["params"]),
+        "settings": {
+            "is_split_size": int(config.eval.is_split_size),
+            "eval_split": str(config.data.eval_split),
+            "image_size": int(config.data.image_size),
+        },
+    }
+
+
+def _stored_results(
+    workdir: pathlib.Path, sample_paths, scored
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(an earlier evaluation's results, None) when every output of the stage exists and
+    results.json records that it scored `scored`; else (None, why it is redone), why being None
+    when there is no earlier evaluation at all."""
+    outputs = _result_files(workdir, sample_paths)
+    missing = [p for p in outputs if not p.exists()]
+    if len(missing) == len(outputs):
+        return None, None
+    json_path = workdir / RESULTS_JSON
+    stored = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if "scored" in stored and stored["scored"] != scored:
+        names = {"eval_net": "the evaluation network"}
+        changes = [
+            names.get(k, k.replace("samples.", "samples of ", 1))
+            for k, _, _ in treediff.changed_keys(stored["scored"], scored)
+        ]
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        return None, "what it scored changed: " + ", ".join(changes[:4]) + more
+    if missing:
+        names = ", ".join(str(p.relative_to(workdir)) for p in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return None, f"{names}{more} missing: an earlier evaluation did not finish"
+    if "scored" not in stored:
+        return None, f"{RESULTS_JSON} records no inputs (made by an older gdiff)"
     try:
-        rows = report.read_csv(csv_path)
+        rows = report.read_csv(workdir / RESULTS_CSV)
     except ValueError as e:  # a table of an older layout: evaluate again
-        logging.warning("%s", e)
-        return None
-    if sorted((r["model"], r["scale"]) for r in rows) != _pairs(sample_paths):
-        return None
-    stored = json.loads(json_path.read_text())
-    return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}
+        return None, str(e)
+    return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}, None
+
+
+def _result_files(workdir: pathlib.Path, sample_paths) -> list[pathlib.Path]:
+    """Every output of the evaluate stage; results.json, its record, is written last."""
+    files = [workdir / n for n in (RESULTS_CSV, RESULTS_MD, PLOT, SWEEP_FIGURE)]
+    files += [_grid_path(workdir, m, s) for m, s in _pairs(sample_paths)]
+    return [*files, workdir / RESULTS_JSON]
 
 
 def _save_grids(config, workdir: pathlib.Path, sample_paths) -> dict[tuple[str, float], tuple]:
@@ -313,13 +418,19 @@ def _scorer(config, workdir: pathlib.Path, eval_net) -> tuple[scoring.Scorer, in
 
 
 def _evaluate(config, workdir, models, sample_paths, eval_net, log, timings) -> dict[str, Any]:
-    """Stage 5: the table, plot, grids and summary (skipped when results.csv is up to date)."""
-    stored = _stored_results(workdir, sample_paths)
+    """Stage 5: the table, plot, grids and summary (skipped when every output exists and
+    results.json records that these samples were scored with this evaluation network)."""
+    scored = _scored(config, sample_paths, eval_net)
+    stored, why = _stored_results(workdir, sample_paths, scored)
     if stored is not None:
-        log.skip("evaluate", f"found {workdir / RESULTS_CSV}")
+        log.skip("evaluate", f"found {workdir / RESULTS_JSON} of these samples")
         return stored
+    if why:
+        log.redo("evaluate", why)
     pairs = _pairs(sample_paths)
     t0 = log.start("evaluate", f"score {len(pairs)} (model, scale) pairs against real digits")
+    # The record goes first and comes back last: an evaluation cut short is never taken as done.
+    (workdir / RESULTS_JSON).unlink(missing_ok=True)
     scorer, num_ref = _scorer(config, workdir, eval_net)
     rows = sweep.score_models(scorer, sample_paths)
     samples = _save_grids(config, workdir, sample_paths)
@@ -330,7 +441,7 @@ def _evaluate(config, workdir, models, sample_paths, eval_net, log, timings) -> 
     )
     results = {"rows": rows, "baseline": baseline, "summary": summary}
     details = _details(config, workdir, models, num_ref, eval_net[2], timings)
-    _write_results(config, workdir, results, samples, details)
+    _write_results(config, workdir, results, samples, details, scored)
     log.done("evaluate", t0)
     return results
 
@@ -358,8 +469,9 @@ def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings)
     }
 
 
-def _write_results(config, workdir: pathlib.Path, results, samples, details) -> None:
-    """results.csv / .json / .md, the metrics-vs-scale plot and the sweep figure."""
+def _write_results(config, workdir: pathlib.Path, results, samples, details, scored) -> None:
+    """The metrics-vs-scale plot, the sweep figure, results.csv / .md, then results.json with
+    `scored`, the stage's record (last: it marks the stage done)."""
     rows, baseline = results["rows"], results["baseline"]
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
     report.plot(rows, workdir / PLOT, baseline=baseline, baseline_name=BASELINE)
@@ -369,7 +481,6 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details) -> 
         zoom=zoom,
     )
     report.write_csv(rows, workdir / RESULTS_CSV)
-    (workdir / RESULTS_JSON).write_text(json.dumps(results, indent=1))
     report.write_markdown(
         rows,
         workdir / RESULTS_MD,
@@ -385,6 +496,7 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details) -> 
         details=details,
         images=[PLOT, SWEEP_FIGURE],
     )
+    atomic.write_text(workdir / RESULTS_JSON, json.dumps({**results, "scored": scored}, indent=1))
 
 
 def _grid_path(workdir: pathlib.Path, model: str, scale: float) -> pathlib.Path:
@@ -399,45 +511,120 @@ def _fmt_opt(value) -> str:
 
 
 def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) -> None:
-    """Stages 1 and 2: the networks the paper trains (each skipped when found)."""
+    """Stages 1 and 2: the networks the paper trains (each skipped when found, resumed when its
+    checkpoint is short of its step count).
+
+    Raises:
+      errors.StoppedError: a training stage stopped on a request (SIGTERM) after saving.
+    """
     for m in models:
         stage = f"diffusion/{m.name}"
-        why = _trained_elsewhere(m.config, m.workdir, "model")
+        why, resume = _trained_elsewhere(m.config, m.workdir, "model")
         if why:
             log.skip(stage, why)
             continue
+        if resume:
+            log.redo(stage, resume)
         kind = "class-conditional" if m.config.model.class_cond else "unconditional"
-        t0 = log.start(
-            stage, f"train the {kind} diffusion model ({m.config.train.num_steps} steps)"
-        )
-        train_job.train(m.config, str(m.workdir), mesh=mesh)
-        log.done(stage, t0)
+        what = f"train the {kind} diffusion model ({m.config.train.num_steps} steps)"
+        _train_stage(log, stage, what, train_job.train, m.config, m.workdir, mesh)
     if not _is_guided(models):
         log.skip("classifier", "every classifier scale is 0: no guidance")
         return
-    why = _trained_elsewhere(config, workdir, "classifier")
+    why, resume = _trained_elsewhere(config, workdir, "classifier")
     if why:
         log.skip("classifier", why)
         return
-    steps = config.train.classifier_num_steps
-    t0 = log.start("classifier", f"train the noise-aware classifier ({steps} steps)")
-    train_job.train_classifier(config, str(workdir), mesh=mesh)
-    log.done("classifier", t0)
+    if resume:
+        log.redo("classifier", resume)
+    what = f"train the noise-aware classifier ({config.train.classifier_num_steps} steps)"
+    _train_stage(log, "classifier", what, train_job.train_classifier, config, workdir, mesh)
+
+
+def _train_stage(log: StageLog, stage: str, what: str, train, config, workdir, mesh) -> None:
+    """Runs one training stage; a trainer that stopped on a request stops the job."""
+    t0 = log.start(stage, what)
+    result = train(config, str(workdir), mesh=mesh)
+    if result.get("stopped_early"):
+        step = int(result["state"].step)
+        raise errors.StoppedError(
+            f"the pipeline stopped in stage {stage} on a request, after saving step {step} in "
+            f"{workdir}; rerun the same command to resume it"
+        )
+    log.done(stage, t0)
 
 
 def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> dict:
-    """Stage 4: every model at every scale, over the same noise and labels."""
+    """Stage 4: every model at every scale, over the same noise and labels. Skipped when every
+    merged file exists and was drawn under the manifest this run would pin; samples of other
+    weights or settings are moved aside and drawn afresh."""
     plans = sweep.plan_models(models, workdir, mesh)
     merged = {name: dict(plan.merged) for name, plan in plans.items()}
-    if all(p.exists() for paths in merged.values() for p in paths.values()):
-        log.skip("sample", f"found {len(_pairs(merged))} merged sample file(s)")
+    changed, unfinished = _sampling_state(models, plans)
+    if not changed and not unfinished:
+        log.skip("sample", f"found {len(_pairs(merged))} merged sample file(s) of these networks")
         return merged
+    if changed:
+        log.redo("sample", "; ".join(changed))
     n = int(models[0].config.sample.num_samples)
     what = ", ".join(f"{m.name} {m.config.sample.classifier_scale}" for m in models)
     t0 = log.start("sample", f"{n} samples per model and scale ({what})")
-    sample_paths = sweep.sample_models(models, workdir, mesh)
+    # The automated job redoes a stage whose inputs changed: a differing run is moved aside
+    # (nothing deleted), as `--mode=sample` does with sample.restart=true.
+    sample_paths = sweep.sample_models([_restarting(m) for m in models], workdir, mesh)
     log.done("sample", t0)
     return sample_paths
+
+
+def _restarting(model: sweep.SweepModel) -> sweep.SweepModel:
+    config = copy.deepcopy(model.config)
+    config.sample.restart = True
+    return dataclasses.replace(model, config=config)
+
+
+def _sampling_state(models, plans) -> tuple[list[str], list[str]]:
+    """(why earlier samples are out of date, which models' runs are unfinished): a model whose
+    samples directory holds a run of other settings or weights than it would pin now, or a
+    merged file made under another run, is out of date; one with merged files missing is
+    unfinished (and resumed from its shards)."""
+    changed, unfinished = [], []
+    for m in models:
+        plan = plans[m.name]
+        old = manifest_lib.read(plan.out)
+        missing = [p for p in plan.merged.values() if not p.exists()]
+        if old is None:  # not begun, or its manifest is gone: the sample job checks the files
+            unfinished.append(m.name)
+            continue
+        new = sample_job.pinned_manifest(plan, sample_job.load_weights(m.sampling_config(), plan))
+        run_id = manifest_lib.run_digest(new)
+        if manifest_lib.run_digest(old) != run_id:
+            changed.append(f"{m.name}: {_manifest_changes(old, new)}")
+        elif any(_side_digest(p) != run_id for p in plan.merged.values() if p.exists()):
+            changed.append(f"{m.name}: a merged file was made under another run")
+        elif missing:
+            unfinished.append(m.name)
+    return changed, unfinished
+
+
+def _manifest_changes(old: dict, new: dict) -> str:
+    """The compared keys of two sampling manifests that differ, shortly."""
+
+    def compared(manifest):
+        manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
+        return {k: v for k, v in manifest.items() if k not in manifest_lib.INFO_KEYS}
+
+    def short(value):
+        return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else value
+
+    changes = treediff.changed_keys(compared(old), compared(new))
+    text = ", ".join(f"{k} {short(a)} -> {short(b)}" for k, a, b in changes[:4])
+    return text + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else "")
+
+
+def _side_digest(path: pathlib.Path) -> str | None:
+    """The run digest a merged samples file was made under (its `.run` side file), if any."""
+    side = manifest_lib.side_digest_path(path)
+    return side.read_text().strip() if side.exists() else None
 
 
 def _output_paths(workdir: pathlib.Path, sample_paths) -> dict[str, Any]:
@@ -461,7 +648,12 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
 
     Returns:
       dict(rows=[per (model, scale) dicts with report.COLUMNS], baseline=the real-digit row,
-      summary=str, ran=[stages run], skipped=[stages skipped], paths=dict of output files).
+      summary=str, ran=[stages run], skipped=[stages skipped], redone={stage: why it ran again},
+      paths=dict of output files).
+
+    Raises:
+      errors.StoppedError: a training stage stopped on a request (SIGTERM) after saving; a rerun
+        resumes it.
     """
     workdir = pathlib.Path(workdir)
     models = sweep.sweep_models(config, workdir)
@@ -488,5 +680,6 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
         **results,
         "ran": log.ran,
         "skipped": log.skipped,
+        "redone": log.redone,
         "paths": _output_paths(workdir, sample_paths),
     }

@@ -44,9 +44,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import atomic, distributed, factory, xla_options
-from gdiff.checkpoints import fingerprints, locate
+from gdiff import atomic, distributed, errors, factory, xla_options
+from gdiff.checkpoints import fingerprints, locate, settings
 from gdiff.data import pipeline
+from gdiff.diffusion import schedules
 from gdiff.engine import runs
 from gdiff.sampling import sampler as sampler_lib
 
@@ -98,6 +99,9 @@ def _manifest(config, per_batch: int, model_checkpoint: str) -> dict:
         "examples_per_batch": per_batch,
         "process_count": jax.process_count(),
         "clip_denoised": bool(ev.nll_clip_denoised),
+        # The network as it computes (dtype, attention): a resumed run in another precision is
+        # another run, not shards to mix.
+        "model": config.model.to_dict(),
         "diffusion": config.diffusion.to_dict(),
         "data": {
             "source": data.source,
@@ -112,28 +116,49 @@ def _manifest(config, per_batch: int, model_checkpoint: str) -> dict:
     }
 
 
+def _check_respacing(config) -> None:
+    """Refuses a `diffusion.timestep_respacing` that cannot respace `diffusion.steps`, before
+    run.json pins it (the corrected rerun would otherwise be refused as another run)."""
+    respacing, steps = str(config.diffusion.timestep_respacing or ""), int(config.diffusion.steps)
+    if not respacing:
+        return
+    try:
+        kept = schedules.space_timesteps(steps, respacing)
+    except ValueError as e:
+        raise errors.ConfigError(
+            f"diffusion.timestep_respacing={respacing!r} cannot respace the {steps} steps of "
+            f"diffusion.steps ({e})"
+        ) from None
+    if not kept:
+        raise errors.ConfigError(
+            f"diffusion.timestep_respacing={respacing!r} keeps none of the {steps} steps of "
+            "diffusion.steps; give at least one step"
+        )
+
+
 def make_plan(config, workdir: str, mesh: jax.sharding.Mesh) -> NllPlan:
     """The run, validated before anything is computed or written."""
     ev = config.eval
     num_samples, batch_size = int(ev.nll_num_samples), int(ev.nll_batch_size)
     if num_samples <= 0 or batch_size <= 0:
-        raise ValueError(
+        raise errors.ConfigError(
             f"eval.nll_num_samples ({num_samples}) and eval.nll_batch_size ({batch_size}, per "
             "device) must be positive"
         )
     if int(config.model.small_size) > 0:
-        raise ValueError(
+        raise errors.ConfigError(
             "--mode=nll evaluates image models; model.small_size > 0 makes a super-resolution "
             "model (the reference's image_nll.py does not evaluate those either)"
         )
     pipeline.check_data_config(config)
+    _check_respacing(config)
     per_batch = batch_size * mesh.size
     local = distributed.local_batch_size(per_batch, mesh)
     model_checkpoint = config.sample.model_checkpoint or workdir
     try:
         model = locate.locate(model_checkpoint, "model")
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"cannot load the model from {model_checkpoint}: {e}") from e
+        raise errors.MissingInputError(f"cannot load the model from {model_checkpoint}: {e}") from e
     return NllPlan(
         num_samples=num_samples,
         per_batch=per_batch,
@@ -200,7 +225,7 @@ def _next_batch(stream: Iterator, batch: int, plan: NllPlan) -> dict[str, np.nda
     try:
         return next(stream)
     except StopIteration:
-        raise ValueError(
+        raise errors.ConfigError(
             f"the eval split ended after {batch} batches of {plan.per_batch}: it holds fewer than "
             f"eval.nll_num_samples={plan.num_samples} examples; lower eval.nll_num_samples"
         ) from None
@@ -249,8 +274,16 @@ class NllJob:
     def pin(self) -> dict:
         """Loads the model, checked against the config; the plan's manifest plus its pin (step,
         EMA copy, sha256), so a resumed run never mixes two models' bits/dim."""
-        plan = self.plan
-        params, pin = locate.load_pinned(plan.model, ema_rate=self.config.sample.ema_rate or None)
+        plan, config = self.plan, self.config
+        settings.check_trained_settings(
+            plan.model,
+            what="model",
+            network="model",
+            config_network=config.model.to_dict(),
+            diffusion=config.diffusion.to_dict(),
+            image_size=int(config.model.image_size),
+        )
+        params, pin = locate.load_pinned(plan.model, ema_rate=config.sample.ema_rate or None)
         abstract = factory.abstract_variables(factory.build_model(self.config))["params"]
         fingerprints.check_params_match(params, abstract, what="model", where=plan.model.path)
         self.params = params
@@ -324,8 +357,9 @@ class NllJob:
         arrays = gather(SHARDS)
         per_image = {k: arrays[k] for k in KEYS}
         if per_image["position"].tolist() != list(range(self.plan.num_samples)):
-            raise ValueError(
-                f"{out}: the shards do not hold positions 0..{self.plan.num_samples - 1}"
+            raise errors.InputError(
+                f"{out / SHARDS}: the shards do not hold positions 0..{self.plan.num_samples - 1}; "
+                f"delete {out / SHARDS} to compute them afresh"
             )
         atomic.savez(out / PER_IMAGE, **per_image)
         for term in TERMS:

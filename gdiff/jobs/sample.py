@@ -39,8 +39,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import distributed, factory
-from gdiff.checkpoints import fingerprints, locate
+from gdiff import distributed, errors, factory
+from gdiff.checkpoints import fingerprints, locate, settings
 from gdiff.engine import manifest as manifest_lib
 from gdiff.engine import runs
 from gdiff.sampling import grid as grid_lib
@@ -69,13 +69,24 @@ class Weights:
 
 
 def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
-    """Loads the plan's model (and classifier) and checks them against the configured networks.
+    """Loads the plan's model (and classifier) and checks them against the configured networks:
+    the settings a training checkpoint records (diffusion, image size, network group;
+    gdiff/checkpoints/settings.py), then every parameter's shape.
 
     Raises:
-      errors.ConfigMismatchError: a config describes another network than its checkpoint holds
-        (naming the first differing parameter).
+      errors.ConfigMismatchError: a config describes another network or diffusion than its
+        checkpoint was trained with (naming the differing keys or the first differing parameter).
     """
     ema_rate = config.sample.ema_rate or None
+    size = int(config.model.image_size)
+    settings.check_trained_settings(
+        plan.model,
+        what="model",
+        network="model",
+        config_network=config.model.to_dict(),
+        diffusion=config.diffusion.to_dict(),
+        image_size=size,
+    )
     model, model_pin = locate.load_pinned(plan.model, ema_rate=ema_rate)
     network = factory.unet_from_group(config.model)
     fingerprints.check_params_match(
@@ -83,8 +94,16 @@ def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
     )
     if plan.classifier is None:
         return Weights(model, model_pin)
+    settings.check_trained_settings(
+        plan.classifier,
+        what="classifier",
+        network="classifier",
+        config_network=config.classifier.to_dict(),
+        diffusion=config.diffusion.to_dict(),
+        image_size=size,
+    )
     classifier, classifier_pin = locate.load_pinned(plan.classifier)
-    network = factory.classifier_from_group(config.classifier, int(config.model.image_size))
+    network = factory.classifier_from_group(config.classifier, size)
     fingerprints.check_params_match(
         classifier,
         factory.abstract_variables(network)["params"],
@@ -153,11 +172,14 @@ class SampleJob:
         )
 
     def finished(self, run_id: str) -> bool:
-        merged = self.plan.merged.values()
-        if not all(p.exists() for p in merged):
-            return False
+        """Whether every scale is merged; raises when a merged file (even of one scale) was made
+        under another run, since `merge` leaves an existing file alone (sample.restart=true then
+        moves the directory aside: the run engine's `_finished`)."""
+        merged = [p for p in self.plan.merged.values() if p.exists()]
         for path in merged:
             manifest_lib.check_side_digest(path, run_id)
+        if len(merged) < len(self.plan.merged):
+            return False
         logging.info(
             "all %d scale(s) already merged under %s; nothing to do",
             len(self.plan.scales),
@@ -221,9 +243,9 @@ class SampleJob:
             if not path.exists():
                 arrays = gather(self.parts[scale])
                 if arrays["arr_0"].shape[0] != plan.num_samples:
-                    raise ValueError(
+                    raise errors.InputError(
                         f"{path.parent}: shards hold {arrays['arr_0'].shape[0]} samples, "
-                        f"expected {plan.num_samples}"
+                        f"expected {plan.num_samples}; delete its shards to redraw them"
                     )
                 manifest_lib.write_side_digest(path, run_id)
                 sample_files.write_sample_file(path, arrays["arr_0"], arrays.get("arr_1"))

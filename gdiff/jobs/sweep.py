@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gdiff import distributed, factory
+from gdiff import distributed, errors, factory
 from gdiff.checkpoints import locate
 from gdiff.evaluation import evaluator, report, scoring
 from gdiff.jobs import sample as sample_job
@@ -81,13 +81,16 @@ def _with_overrides(config, name: str, entry) -> ml_collections.ConfigDict:
     config = copy.deepcopy(config)
     for group, values in entry.items():
         if group not in MODEL_GROUPS:
-            raise KeyError(
+            raise errors.UnknownKeyError(
                 f"sweep.models.{name}.{group}: a model of a sweep may override only "
                 f"{', '.join(MODEL_GROUPS)} (the guidance classifier is shared)"
             )
         for key, value in values.items():
             if key not in config[group]:
-                raise KeyError(f"sweep.models.{name}.{group}.{key} is not a key of {group}")
+                raise errors.UnknownKeyError(
+                    f"sweep.models.{name}.{group}.{key} is not a key of {group}; see "
+                    f"configs/common.py for the keys of {group}"
+                )
             # FieldReferences stay linked: model.class_cond also sets data.class_cond.
             config[group][key] = value
     return config
@@ -101,7 +104,7 @@ def sweep_models(config, workdir: str | os.PathLike) -> list[SweepModel]:
         name = "conditional" if config.model.class_cond else "unconditional"
         return [SweepModel(name, config, workdir)]
     if config.sample.model_checkpoint:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sample.model_checkpoint={config.sample.model_checkpoint} names one checkpoint, but "
             f"sweep.models declares {len(entries)} models: set "
             "sweep.models.<name>.sample.model_checkpoint for each (default <workdir>/<name>)"
@@ -127,7 +130,7 @@ def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.S
     for name, plan in plans.items():
         differ = [k for k in SHARED_SETTINGS if plan.manifest[k] != first[k]]
         if differ:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"the models of a sweep draw the same noise and samples, but {models[0].name} and "
                 f"{name} differ in {', '.join(f'sample.{k}' for k in differ)}"
             )
@@ -135,7 +138,7 @@ def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.S
     if labelled and any(
         not np.array_equal(v, next(iter(labelled.values()))) for v in labelled.values()
     ):
-        raise ValueError(
+        raise errors.ConfigError(
             f"the models of a sweep must draw the same labels; {sorted(labelled)} do not (do "
             "their model.num_classes and sample.labels / sample.seed agree?)"
         )
@@ -183,12 +186,15 @@ def _reference_batch(config) -> tuple:
     """Checks the evaluation inputs BEFORE hours of sampling; returns the read reference batch."""
     ev = config.eval
     if not ev.ref_batch:
-        raise ValueError(
+        raise errors.ConfigError(
             "the scale sweep evaluates every scale against a reference batch: set "
             "--config.eval.ref_batch=REF.npz (e.g. VIRTUAL_imagenet64_labeled.npz)"
         )
     if not os.path.exists(ev.ref_batch):
-        raise FileNotFoundError(f"eval.ref_batch={ev.ref_batch} does not exist")
+        raise errors.MissingInputError(
+            f"eval.ref_batch={ev.ref_batch} does not exist; give the reference batch .npz (e.g. "
+            "VIRTUAL_imagenet64_labeled.npz)"
+        )
     return evaluator.read_reference_batch(ev.ref_batch)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gdiff import errors
+
 LABEL_MODES = ("random", "balanced")
 
 
@@ -16,29 +18,50 @@ def parse_scales(spec) -> list[float]:
     """`sample.classifier_scale` -> a list of floats.
 
     Accepts a number, a comma-separated string ("0,1,4") or a sequence of numbers. Duplicates are
-    refused because each scale names its own output folder.
+    refused because each scale names its own output folder; so are values that are not finite
+    numbers. A negative scale is allowed: it scales the classifier's gradient by a negative
+    factor, pushing samples AWAY from their label (the reference computes the same
+    `grad * scale`); 0 samples unguided.
+
+    Raises:
+      errors.ConfigError: naming the value that cannot be a list of distinct finite scales.
     """
+    if isinstance(spec, bool):
+        raise errors.ConfigError(
+            f"sample.classifier_scale={spec!r} is not a number; give a number or a "
+            "comma-separated list of numbers (e.g. 0,1,4)"
+        )
     if isinstance(spec, int | float):
-        values = [float(spec)]
+        parts = [spec]
     elif isinstance(spec, str):
         parts = [p.strip() for p in spec.split(",") if p.strip()]
-        if not parts:
-            raise ValueError("sample.classifier_scale is empty; give a number or a comma list")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError as e:
-            raise ValueError(
-                f"sample.classifier_scale={spec!r} is not a number or a comma-separated list of "
-                "numbers"
-            ) from e
     else:
-        values = [float(v) for v in spec]
-    if not values:
-        raise ValueError("sample.classifier_scale names no scale")
-    if any(not np.isfinite(v) for v in values):
-        raise ValueError(f"sample.classifier_scale={spec!r} contains a non-finite value")
-    if len(set(values)) != len(values):
-        raise ValueError(f"sample.classifier_scale={spec!r} repeats a scale")
+        parts = list(spec)
+    if not parts:
+        raise errors.ConfigError(
+            f"sample.classifier_scale={spec!r} names no scale; give a number or a "
+            "comma-separated list of numbers (e.g. 0,1,4)"
+        )
+    try:
+        # + 0.0: -0 is the scale 0 (one folder, scale_0).
+        values = [float(p) + 0.0 for p in parts]
+    except (TypeError, ValueError):
+        raise errors.ConfigError(
+            f"sample.classifier_scale={spec!r} is not a number or a comma-separated list of "
+            "numbers (e.g. 0,1,4)"
+        ) from None
+    bad = [p for p, v in zip(parts, values, strict=True) if not np.isfinite(v)]
+    if bad:
+        raise errors.ConfigError(
+            f"sample.classifier_scale={spec!r} contains a non-finite value ({bad[0]}); every "
+            "scale must be a finite number"
+        )
+    repeated = sorted({format_scale(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise errors.ConfigError(
+            f"sample.classifier_scale={spec!r} repeats a scale ({', '.join(repeated)}); each "
+            "scale is drawn once, into its own folder"
+        )
     return values
 
 
@@ -62,7 +85,10 @@ def make_labels(spec, num_samples: int, num_classes: int, seed: int) -> np.ndarr
       int32 [N] labels in [0, K).
     """
     if num_classes <= 0:
-        raise ValueError(f"labels need a positive number of classes; got {num_classes}")
+        raise errors.ConfigError(
+            f"labels need a positive number of classes; got {num_classes} (model.num_classes, "
+            "classifier.num_classes)"
+        )
     if isinstance(spec, str) and spec.strip().lower() in LABEL_MODES:
         mode = spec.strip().lower()
         if mode == "random":
@@ -74,9 +100,9 @@ def make_labels(spec, num_samples: int, num_classes: int, seed: int) -> np.ndarr
     values = _parse_int_list(spec)
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sample.labels={spec!r}: label(s) {bad} outside the model's classes "
-            f"0..{num_classes - 1}"
+            f"0..{num_classes - 1}; name classes in that range, or use random or balanced"
         )
     return np.resize(np.asarray(values, np.int32), num_samples)
 
@@ -87,7 +113,10 @@ def is_balanced(spec) -> bool:
 
 def _parse_int_list(spec) -> list[int]:
     if isinstance(spec, bool):
-        raise ValueError(f"sample.labels={spec!r} is not a label spec")
+        raise errors.ConfigError(
+            f"sample.labels={spec!r} is not a label spec; use 'random', 'balanced', an int or a "
+            "comma-separated list of ints"
+        )
     if isinstance(spec, int | np.integer):
         return [int(spec)]
     if isinstance(spec, str):
@@ -95,11 +124,13 @@ def _parse_int_list(spec) -> list[int]:
     else:
         parts = list(spec)
     if not parts:
-        raise ValueError("sample.labels is empty; use random, balanced, an int or a comma list")
+        raise errors.ConfigError(
+            "sample.labels is empty; use random, balanced, an int or a comma list"
+        )
     try:
         return [int(p) for p in parts]
     except (TypeError, ValueError) as e:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sample.labels={spec!r} must be 'random', 'balanced', an int or a comma-separated "
             "list of ints"
         ) from e

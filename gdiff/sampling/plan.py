@@ -18,9 +18,11 @@ import pathlib
 
 import jax
 import numpy as np
+from absl import logging
 
-from gdiff import distributed
+from gdiff import distributed, errors
 from gdiff.checkpoints import locate
+from gdiff.diffusion import schedules
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import sample_files
 from gdiff.sampling import sampler as sampler_lib
@@ -131,23 +133,28 @@ def load_base_samples(path: str, small_size: int) -> tuple[np.ndarray, np.ndarra
       (low_res float32 [N, h, w, 3] in [-1, 1], labels [N] or None)
     """
     if not path:
-        raise ValueError(
+        raise errors.ConfigError(
             f"model.small_size={small_size} makes a super-resolution model, but "
             "sample.base_samples is empty: give the .npz of low-resolution samples to upsample "
             "(arr_0 uint8 [N, h, w, 3], arr_1 labels)"
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"sample.base_samples={path} does not exist")
+        raise errors.MissingInputError(
+            f"sample.base_samples={path} does not exist; give the .npz of low-resolution samples "
+            "to upsample"
+        )
     images, labels = sample_files.read_sample_file(path)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"base samples {path}: arr_0 must be [N, h, w, 3]; got {images.shape}")
+        raise errors.InputError(
+            f"base samples {path}: arr_0 must be [N, h, w, 3]; got {images.shape}"
+        )
     if images.shape[1:3] != (small_size, small_size):
-        raise ValueError(
+        raise errors.InputError(
             f"base samples {path} are {images.shape[1]}x{images.shape[2]}, but the model upsamples "
             f"from model.small_size={small_size}x{small_size}"
         )
     if images.shape[0] == 0:
-        raise ValueError(f"base samples {path} hold no images")
+        raise errors.InputError(f"base samples {path} hold no images")
     low_res = images.astype(np.float32) / 127.5 - 1.0
     return low_res, (None if labels is None else np.asarray(labels, np.int64))
 
@@ -164,6 +171,12 @@ def plan_labels(
     s = config.sample
     class_cond = bool(config.model.class_cond)
     if not (class_cond or guided):
+        if str(s.labels).strip().lower() != "random":  # not the default: the user asked
+            logging.warning(
+                "sample.labels=%r is ignored: the model is unconditional (model.class_cond=False) "
+                "and no classifier guides it (every sample.classifier_scale is 0)",
+                s.labels,
+            )
         return None
     label_classes = []
     if class_cond:
@@ -175,13 +188,13 @@ def plan_labels(
         labels = base_labels[np.arange(num_samples) % base_labels.shape[0]].astype(np.int32)
         bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
         if bad.size:
-            raise ValueError(
+            raise errors.InputError(
                 f"base samples {s.base_samples} have labels {bad.tolist()} outside the "
                 f"model's classes 0..{num_classes - 1}"
             )
         return labels
     if is_super_res(config) and class_cond:
-        raise ValueError(
+        raise errors.InputError(
             f"base samples {s.base_samples} have no labels (arr_1) but the super-resolution "
             "model is class-conditional"
         )
@@ -200,7 +213,7 @@ def _classifier_checkpoint(config, workdir: str, guided: bool) -> str:
     try:
         locate.locate(workdir, "classifier")
     except FileNotFoundError as e:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sample.classifier_scale={s.classifier_scale!r} asks for classifier guidance but "
             "no classifier checkpoint was given: set sample.classifier_checkpoint (a converted "
             f"or trained classifier), or use classifier_scale=0 for unguided samples ({e})"
@@ -212,7 +225,7 @@ def _locate(path: str, what: str, kind: str) -> locate.Location:
     try:
         return locate.locate(path, kind)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"cannot load the {what} from {path}: {e}") from e
+        raise errors.MissingInputError(f"cannot load the {what} from {path}: {e}") from e
 
 
 def _manifest(
@@ -245,6 +258,35 @@ def _manifest(
     }
 
 
+def check_respacing(config) -> str:
+    """The run's timestep respacing (`sampler.respacing`), checked against the diffusion's
+    `diffusion.steps` before anything is written: a respacing that cannot be built would
+    otherwise fail after run.json pinned it, and the corrected rerun would be refused.
+
+    Raises:
+      errors.ConfigError: naming the key that set it and why it cannot be used.
+    """
+    respacing = sampler_lib.respacing(config.sample, config.diffusion)
+    if not respacing:
+        return respacing
+    key = "sample" if config.sample.timestep_respacing else "diffusion"
+    steps = int(config.diffusion.steps)
+    try:
+        kept = schedules.space_timesteps(steps, respacing)
+    except ValueError as e:
+        raise errors.ConfigError(
+            f"{key}.timestep_respacing={respacing!r} cannot respace the {steps} steps of "
+            f"diffusion.steps ({e}); use e.g. '{min(steps, 250)}', a comma list of per-section "
+            "counts, or 'ddimN' with N steps at an integer stride"
+        ) from None
+    if not kept:
+        raise errors.ConfigError(
+            f"{key}.timestep_respacing={respacing!r} keeps none of the {steps} steps of "
+            "diffusion.steps; give at least one step"
+        )
+    return respacing
+
+
 def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
     """The whole run, validated: bad settings raise here, before anything is written.
 
@@ -259,9 +301,16 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
     guided = any(scale != 0 for scale in scales)
     num_samples = int(s.num_samples)
     if num_samples <= 0:
-        raise ValueError(f"sample.num_samples must be positive; got {num_samples}")
+        raise errors.ConfigError(
+            f"sample.num_samples must be positive; got {num_samples}: set how many samples to "
+            "draw per guidance scale"
+        )
     if int(s.batch_size) <= 0:
-        raise ValueError(f"sample.batch_size (per device) must be positive; got {s.batch_size}")
+        raise errors.ConfigError(
+            f"sample.batch_size (per device) must be positive; got {s.batch_size}: set how many "
+            "samples each device draws at once"
+        )
+    check_respacing(config)
     model_ckpt = s.model_checkpoint or workdir
     classifier_ckpt = _classifier_checkpoint(config, workdir, guided)
     per_batch = int(s.batch_size) * topology.num_devices
@@ -285,7 +334,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
         low_res=low_res,
         out=out,
         merged={sc: merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
-        by_class=labels_lib.is_balanced(s.labels),
+        by_class=labels is not None and labels_lib.is_balanced(s.labels),
         manifest={
             **_manifest(
                 config,
