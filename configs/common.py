@@ -149,11 +149,36 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_samples = 64
     # Examples per device in one sampling program (a multi-scale sweep runs each at every scale).
     sample.batch_size = 16
+    # The sampler: "auto" (the reference's switch: use_ddim picks DDIM, else ancestral steps) |
+    # ancestral | ddim | dpm_solver (DPM-Solver / DPM-Solver++, the dpm_solver_* keys below).
+    # use_ddim=True (the reference's --use_ddim) with ancestral or dpm_solver is refused.
+    sample.sampler = _SAMPLING["sample"]["sampler"]
     sample.use_ddim = False
-    sample.eta = _SAMPLING["sample"]["eta"]
-    sample.clip_denoised = True
-    sample.timestep_respacing = ""  # overrides diffusion.timestep_respacing when set
-    sample.classifier_scale = "0"  # a number, or a comma-separated list for a sweep
+    sample.eta = _SAMPLING["sample"]["eta"]  # DDIM's eta (0: deterministic)
+    sample.clip_denoised = True  # ancestral and DDIM: clip each x_0 prediction to [-1, 1]
+    # Ancestral and DDIM: overrides diffusion.timestep_respacing when set ("250", "ddim25"). The
+    # DPM-Solver ignores both respacings: it solves on the model's full training chain
+    # (diffusion.steps) in dpm_solver_steps steps.
+    sample.timestep_respacing = ""
+    # DPM-Solver (sample.sampler=dpm_solver; gdiff/diffusion/dpm_solver.py): a multistep ODE solver
+    # on the training chain's betas (log-SNR clipped at -5.1, as its reference). The network sees
+    # the solver's time t_input = (t - 1/N) * 1000 mapped to its own scale: t_input * steps / 1000
+    # (exactly t_input for 1000 steps, or with rescale_timesteps); the noise is its first 3 output
+    # channels, and guidance scales that noise by -sigma_t * cond_fn. Needs predict_xstart=False.
+    sample.dpm_solver_steps = _SAMPLING["sample"]["dpm_solver_steps"]  # = model evaluations (NFE)
+    sample.dpm_solver_order = _SAMPLING["sample"]["dpm_solver_order"]  # 1 (= DDIM), 2 or 3
+    # dpmsolver++ (data prediction; for guided sampling) | dpmsolver (noise prediction)
+    sample.dpm_solver_algorithm_type = _SAMPLING["sample"]["dpm_solver_algorithm_type"]
+    # time_uniform | logSNR | time_quadratic: how the steps are spaced between t = 1 and 1/N
+    sample.dpm_solver_skip_type = _SAMPLING["sample"]["dpm_solver_skip_type"]
+    # Lower the order over the last steps of solves with fewer than 10 steps (stabilises them).
+    sample.dpm_solver_lower_order_final = _SAMPLING["sample"]["dpm_solver_lower_order_final"]
+    # Imagen's dynamic thresholding of each x_0 prediction (dpmsolver++ only): the ratio-quantile
+    # of |x_0| per sample, at least max_val, clips and rescales it.
+    sample.dpm_solver_thresholding = _SAMPLING["sample"]["dpm_solver_thresholding"]
+    sample.dpm_solver_thresholding_ratio = _SAMPLING["sample"]["dpm_solver_thresholding_ratio"]
+    sample.dpm_solver_thresholding_max_val = _SAMPLING["sample"]["dpm_solver_thresholding_max_val"]
+    sample.classifier_scale = "0"  # a number or comma list (sweep); < 0: away from the label
     sample.labels = "random"  # random | balanced | an int | a comma-separated list
     sample.model_checkpoint = ""  # orbax checkpoint dir (converted or trained); default: workdir
     sample.classifier_checkpoint = ""
@@ -187,7 +212,8 @@ def get_config() -> ml_collections.ConfigDict:
     # guided by the one classifier over the same noise and labels: name -> overrides of the
     # model / diffusion / optim / train / sample groups, e.g. {"unconditional": {"model":
     # {"class_cond": False}, "sample": {"classifier_scale": "0,1,10"}}}. A named model lives in
-    # <workdir>/<name> unless its sample.model_checkpoint says otherwise. Empty: the config's own
-    # model alone (gdiff/sampling/sweep.py).
+    # <workdir>/<name> unless its sample.model_checkpoint says otherwise; entries sharing one
+    # checkpoint with other sample.sampler / steps settings compare samplers (rows name each's
+    # sampler and NFE). Empty: the config's own model alone (gdiff/jobs/sweep.py).
     sweep.models = ml_collections.ConfigDict()
     return config

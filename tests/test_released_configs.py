@@ -6,12 +6,15 @@ the task states are checked by default; the rest (also derived from the referenc
 and matching the paper's Table 11-13 sizes) are marked slow because each trace takes seconds.
 """
 
+import ast
 import importlib
+import pathlib
+import shlex
 
 import numpy as np
 import pytest
 
-from gdiff import factory
+from gdiff import cli, factory
 from gdiff.compat import flags, openai, released
 from gdiff.sampling import sampler as sampler_lib
 
@@ -151,3 +154,45 @@ def test_plain_dict_groups_build_the_configs_sampling_program(name):
             if (group, key) == ("model", "remat"):
                 continue  # a training setting (the 256/512 configs recompute), not a sampling one
             assert config[group][key] == value, f"{group}.{key}"
+
+
+def _docstring_commands(path):
+    """The `python main.py ...` commands of a config file's docstring, as argv lists."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    lines = doc.replace("\\\n", " ").splitlines()
+    return [shlex.split(x.strip())[1:] for x in lines if x.strip().startswith("python main.py")]
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(pathlib.Path(cli.CONFIG_DIR).glob("released/[!_]*.py"))
+    + sorted(pathlib.Path(cli.CONFIG_DIR).glob("ablations/*.py")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
+def test_docstring_commands_name_only_keys_the_config_has(path):
+    """Each command a config's docstring gives (ancestral, DPM-Solver++, sweep) resolves its config
+    and names only existing `--config.<key>`s, as `gdiff` checks before it runs anything."""
+    commands = _docstring_commands(path)
+    assert commands, path
+    for argv in commands:
+        cli.prepare_argv(argv)  # raises UsageError on an unknown config or key
+    if path.parent.name == "released" and not path.stem.endswith("_classifier"):
+        assert any("--config.sample.sampler=dpm_solver" in argv for argv in commands), path
+
+
+def test_paper_ablations_sample_the_released_models():
+    """fig4: the released 128x128 model, 250 ancestral steps; table5:<R>: Table 14's 25-step
+    DDIM scale on the released RxR model."""
+    from configs.ablations import fig4, table5
+
+    config = fig4.get_config()
+    assert config.model.to_dict() == _config("imagenet128").model.to_dict()
+    assert (config.sample.timestep_respacing, config.sample.use_ddim) == ("250", False)
+    for resolution, scale in (("128", "1.25"), ("256", "2.5"), ("512", "9.0")):
+        config = cli.load_config(cli.resolve_config(f"ablations/table5:{resolution}"))
+        assert config.model.to_dict() == _config(f"imagenet{resolution}").model.to_dict()
+        s = config.sample
+        assert (s.classifier_scale, s.timestep_respacing, s.use_ddim) == (scale, "ddim25", True)
+        assert s.num_samples == 50_000
+    with pytest.raises(ValueError, match="128, 256, 512"):
+        table5.get_config("64")

@@ -138,8 +138,10 @@ def test_models_share_labels_and_write_one_table(workdir, extractor, tmp_path):
         with np.load(out / "unconditional/scale_6/samples_8x8x8x3.npz") as u:
             np.testing.assert_array_equal(c["arr_1"], u["arr_1"])  # the same labels
     md = (workdir / sweep.TABLE_MD).read_text().splitlines()
-    assert md[2].startswith("| model | scale | fid | sfid |")
-    assert md[4].startswith("| conditional | 0 |") and md[7].startswith("| unconditional | 6 |")
+    # Each row names its sampler and its network evaluations per sample (respacing "2").
+    assert md[2].startswith("| model | scale | sampler | nfe | fid | sfid |")
+    assert md[4].startswith("| conditional | 0 | ancestral | 2 |")
+    assert md[7].startswith("| unconditional | 6 | ancestral | 2 |")
     assert (workdir / sweep.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,12 +1,15 @@
 """Classifier-scale ablation on the released ImageNet 64x64 models (ADM-G).
 
-Reproduces the guidance-scale trade-off of Dhariwal & Nichol (2021), "Diffusion Models Beat GANs
-on Image Synthesis": Fig. 4 (sample quality vs. the scale of the classifier gradients for a
-class-conditional ImageNet model: as the scale grows, IS and precision rise while recall falls,
-and FID is best at a moderate scale; Table 4, the conditional and unconditional 256x256 models,
-is configs/ablations/table4.py). Here the class-conditional 64x64 model and its noise-aware
-classifier are swept over several scales; every scale is sampled in ONE compiled program over the
-SAME noise and labels, so the differences between rows of the table come from the scale alone.
+The guidance-scale trade-off of Dhariwal & Nichol (2021), "Diffusion Models Beat GANs on Image
+Synthesis", on the smallest released guided model: as the scale grows, IS and precision rise
+while recall falls, and FID is best at a moderate scale. This is NOT a figure of the paper: its
+Fig. 4 (arXiv v4) sweeps the class-conditional 128x128 model (configs/ablations/fig4.py), and its
+Table 4, the conditional and unconditional 256x256 models, is configs/ablations/table4.py; its
+Table 5 has no guided 64x64 row (Table 14 lists scale 1.0 for this model, the scale the released
+README samples it with). Here the class-conditional 64x64 model and its noise-aware classifier are
+swept over several scales, a quarter of the 128x128 sweep's pixels per sample; every scale is
+sampled in ONE compiled program over the SAME noise and labels, so the differences between rows of
+the table come from the scale alone.
 
 Needs the converted released checkpoints (--mode=convert of 64x64_diffusion.pt and
 64x64_classifier.pt), the reference batch VIRTUAL_imagenet64_labeled.npz and the FID Inception

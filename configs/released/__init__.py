@@ -3,7 +3,8 @@
 Each file takes the reference README's flag strings (MODEL_FLAGS, classifier flags, SAMPLE_FLAGS)
 from `gdiff.compat.released.CHECKPOINTS` and applies them with `apply_flags`, so the architecture is
 exactly the one the released `.pt` file was saved from; training hyperparameters follow the paper's
-appendix tables.
+appendix Tables 11-13 (arXiv v4: diffusion models, classifiers, upsamplers), each value commented
+with its source where it is set (the README gives none).
 Workflow (one workdir per resolution):
 
     python main.py --mode=convert --config configs/released/<name>.py --workdir W \
@@ -75,14 +76,14 @@ def lsun_config(name: str, *, category: str, num_steps: int) -> ml_collections.C
       name: the released checkpoint's entry in `gdiff.compat.released.CHECKPOINTS` ("lsun_cat";
         models/<its file> is the default to convert).
       category: the LSUN category ("bedroom", "cat", "horse").
-      num_steps: training iterations of the paper's appendix table for this model.
+      num_steps: training iterations of the paper's Table 11 footnote (arXiv v4) for this model.
     """
     checkpoint = ref_released.get(name)
     config = base_config(data_name=f"lsun/{category}", num_classes=1)
     config.torch_checkpoint = f"models/{checkpoint.file}"
     apply_flags(config, checkpoint.all_flags)
-    config.optim.lr = 0.0001
-    config.train.batch_size = 256
+    config.optim.lr = 0.0001  # Table 11 (arXiv v4), LSUN column: 1e-4
+    config.train.batch_size = 256  # Table 11, LSUN column: 256
     # Recompute each block's activations in the backward pass (the reference's use_checkpoint):
     # the least activation memory at this batch. Whether "dots" (less recomputation) fits too
     # is not yet measured on a GPU (benchmarks/run_all_gpu.sh remat).

@@ -529,6 +529,22 @@ def write_flags(
     return notes(kwargs, script)
 
 
+# gdiff's choice of sampler and DPM-Solver's settings (no reference flag sets them;
+# configs/common.py says what each means). "auto" keeps the reference's switch: --use_ddim picks
+# DDIM, else ancestral steps. The solver's defaults are its reference's (`DPM_Solver.sample`:
+# multistep DPM-Solver++ of order 2, time_uniform, lower_order_final; Imagen's thresholding at
+# 0.995 and 1.0, off) at 20 steps.
+SAMPLER_DEFAULTS = {
+    "sampler": "auto",
+    "dpm_solver_steps": 20,
+    "dpm_solver_order": 2,
+    "dpm_solver_algorithm_type": "dpmsolver++",
+    "dpm_solver_skip_type": "time_uniform",
+    "dpm_solver_lower_order_final": True,
+    "dpm_solver_thresholding": False,
+    "dpm_solver_thresholding_ratio": 0.995,
+    "dpm_solver_thresholding_max_val": 1.0,
+}
 # The keys of the groups a sampling run is built from that no reference flag sets: what the
 # reference's networks fix without a flag (`_FIXED_BY_SCRIPT`, `NUM_CLASSES`) and gdiff's own
 # defaults, declared here once and read by configs/common.py (tests/test_released_configs.py checks
@@ -544,7 +560,7 @@ SAMPLING_GROUP_DEFAULTS = {
     },
     "diffusion": {"sigma_small": False, "timestep_respacing": ""},
     "classifier": {"num_classes": NUM_CLASSES, **CLASSIFIER_FIXED, "attention_impl": "auto"},
-    "sample": {"eta": 0.0, "seed": 0},
+    "sample": {"eta": 0.0, "seed": 0, **SAMPLER_DEFAULTS},
 }
 # The optimiser keys no reference flag sets, declared here once and read by configs/common.py: the
 # reference trains with PyTorch's AdamW at its default betas and eps, and never clips gradients.

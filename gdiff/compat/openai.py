@@ -35,6 +35,7 @@ from gdiff.compat.flags import (
     parse_flags,
     sr_model_and_diffusion_defaults,
 )
+from gdiff.diffusion.dpm_solver import dpm_solver_sample  # section 8
 from gdiff.models import unet
 
 # The diffusion and evaluation names of ../shared/CONTRACT.md (sections 4, 5 and 7), re-exported.
@@ -127,6 +128,7 @@ __all__ = [
     "create_model_and_diffusion",
     "diffusion_defaults",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_sample",
     "fid_inception_features",
     "frechet_distance",
     "get_named_beta_schedule",

@@ -144,7 +144,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "lsun_horse_nodropout": _lsun(
         "lsun_horse_nodropout.pt", LSUN_MODEL_FLAGS.replace("--dropout 0.1", "--dropout 0.0")
     ),
-    # The upsamplers of the paper's Table 5 (unguided).
+    # The upsamplers of the paper's Table 6 (arXiv v4; unguided).
     "upsampler_64_256": Checkpoint(
         file="64_256_upsampler.pt",
         model_flags=(

@@ -2,8 +2,9 @@
 and a plain-language summary derived from the numbers. `--mode=sweep` and the digits pipeline
 both write through it.
 
-A row is a dict: `model` (str), `scale` (float) and metric columns (floats, NaN where a row has no
-value); which metric columns a table has is whatever `gdiff.evaluation.scoring.Scorer` produced.
+A row is a dict: `model` (str), `scale` (float), optionally `sampler` (str) and `nfe` (int), and
+metric columns (floats, NaN where a row has no value); which metric columns a table has is
+whatever `gdiff.evaluation.scoring.Scorer` produced.
 Every number written here comes from the rows; nothing is hard-coded.
 """
 
@@ -27,6 +28,8 @@ from gdiff.sampling import labels as labels_lib
 COLUMNS = (
     "model",
     "scale",
+    "sampler",
+    "nfe",
     "fid",
     "sfid",
     "inception_score",
@@ -40,6 +43,10 @@ DESCRIPTIONS = {
     "model": "the diffusion model sampled (all models share the noise, the labels and the "
     "guidance classifier)",
     "scale": "the classifier scale s of the guidance gradient s * grad log p(y|x_t)",
+    "sampler": "the sampler that drew the row (ancestral, DDIM, DPM-Solver++(2M): multistep "
+    "DPM-Solver++ of order 2, ...), from the same noise as every other row",
+    "nfe": "network evaluations per sample (sampler steps; guided, each also a classifier "
+    "gradient)",
     "eval_accuracy": "the evaluation network's top-1 accuracy at the requested labels (an "
     "independent clean-image classifier: class fidelity)",
     "classifier_accuracy": "the guidance classifier's top-1 accuracy at the requested labels (t=0)",
@@ -80,8 +87,28 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [c for c in COLUMNS if c in rows[0]]
 
 
+# The columns that say what a row is (the rest are its measurements), and how each is typed.
+ROW_COLUMNS = ("model", "scale", "sampler", "nfe")
+_TEXT_COLUMNS = ("model", "sampler")
+
+
 def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [c for c in columns(rows) if c not in ("model", "scale")]
+    return [c for c in columns(rows) if c not in ROW_COLUMNS]
+
+
+def _cell(key: str, value: Any) -> str:
+    """A CSV cell: text as is, NFE as an integer, floats as repr (every digit)."""
+    if key in _TEXT_COLUMNS:
+        return str(value)
+    if key == "nfe":
+        return str(int(value))
+    return repr(float(value))
+
+
+def _parse(key: str, text: str) -> Any:
+    if key in _TEXT_COLUMNS:
+        return text
+    return int(text) if key == "nfe" else float(text)
 
 
 def models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -101,7 +128,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pat
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] if k == "model" else repr(float(row[k])) for k in cols})
+            writer.writerow({k: _cell(k, row[k]) for k in cols})
     return path
 
 
@@ -113,7 +140,7 @@ def read_csv(path: str | os.PathLike, required: Sequence[str] = ("model", "scale
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} lacks the columns {missing}; delete it to re-evaluate")
-        return [{k: v if k == "model" else float(v) for k, v in r.items()} for r in reader]
+        return [{k: _parse(k, v) for k, v in r.items()} for r in reader]
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -127,12 +154,13 @@ def markdown_table(
 ) -> list[str]:
     """The table's lines: one row per (model, scale), then the baseline row (no scale)."""
     cols, metrics = columns(rows), metric_columns(rows)
+    names = [c for c in cols if c in ROW_COLUMNS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [str(row["model"]), labels_lib.format_scale(row["scale"])]
+        cells = [labels_lib.format_scale(row[k]) if k == "scale" else str(row[k]) for k in names]
         lines.append("| " + " | ".join(cells + [fmt(row[k]) for k in metrics]) + " |")
     if baseline:
-        cells = [baseline_name, ""] + [fmt(baseline.get(k)) for k in metrics]
+        cells = [baseline_name] + [""] * (len(names) - 1) + [fmt(baseline.get(k)) for k in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

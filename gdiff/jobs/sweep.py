@@ -6,7 +6,10 @@
 One or more diffusion models (`sweep.models`, e.g. a class-conditional and an unconditional one)
 are guided by the same classifier. Each is sampled at every scale of its `sample.classifier_scale`
 in one compiled program (gdiff/jobs/sample.py), and all models draw the same labels from the same
-noise (per-example keys from `sample.seed`), so rows differ by the model and the scale alone. Every
+noise (per-example keys from `sample.seed`), so rows differ by the model, its sampler and the scale
+alone. A model's `sample` overrides may choose its sampler and steps (`sample.sampler`,
+`sample.timestep_respacing`, `sample.dpm_solver_steps`, ...): two entries with the same
+`sample.model_checkpoint` compare samplers over the same noise and labels. Every
 (model, scale)'s merged samples are scored by `gdiff.evaluation.scoring.Scorer` against
 `eval.ref_batch` exactly as `--mode=evaluate` scores that file (the batch's own mu / sigma / mu_s /
 sigma_s, the FID Inception at `eval.resize`, `eval.is_split_size`; the reference activations are
@@ -24,7 +27,7 @@ Outputs in the workdir (an interrupted sweep resumes from the shards on disk):
 
     samples/<model>/scale_<s>/samples_<N>x<H>x<W>x3.npz  per model and scale (the reference's
                       format; samples/scale_<s>/ when one model is swept)
-    scale_sweep.csv   model, scale, fid, sfid, inception_score, precision, recall,
+    scale_sweep.csv   model, scale, sampler, nfe, fid, sfid, inception_score, precision, recall,
                       classifier_accuracy, log_prob: one row per (model, scale), every digit
     scale_sweep.md    the same table (4 significant digits), the columns' meanings, a summary
     scale_sweep.png   each metric against the scale, one line per model
@@ -57,7 +60,8 @@ PLOT = "scale_sweep.png"
 # Groups a model of a sweep may override; the guidance classifier is shared by all of them.
 MODEL_GROUPS = ("model", "diffusion", "optim", "train", "sample")
 # What every model of a sweep must share (keys of its sampling manifest): the noise comes from the
-# seed and the example ids.
+# seed and the example ids. The sampler and its steps may differ: every sampler starts from the
+# same per-example x_T (gdiff/sampling/sampler.py).
 SHARED_SETTINGS = ("seed", "num_samples", "image_shape")
 
 
@@ -164,19 +168,31 @@ def load_guidance(config, workdir) -> scoring.ClassifierScore | None:
     )
 
 
-def score_models(scorer: scoring.Scorer, sample_paths) -> list[dict[str, Any]]:
+def sampler_columns(model: SweepModel) -> dict[str, Any]:
+    """A model's `sampler` and `nfe` cells (report.COLUMNS): what draws its rows, at what cost."""
+    s, d = model.config.sample, model.config.diffusion
+    return {"sampler": sampler_lib.sampler_label(s, d), "nfe": sampler_lib.nfe(s, d)}
+
+
+def score_models(
+    scorer: scoring.Scorer, sample_paths, models: list[SweepModel] | None = None
+) -> list[dict[str, Any]]:
     """One row per (model, scale), scales ascending: `scorer` on the merged samples and the
     labels they were drawn for.
 
     Args:
       scorer: the sweep's `scoring.Scorer`.
       sample_paths: {model: {scale: merged samples .npz}} (`sample_models`).
+      models: the sweep's models; given, each row also names its sampler and NFE
+        (`sampler_columns`).
     """
+    by_name = {m.name: sampler_columns(m) for m in models or ()}
     rows = []
     for name, paths in sample_paths.items():
         for scale in sorted(paths):
             images, labels = sample_files.read_sample_file(paths[scale])
-            row = {"model": name, "scale": float(scale), **scorer(images, labels)}
+            row = {"model": name, "scale": float(scale), **by_name.get(name, {})}
+            row.update(scorer(images, labels))
             logging.info("%s, scale %s: %s", name, labels_lib.format_scale(scale), row)
             rows.append(row)
     return rows
@@ -228,22 +244,28 @@ def reference_scorer(config, workdir, ref_batch, extractor=None) -> scoring.Scor
     )
 
 
-def sampling_description(config) -> str:
-    """How a sweep samples, in one line of its report."""
+def sampling_description(config, models: list[SweepModel] | None = None) -> str:
+    """How a sweep samples, in one line of its report: the sampler of each model (of the config
+    alone without `models`), then what all rows share."""
     s = config.sample
-    respacing = sampler_lib.respacing(s, config.diffusion) or "none"
+    if models and len(models) > 1:
+        samplers = "; ".join(
+            f"{m.name}: {sampler_lib.describe(m.config.sample, m.config.diffusion)}" for m in models
+        )
+    else:
+        samplers = sampler_lib.describe(s, config.diffusion)
     return (
-        f"{'DDIM' if s.use_ddim else 'ancestral'}, respacing {respacing}, {s.num_samples} samples "
-        f"per model and scale, labels {s.labels}, seed {s.seed}"
+        f"{samplers}; {s.num_samples} samples per model and scale, labels {s.labels}, seed {s.seed}"
     )
 
 
-def write_report(config, rows, workdir) -> dict[str, pathlib.Path]:
-    """scale_sweep.csv / .md / .png in the workdir."""
+def write_report(config, rows, workdir, models=None) -> dict[str, pathlib.Path]:
+    """scale_sweep.csv / .md / .png in the workdir (`models`: the sweep's, named in the
+    "sampling" line)."""
     workdir = pathlib.Path(workdir)
     details = {
         "reference batch": config.eval.ref_batch,
-        "sampling": sampling_description(config),
+        "sampling": sampling_description(config, models),
     }
     return {
         "csv": report.write_csv(rows, workdir / TABLE_CSV),
@@ -283,6 +305,6 @@ def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, An
     sample_paths = sample_models(models, workdir, mesh)
     if scorer is None:
         return []
-    rows = score_models(scorer, sample_paths)
-    write_report(config, rows, workdir)
+    rows = score_models(scorer, sample_paths, models)
+    write_report(config, rows, workdir, models)
     return rows

@@ -8,17 +8,21 @@ runs themselves (--mode=sample, --mode=sweep) are jobs: gdiff/jobs/sample.py, gd
 from gdiff.sampling.labels import format_scale, make_labels, parse_scales
 from gdiff.sampling.sample_files import read_sample_file, write_sample_file
 from gdiff.sampling.sampler import (
+    DpmSolverOptions,
     Sampler,
     SamplerOptions,
     classifier_guidance,
+    dpm_solver_chain,
     sample_chain,
     to_uint8,
 )
 
 __all__ = [
+    "DpmSolverOptions",
     "Sampler",
     "SamplerOptions",
     "classifier_guidance",
+    "dpm_solver_chain",
     "format_scale",
     "make_labels",
     "parse_scales",

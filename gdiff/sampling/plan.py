@@ -243,10 +243,8 @@ def _manifest(
         "examples_per_batch": int(s.batch_size) * topology.num_devices,
         "process_count": topology.process_count,
         "labels": str(s.labels) if labelled else None,
-        "use_ddim": bool(s.use_ddim),
-        "eta": float(s.eta),
-        "clip_denoised": bool(s.clip_denoised),
-        "timestep_respacing": sampler_lib.respacing(s, config.diffusion),
+        # The sampler and its settings (a DPM-Solver run pins every dpm_solver_* key).
+        **sampler_lib.sampler_settings(s, config.diffusion),
         "model_checkpoint": os.path.abspath(model_ckpt),
         "classifier_checkpoint": os.path.abspath(classifier_ckpt) if classifier_ckpt else "",
         "ema_rate": str(s.ema_rate),
@@ -311,6 +309,20 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
             "samples each device draws at once"
         )
     check_respacing(config)
+    if sampler_lib.sampler_kind(s, config.diffusion) == "dpm_solver":
+        ignored = [
+            f"{group}.timestep_respacing={config[group].timestep_respacing!r}"
+            for group in ("sample", "diffusion")
+            if config[group].timestep_respacing
+        ]
+        if ignored:
+            logging.info(
+                "%s ignored: sample.sampler=dpm_solver solves on the full %d-step training chain "
+                "in sample.dpm_solver_steps=%d steps",
+                " and ".join(ignored),
+                int(config.diffusion.steps),
+                int(s.dpm_solver_steps),
+            )
     model_ckpt = s.model_checkpoint or workdir
     classifier_ckpt = _classifier_checkpoint(config, workdir, guided)
     per_batch = int(s.batch_size) * topology.num_devices

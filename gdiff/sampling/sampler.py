@@ -6,6 +6,12 @@ sharded with `NamedSharding`), so nothing returns to the host between steps. Cla
 `jax.grad` of the classifier's log-softmax at the target labels, evaluated inside the scanned step
 (`condition_mean` for ancestral steps, `condition_score` for DDIM; the diffusion core pairs them).
 
+The program is one of three samplers (`sample.sampler`): ancestral steps, DDIM steps (both
+`sample_chain` over a possibly respaced chain) or DPM-Solver / DPM-Solver++ (`dpm_solver_chain`:
+the ODE solved on the model's full training chain in `dpm_solver_steps` model evaluations). All
+three start from the same per-example x_T and take the same labels and per-row scales, so a sweep
+can compare them over the same noise.
+
 Randomness is per EXAMPLE, not per batch: example `i` of a run draws its starting noise and every
 step's noise from `fold_in(key(seed), i)`. A sample therefore depends only on (seed, i, label,
 scale), never on the batch size, the number of devices or hosts, or which batch it landed in; that
@@ -29,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdiff import distributed, factory, xla_options
-from gdiff.diffusion import chain
+from gdiff import distributed, errors, factory, xla_options
+from gdiff.diffusion import chain, dpm_solver, schedules
+from gdiff.diffusion import gaussian_diffusion as gd
 from gdiff.diffusion import guidance as guidance_lib
 
 # cond_fn(x [B,H,W,C], ts [B]) -> gradient [B,H,W,C]; see CONTRACT.md section 5.
@@ -116,10 +123,119 @@ def sample_chain(
     return x_0
 
 
+def dpm_solver_model_time(diffusion) -> Callable[[jax.Array], jax.Array]:
+    """The network's timestep for the solver's model time t_input (float32 [B] -> [B]).
+
+    The solver's reference hands the network t_input = (t - 1/N) * 1000: the chain step in units
+    of a 1000-step chain (N is the clipped schedule's length; see `NoiseScheduleVP.model_time`).
+    A network trained on T steps takes step indices 0..T-1, or t * 1000 / T with
+    `rescale_timesteps`; so it is given t_input * T / 1000, and t_input itself when T = 1000 or
+    timesteps are rescaled (exactly the reference's t_input, no arithmetic). A schedule the log-SNR
+    clip shortens (cosine: N < T) keeps the reference's offset of a factor T / N, as at T = 1000.
+    """
+    steps = int(diffusion.num_timesteps)
+    if diffusion.rescale_timesteps or steps == 1000:
+        return lambda t_input: t_input
+    # Product first: integral times stay exact (660 * 100 / 1000 = 66, where 660 * 0.1 is not).
+    return lambda t_input: t_input * np.float32(steps) / np.float32(1000.0)
+
+
+def check_solver_diffusion(diffusion) -> None:
+    """The solver needs the full training chain of a noise-predicting model.
+
+    Raises:
+      ValueError: a respaced chain (its betas are not the training schedule the solver's
+        continuous time interpolates) or a model that does not predict the noise.
+    """
+    timestep_map = getattr(diffusion, "timestep_map", None)
+    if timestep_map is not None and len(timestep_map) != diffusion.original_num_steps:
+        raise ValueError(
+            f"DPM-Solver solves on the full training chain, but the diffusion keeps "
+            f"{len(timestep_map)} of its {diffusion.original_num_steps} steps; build it without "
+            "timestep respacing"
+        )
+    if diffusion.model_mean_type != gd.ModelMeanType.EPSILON:
+        raise ValueError(
+            f"DPM-Solver needs a noise-predicting model; this diffusion's predicts "
+            f"{diffusion.model_mean_type.name}"
+        )
+
+
+def dpm_solver_chain(
+    diffusion,
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x_T: jax.Array,
+    solver: DpmSolverOptions,
+    *,
+    cond_fn: CondFn | None = None,
+) -> jax.Array:
+    """Solves the diffusion ODE from x_T with DPM-Solver(++) as one `lax.scan`
+    (`gdiff.diffusion.dpm_solver.dpm_solver_sample`).
+
+    Args:
+      diffusion: the model's full training chain (`check_solver_diffusion`); its betas are the
+        solver's schedule.
+      model_fn: model_fn(x [B,H,W,C], ts [B]) -> raw model output (its first C channels the noise).
+      x_T: [B, H, W, C] starting noise.
+      solver: the solver's settings.
+      cond_fn: guidance gradient cond_fn(x, ts) or None; the solver guides the noise prediction
+        as eps - sigma_t * cond_fn.
+
+    Both networks see the solver's time through `dpm_solver_model_time`.
+
+    Returns:
+      x at t_end = 1/N [B, H, W, C] (float32, not clipped).
+    """
+    check_solver_diffusion(diffusion)
+    to_model = dpm_solver_model_time(diffusion)
+    solver_cond = None
+    if cond_fn is not None:
+
+        def solver_cond(x, t_input):
+            return cond_fn(x, to_model(t_input))
+
+    return dpm_solver.dpm_solver_sample(
+        lambda x, t_input: model_fn(x, to_model(t_input)),
+        x_T,
+        betas=np.asarray(diffusion.betas, np.float64),
+        steps=solver.steps,
+        order=solver.order,
+        algorithm_type=solver.algorithm_type,
+        skip_type=solver.skip_type,
+        method="multistep",
+        lower_order_final=solver.lower_order_final,
+        dynamic_thresholding=solver.thresholding,
+        dynamic_thresholding_ratio=solver.thresholding_ratio,
+        thresholding_max_val=solver.thresholding_max_val,
+        cond_fn=solver_cond,
+    )
+
+
 def to_uint8(x: jax.Array) -> jax.Array:
     """[-1, 1] floats -> uint8 pixels exactly as the reference sampling scripts convert them
     (scale by 127.5, clamp, truncate toward zero)."""
     return jnp.clip((x + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpmSolverOptions:
+    """DPM-Solver's settings: the `sample.dpm_solver_*` keys (`dpm_solver.dpm_solver_sample`)."""
+
+    steps: int  # model evaluations (NFE)
+    order: int  # 1, 2 or 3 (multistep)
+    algorithm_type: str  # dpmsolver++ | dpmsolver
+    skip_type: str  # time_uniform | logSNR | time_quadratic
+    lower_order_final: bool
+    thresholding: bool  # dynamic thresholding of the x_0 prediction (dpmsolver++ only)
+    thresholding_ratio: float
+    thresholding_max_val: float
+
+    def label(self) -> str:
+        """The paper's short name, e.g. "DPM-Solver++(2M)", plus what differs from the usual."""
+        name = "DPM-Solver++" if self.algorithm_type == "dpmsolver++" else "DPM-Solver"
+        extras = [self.skip_type] if self.skip_type != "time_uniform" else []
+        extras += ["thresholding"] if self.thresholding else []
+        return " ".join([f"{name}({self.order}M)", *extras])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +245,22 @@ class SamplerOptions:
     image_shape: tuple[int, int, int]  # (H, W, C) of one sample
     use_ddim: bool = False
     eta: float = 0.0
-    clip_denoised: bool = True
+    clip_denoised: bool = True  # ancestral and DDIM steps
     class_cond: bool = False  # pass the labels to the model as `y`
     float_output: bool = False  # return the float32 samples in [-1, 1] instead of uint8 pixels
+    # Set: solve with DPM-Solver instead of the chain (use_ddim, eta, clip_denoised unused).
+    dpm_solver: DpmSolverOptions | None = None
+
+    def __post_init__(self):
+        if self.use_ddim and self.dpm_solver is not None:
+            raise ValueError("use_ddim and dpm_solver name two samplers; set one")
+
+    @property
+    def sampler(self) -> str:
+        """ancestral | ddim | dpm_solver."""
+        if self.dpm_solver is not None:
+            return "dpm_solver"
+        return "ddim" if self.use_ddim else "ancestral"
 
 
 class Sampler:
@@ -157,7 +286,8 @@ class Sampler:
         seed: int = 0,
     ):
         """Args:
-        diffusion: the (respaced) diffusion to sample from.
+        diffusion: the (respaced) diffusion to sample from; with `options.dpm_solver`, the
+          model's full training chain (`check_solver_diffusion`).
         model_apply: model_apply(variables, x, ts, **kwargs) -> raw output; kwargs are `y`
           (when options.class_cond) and `low_res` (when the batch has it), e.g. `module.apply`.
         options: see SamplerOptions.
@@ -171,6 +301,8 @@ class Sampler:
         self.guidance = guidance
         self.mesh = mesh if mesh is not None else distributed.data_mesh()
         self.seed = seed
+        if options.dpm_solver is not None:
+            check_solver_diffusion(diffusion)
         self._base_key = self._key_data(seed)
         rows = distributed.batch_sharding(self.mesh)
         rep = distributed.replicated(self.mesh)
@@ -206,6 +338,9 @@ class Sampler:
         cond_fn = None
         if self.guidance is not None:
             cond_fn = self.guidance(classifier_vars, batch["labels"], batch["scales"])
+        if opts.dpm_solver is not None:
+            x_0 = dpm_solver_chain(self.diffusion, model_fn, x_T, opts.dpm_solver, cond_fn=cond_fn)
+            return x_0 if opts.float_output else to_uint8(x_0)
         x_0 = sample_chain(
             self.diffusion,
             model_fn,
@@ -262,10 +397,154 @@ def config_groups(config) -> dict[str, Any]:
     return {name: config[name] for name in GROUPS}
 
 
+SAMPLERS = ("auto", "ancestral", "ddim", "dpm_solver")
+
+
+def sampler_kind(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str:
+    """The sampler a `sample` group asks for: "ancestral", "ddim" or "dpm_solver", checked.
+
+    `sample.sampler` names it; "auto" keeps the reference's switch, `sample.use_ddim` (its
+    --use_ddim flag) picking DDIM, else ancestral steps. `use_ddim=True` with an explicit
+    ancestral or dpm_solver is a contradiction. The solver needs a noise-predicting model.
+
+    Raises:
+      errors.ConfigError: in one line, naming the key.
+    """
+    name = str(sample["sampler"])
+    if name not in SAMPLERS:
+        raise errors.ConfigError(
+            f"sample.sampler={name!r} is not a sampler; use one of {', '.join(SAMPLERS)}"
+        )
+    if bool(sample["use_ddim"]) and name not in ("auto", "ddim"):
+        raise errors.ConfigError(
+            f"sample.use_ddim=True (the reference's --use_ddim) contradicts sample.sampler="
+            f"{name!r}: set sample.use_ddim=False, or sample.sampler=ddim"
+        )
+    if name == "auto":
+        name = "ddim" if bool(sample["use_ddim"]) else "ancestral"
+    if name == "dpm_solver" and bool(diffusion["predict_xstart"]):
+        raise errors.ConfigError(
+            "sample.sampler='dpm_solver' needs a noise-predicting model, but "
+            "diffusion.predict_xstart=True: sample it with ancestral or ddim"
+        )
+    return name
+
+
+def dpm_solver_options(sample: Mapping[str, Any]) -> DpmSolverOptions:
+    """The `sample.dpm_solver_*` keys as `DpmSolverOptions`, checked.
+
+    Raises:
+      errors.ConfigError: in one line, naming the key.
+    """
+    opts = DpmSolverOptions(
+        steps=int(sample["dpm_solver_steps"]),
+        order=int(sample["dpm_solver_order"]),
+        algorithm_type=str(sample["dpm_solver_algorithm_type"]),
+        skip_type=str(sample["dpm_solver_skip_type"]),
+        lower_order_final=bool(sample["dpm_solver_lower_order_final"]),
+        thresholding=bool(sample["dpm_solver_thresholding"]),
+        thresholding_ratio=float(sample["dpm_solver_thresholding_ratio"]),
+        thresholding_max_val=float(sample["dpm_solver_thresholding_max_val"]),
+    )
+    choices = (
+        ("order", opts.order, dpm_solver.ORDERS),
+        ("algorithm_type", opts.algorithm_type, dpm_solver.ALGORITHM_TYPES),
+        ("skip_type", opts.skip_type, dpm_solver.SKIP_TYPES),
+    )
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise errors.ConfigError(
+                f"sample.dpm_solver_{key}={value!r} is not supported; use one of "
+                f"{', '.join(map(str, allowed))}"
+            )
+    if opts.steps < opts.order:
+        raise errors.ConfigError(
+            f"sample.dpm_solver_steps={opts.steps} is fewer than sample.dpm_solver_order="
+            f"{opts.order}: a multistep solver of order k takes at least k steps"
+        )
+    if opts.thresholding and opts.algorithm_type != "dpmsolver++":
+        raise errors.ConfigError(
+            "sample.dpm_solver_thresholding=True thresholds the x_0 prediction, which only "
+            "sample.dpm_solver_algorithm_type='dpmsolver++' makes"
+        )
+    if not 0.0 < opts.thresholding_ratio <= 1.0:
+        raise errors.ConfigError(
+            f"sample.dpm_solver_thresholding_ratio={opts.thresholding_ratio} must be in (0, 1]: "
+            "the quantile of |x_0| that sets the threshold"
+        )
+    if not opts.thresholding_max_val > 0.0:
+        raise errors.ConfigError(
+            f"sample.dpm_solver_thresholding_max_val={opts.thresholding_max_val} must be positive"
+        )
+    return opts
+
+
 def respacing(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str:
     """The timestep respacing sampling uses: `sample.timestep_respacing` when set, else the
-    diffusion's own ("" = every training step)."""
+    diffusion's own ("" = every training step); always "" for DPM-Solver, which solves on the full
+    training chain in `sample.dpm_solver_steps` steps and ignores both."""
+    if sampler_kind(sample, diffusion) == "dpm_solver":
+        return ""
     return str(sample["timestep_respacing"] or diffusion["timestep_respacing"])
+
+
+def nfe(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> int:
+    """Network evaluations per sample (each also a classifier gradient when guided): the chain's
+    steps for ancestral and DDIM sampling, `dpm_solver_steps` for the solver."""
+    if sampler_kind(sample, diffusion) == "dpm_solver":
+        return dpm_solver_options(sample).steps
+    steps, spacing = int(diffusion["steps"]), respacing(sample, diffusion)
+    return len(schedules.space_timesteps(steps, spacing)) if spacing else steps
+
+
+def sampler_label(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str:
+    """A short name of the sampler, for a table row: "ancestral", "DDIM" (with its eta when not
+    0), "DPM-Solver++(2M)" (`DpmSolverOptions.label`)."""
+    kind = sampler_kind(sample, diffusion)
+    if kind == "dpm_solver":
+        return dpm_solver_options(sample).label()
+    if kind == "ddim":
+        eta = float(sample["eta"])
+        return "DDIM" if eta == 0 else f"DDIM(eta={eta:g})"
+    return "ancestral"
+
+
+def describe(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str:
+    """How a `sample` group samples, in words (a report's "sampling" line)."""
+    kind, steps = sampler_kind(sample, diffusion), nfe(sample, diffusion)
+    if kind == "dpm_solver":
+        o = dpm_solver_options(sample)
+        text = f"{o.label()} ({o.algorithm_type}, order {o.order}, {o.skip_type}"
+        text += ", lower_order_final" if o.lower_order_final else ""
+        if o.thresholding:
+            text += f", thresholding ratio {o.thresholding_ratio:g} max {o.thresholding_max_val:g}"
+        return f"{text}), {steps} steps (NFE {steps}) on the {diffusion['steps']}-step chain"
+    spacing = respacing(sample, diffusion) or "none"
+    return f"{sampler_label(sample, diffusion)}, {steps} steps (respacing {spacing})"
+
+
+def sampler_settings(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> dict[str, Any]:
+    """The `sample` settings that shape the sampling program, as a run's manifest pins them.
+
+    Ancestral and DDIM runs keep the keys of earlier versions (use_ddim, eta, clip_denoised,
+    timestep_respacing), so their runs on disk still resume; a solver run pins `sampler` and every
+    `dpm_solver_*` setting instead of the chain's (which it does not read)."""
+    kind = sampler_kind(sample, diffusion)
+    if kind != "dpm_solver":
+        return {
+            "use_ddim": kind == "ddim",
+            "eta": float(sample["eta"]),
+            "clip_denoised": bool(sample["clip_denoised"]),
+            "timestep_respacing": respacing(sample, diffusion),
+        }
+    return {
+        "sampler": kind,
+        "use_ddim": False,
+        "eta": None,
+        "clip_denoised": None,
+        "timestep_respacing": "",
+        "dpm_solver": dataclasses.asdict(dpm_solver_options(sample)),
+    }
 
 
 def build_sampler(
@@ -274,22 +553,28 @@ def build_sampler(
     guided: bool,
     mesh: jax.sharding.Mesh | None = None,
     platform: str | None = None,
+    float_output: bool = False,
 ) -> tuple[Sampler, Any, Any]:
     """The sampling program of a config's groups: networks, diffusion and the compiled sampler.
 
     Args:
       groups: the `model`, `diffusion`, `classifier` and `sample` groups (configs/common.py keys;
         an ml_collections config's groups or plain dicts, e.g. `gdiff.compat.released
-        .sampling_groups`). `sample.timestep_respacing`, when set, overrides the diffusion's.
+        .sampling_groups`). `sample.sampler` picks the sampler (`sampler_kind`);
+        `sample.timestep_respacing`, when set, overrides the diffusion's for ancestral and DDIM
+        steps; DPM-Solver solves on the full training chain in `sample.dpm_solver_steps` steps.
       guided: build the classifier and its guidance (some scale of the run is non-zero).
       mesh: the device mesh (default: every device).
       platform: what "auto" attention resolves for (`gdiff.factory.resolve_attention_impl`;
         None: the running backend).
+      float_output: return float32 samples (in [-1, 1] for the chain; the solver's x at t_end,
+        not clipped) instead of uint8 pixels.
 
     Returns:
       (sampler, model, classifier or None). Parameters are not loaded: pass them per call.
     """
     m, s = groups["model"], groups["sample"]
+    kind = sampler_kind(s, groups["diffusion"])
     # Sampling never differentiates the model, so its training-memory setting `remat` changes
     # nothing here (tests/test_remat.py): one sampling program, one module.
     model = factory.unet_from_group({**m, "remat": "none"}, platform=platform)
@@ -305,10 +590,12 @@ def build_sampler(
         guidance = classifier_guidance(classifier)
     options = SamplerOptions(
         image_shape=(size, size, 3),
-        use_ddim=bool(s["use_ddim"]),
+        use_ddim=kind == "ddim",
         eta=float(s["eta"]),
         clip_denoised=bool(s["clip_denoised"]),
         class_cond=bool(m["class_cond"]),
+        float_output=float_output,
+        dpm_solver=dpm_solver_options(s) if kind == "dpm_solver" else None,
     )
     sampler = Sampler(
         diffusion, model.apply, options, guidance=guidance, mesh=mesh, seed=int(s["seed"])
