@@ -14,6 +14,7 @@ request (SIGTERM, a scheduler's preemption) after saving: rerun the same command
 from __future__ import annotations
 
 import errno
+import os
 
 # The exit status of a run that stopped on a request (SIGTERM) after saving its state, so that
 # a scheduler can tell it from a finished run (0) and from a failed one (1).
@@ -70,6 +71,15 @@ class StoppedError(GdiffError):
     """A run stopped on a request (SIGTERM) after saving; rerunning the command resumes it."""
 
     exit_status = EXIT_STOPPED
+
+
+def require_file(path, what: str, hint: str) -> None:
+    """Raises MissingInputError unless `path` is an existing file: `what` names it ("torch
+    checkpoint", "reference batch"), `hint` says what to give instead."""
+    if not os.path.exists(path):
+        raise MissingInputError(f"{what} {path} does not exist: {hint}")
+    if os.path.isdir(path):
+        raise MissingInputError(f"{what} {path} is a directory: {hint}")
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -217,6 +217,31 @@ def build_classifier(config, *, platform: str | None = None) -> unet.EncoderUNet
     return classifier_from_group(config.classifier, int(config.data.image_size), platform=platform)
 
 
+def check_respacing(steps: int, respacing: str, key: str) -> None:
+    """Refuses a timestep respacing that cannot respace `steps` training steps, naming the config
+    key that set it (e.g. "sample.timestep_respacing"). Jobs call it before anything is written:
+    a respacing that fails after run.json pinned it would make the corrected rerun be refused.
+
+    Raises:
+      errors.ConfigError: why it cannot be used, with examples of ones that can.
+    """
+    if not respacing:
+        return
+    try:
+        kept = diffusion_lib.space_timesteps(steps, respacing)
+    except ValueError as e:
+        raise errors.ConfigError(
+            f"{key}={respacing!r} cannot respace the {steps} steps of diffusion.steps ({e}); use "
+            f"e.g. '{min(steps, 250)}', a comma list of per-section counts, or 'ddimN' with N "
+            "steps at an integer stride"
+        ) from None
+    if not kept:
+        raise errors.ConfigError(
+            f"{key}={respacing!r} keeps none of the {steps} steps of diffusion.steps; give at "
+            "least one step"
+        )
+
+
 def build_diffusion(config, timestep_respacing: str | None = None):
     """The diffusion of `config.diffusion`; `timestep_respacing` (e.g. "250", "ddim25") overrides
     the group's own, None keeps it."""

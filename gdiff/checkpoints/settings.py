@@ -73,15 +73,15 @@ def differences(
 
 
 def check_trained_settings(
-    location: locate.Location,
-    *,
-    what: str,
-    network: str,
-    config_network: dict,
-    diffusion: dict,
-    image_size: int,
+    location: locate.Location, network: str, config_network, diffusion, image_size: int
 ) -> None:
     """Refuses weights trained with other diffusion, image or network settings than the config's.
+
+    Args:
+      location: the checkpoint found (`locate.locate`); only training checkpoints record settings.
+      network: "model" or "classifier": the group recorded and the one given.
+      config_network, diffusion: the config's groups (ConfigDicts or dicts).
+      image_size: the image size the config samples or scores at.
 
     Raises:
       errors.ConfigMismatchError: naming every differing key with both values and what to set.
@@ -92,14 +92,14 @@ def check_trained_settings(
     diff = differences(
         trained,
         network=network,
-        config_network=config_network,
-        diffusion=diffusion,
-        image_size=image_size,
+        config_network=dict(config_network),
+        diffusion=dict(diffusion),
+        image_size=int(image_size),
     )
     if diff:
         first = diff[0].split(":")[0]
         raise errors.ConfigMismatchError(
-            f"the {what} in {location.path} was trained with other settings than this config "
+            f"the {network} in {location.path} was trained with other settings than this config "
             f"states ({'; '.join(diff)}); refusing to use it with them. Set the config to the "
             f"trained values (e.g. --config.{first}=<trained value>), or give another checkpoint"
         )

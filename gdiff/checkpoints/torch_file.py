@@ -317,15 +317,7 @@ def load_torch_file(path: str | os.PathLike) -> object:
         any other global; the message names the file.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise errors.MissingInputError(
-            f"torch checkpoint {path} does not exist: give the path of a torch.save .pt file"
-        )
-    if os.path.isdir(path):
-        raise errors.MissingInputError(
-            f"torch checkpoint {path} is a directory: give the path of the torch.save .pt file "
-            "itself"
-        )
+    errors.require_file(path, "torch checkpoint", "give the path of the torch.save .pt file")
     try:
         with open(path, "rb") as f:
             legacy = f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER

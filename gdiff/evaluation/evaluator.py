@@ -135,14 +135,7 @@ _NPZ_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
 
 
 def _npz_keys(path, what: str = "batch file") -> list[str]:
-    if not os.path.exists(path):
-        raise errors.MissingInputError(
-            f"{what} {path} does not exist: check the path (an .npz written by np.savez)"
-        )
-    if os.path.isdir(path):
-        raise errors.MissingInputError(
-            f"{what} {path} is a directory, not an .npz file: give the path of the .npz itself"
-        )
+    errors.require_file(path, what, "give the path of an .npz file written by np.savez")
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]

@@ -47,7 +47,6 @@ from absl import logging
 from gdiff import atomic, distributed, errors, factory, xla_options
 from gdiff.checkpoints import fingerprints, locate, settings
 from gdiff.data import pipeline
-from gdiff.diffusion import schedules
 from gdiff.engine import runs
 from gdiff.sampling import sampler as sampler_lib
 
@@ -116,26 +115,6 @@ def _manifest(config, per_batch: int, model_checkpoint: str) -> dict:
     }
 
 
-def _check_respacing(config) -> None:
-    """Refuses a `diffusion.timestep_respacing` that cannot respace `diffusion.steps`, before
-    run.json pins it (the corrected rerun would otherwise be refused as another run)."""
-    respacing, steps = str(config.diffusion.timestep_respacing or ""), int(config.diffusion.steps)
-    if not respacing:
-        return
-    try:
-        kept = schedules.space_timesteps(steps, respacing)
-    except ValueError as e:
-        raise errors.ConfigError(
-            f"diffusion.timestep_respacing={respacing!r} cannot respace the {steps} steps of "
-            f"diffusion.steps ({e})"
-        ) from None
-    if not kept:
-        raise errors.ConfigError(
-            f"diffusion.timestep_respacing={respacing!r} keeps none of the {steps} steps of "
-            "diffusion.steps; give at least one step"
-        )
-
-
 def make_plan(config, workdir: str, mesh: jax.sharding.Mesh) -> NllPlan:
     """The run, validated before anything is computed or written."""
     ev = config.eval
@@ -151,7 +130,12 @@ def make_plan(config, workdir: str, mesh: jax.sharding.Mesh) -> NllPlan:
             "model (the reference's image_nll.py does not evaluate those either)"
         )
     pipeline.check_data_config(config)
-    _check_respacing(config)
+    # Checked before run.json pins it (the corrected rerun would otherwise be refused).
+    factory.check_respacing(
+        int(config.diffusion.steps),
+        str(config.diffusion.timestep_respacing or ""),
+        "diffusion.timestep_respacing",
+    )
     per_batch = batch_size * mesh.size
     local = distributed.local_batch_size(per_batch, mesh)
     model_checkpoint = config.sample.model_checkpoint or workdir
@@ -275,14 +259,8 @@ class NllJob:
         """Loads the model, checked against the config; the plan's manifest plus its pin (step,
         EMA copy, sha256), so a resumed run never mixes two models' bits/dim."""
         plan, config = self.plan, self.config
-        settings.check_trained_settings(
-            plan.model,
-            what="model",
-            network="model",
-            config_network=config.model.to_dict(),
-            diffusion=config.diffusion.to_dict(),
-            image_size=int(config.model.image_size),
-        )
+        size = int(config.model.image_size)
+        settings.check_trained_settings(plan.model, "model", config.model, config.diffusion, size)
         params, pin = locate.load_pinned(plan.model, ema_rate=config.sample.ema_rate or None)
         abstract = factory.abstract_variables(factory.build_model(self.config))["params"]
         fingerprints.check_params_match(params, abstract, what="model", where=plan.model.path)

@@ -79,14 +79,7 @@ def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
     """
     ema_rate = config.sample.ema_rate or None
     size = int(config.model.image_size)
-    settings.check_trained_settings(
-        plan.model,
-        what="model",
-        network="model",
-        config_network=config.model.to_dict(),
-        diffusion=config.diffusion.to_dict(),
-        image_size=size,
-    )
+    settings.check_trained_settings(plan.model, "model", config.model, config.diffusion, size)
     model, model_pin = locate.load_pinned(plan.model, ema_rate=ema_rate)
     network = factory.unet_from_group(config.model)
     fingerprints.check_params_match(
@@ -95,12 +88,7 @@ def load_weights(config, plan: plan_lib.SamplingPlan) -> Weights:
     if plan.classifier is None:
         return Weights(model, model_pin)
     settings.check_trained_settings(
-        plan.classifier,
-        what="classifier",
-        network="classifier",
-        config_network=config.classifier.to_dict(),
-        diffusion=config.diffusion.to_dict(),
-        image_size=size,
+        plan.classifier, "classifier", config.classifier, config.diffusion, size
     )
     classifier, classifier_pin = locate.load_pinned(plan.classifier)
     network = factory.classifier_from_group(config.classifier, size)
@@ -130,7 +118,14 @@ def pinned_manifest(plan: plan_lib.SamplingPlan, weights: Weights) -> dict:
 
 
 class SampleJob:
-    """A sampling run as the engine's job: one part (folder) per guidance scale."""
+    """A sampling run as the engine's job: one part (folder) per guidance scale.
+
+    The sampler is the config's choice, `sample.sampler`: ancestral or DDIM steps over the
+    (respaced) chain, or DPM-Solver / DPM-Solver++ in `sample.dpm_solver_steps` network
+    evaluations ("auto" keeps the reference's `sample.use_ddim` switch). Every choice is one
+    program built by `gdiff.sampling.sampler.build_sampler`, and the manifest pins its settings
+    (`sampler.sampler_settings`), so a run resumes only under the sampler it began with.
+    """
 
     what = "sampling run"
     unit = "img"

@@ -31,12 +31,7 @@ def parse_scales(spec) -> list[float]:
             f"sample.classifier_scale={spec!r} is not a number; give a number or a "
             "comma-separated list of numbers (e.g. 0,1,4)"
         )
-    if isinstance(spec, int | float):
-        parts = [spec]
-    elif isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-    else:
-        parts = list(spec)
+    parts = [spec] if isinstance(spec, int | float) else _items(spec)
     if not parts:
         raise errors.ConfigError(
             f"sample.classifier_scale={spec!r} names no scale; give a number or a "
@@ -107,6 +102,13 @@ def make_labels(spec, num_samples: int, num_classes: int, seed: int) -> np.ndarr
     return np.resize(np.asarray(values, np.int32), num_samples)
 
 
+def _items(spec) -> list:
+    """The items of a comma-separated string (blanks dropped) or of a sequence."""
+    if isinstance(spec, str):
+        return [p.strip() for p in spec.split(",") if p.strip()]
+    return list(spec)
+
+
 def is_balanced(spec) -> bool:
     return isinstance(spec, str) and spec.strip().lower() == "balanced"
 
@@ -119,10 +121,7 @@ def _parse_int_list(spec) -> list[int]:
         )
     if isinstance(spec, int | np.integer):
         return [int(spec)]
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-    else:
-        parts = list(spec)
+    parts = _items(spec)
     if not parts:
         raise errors.ConfigError(
             "sample.labels is empty; use random, balanced, an int or a comma list"

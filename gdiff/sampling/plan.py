@@ -20,9 +20,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from gdiff import distributed, errors
+from gdiff import distributed, errors, factory
 from gdiff.checkpoints import locate
-from gdiff.diffusion import schedules
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import sample_files
 from gdiff.sampling import sampler as sampler_lib
@@ -265,23 +264,8 @@ def check_respacing(config) -> str:
       errors.ConfigError: naming the key that set it and why it cannot be used.
     """
     respacing = sampler_lib.respacing(config.sample, config.diffusion)
-    if not respacing:
-        return respacing
     key = "sample" if config.sample.timestep_respacing else "diffusion"
-    steps = int(config.diffusion.steps)
-    try:
-        kept = schedules.space_timesteps(steps, respacing)
-    except ValueError as e:
-        raise errors.ConfigError(
-            f"{key}.timestep_respacing={respacing!r} cannot respace the {steps} steps of "
-            f"diffusion.steps ({e}); use e.g. '{min(steps, 250)}', a comma list of per-section "
-            "counts, or 'ddimN' with N steps at an integer stride"
-        ) from None
-    if not kept:
-        raise errors.ConfigError(
-            f"{key}.timestep_respacing={respacing!r} keeps none of the {steps} steps of "
-            "diffusion.steps; give at least one step"
-        )
+    factory.check_respacing(int(config.diffusion.steps), respacing, f"{key}.timestep_respacing")
     return respacing
 
 
