@@ -2,8 +2,12 @@
 
     python benchmarks/bench_sampling.py --config 64 --batch 256 --respacing ddim25 --guided \
         --out benchmarks/logs/sampling_64_guided.json
+    python benchmarks/bench_sampling.py --config 64 --batch 256 --sampler dpm_solver --nfe 20 \
+        --guided --thresholding --out benchmarks/logs/s64_dpm20_guided.json
     python benchmarks/bench_sampling.py --config cpu --guided --repeats 3
         # the reference's CPU comparison (reference_sampling_cpu.json): batch 4, DDIM 10
+    python benchmarks/bench_sampling.py --config cpu --guided --sampler dpm_solver --nfe 10
+        # the same networks and batch, DPM-Solver++ 2M in 10 network evaluations
 
 `--config cpu` builds exactly the networks whose flags reference_sampling_cpu.json stores and
 reports seconds per image-step next to the reference's eager PyTorch figure on the same 2-core
@@ -14,11 +18,19 @@ of configs/released/imagenet64.py (imagenet256.py) for 64x64_diffusion.pt + 64x6
 (256x256_*), i.e. the reference README's flags: bfloat16 model and classifier, attention "auto"
 (cuDNN's fused kernel on a CUDA GPU, XLA elsewhere), the same sampler. The script's options are
 config overrides, recorded as `config_overrides` with the equivalent `--mode=sample` command:
-`--respacing` is sample.timestep_respacing, `--sampler` sample.use_ddim, and `--dtype` /
-`--attention` (default: the config's) set model.* and classifier.* alike, checked by the same
-policy as the config's. Random float32 weights are made on the device and random labels drawn; the
-whole reverse chain is one `jax.jit` call, data-parallel over every device. One warm-up call
+`--respacing` is sample.timestep_respacing, `--sampler ddim|ddpm` sample.use_ddim, `--sampler
+dpm_solver` sample.sampler=dpm_solver (with sample.use_ddim=False) and `--nfe` / `--thresholding`
+sample.dpm_solver_steps / sample.dpm_solver_thresholding (the solver's other settings are the
+config's: DPM-Solver++, order 2, time_uniform, lower_order_final), and `--dtype` / `--attention`
+(default: the config's) set model.* and classifier.* alike, checked by the same policy as the
+config's. Random float32 weights are made on the device and random labels drawn; the whole reverse
+chain (or the whole solve) is one `jax.jit` call, data-parallel over every device. One warm-up call
 (compile + run), then `--repeats` timed calls.
+
+A step is one network evaluation: one UNet forward, plus one guidance gradient when guided. DDIM
+and ancestral sampling take one per (respaced) chain step, DPM-Solver one per solver step (its NFE),
+so `steps` is the number of network evaluations per image and `s_per_img_step` is seconds per
+network evaluation of one image: the figure that compares samplers at equal cost per step.
 
 FLOPs per image-step are XLA's cost analysis of ONE model forward, plus one guidance gradient
 (classifier forward + backward to the input) when guided, at batch 1. The reference counts the
@@ -33,6 +45,7 @@ That is how the real configurations are checked on a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import common
 import jax
@@ -44,6 +57,9 @@ from gdiff.compat import flags
 from gdiff.sampling import sampler as sampler_lib
 
 DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
+# --sampler dpm_solver's default number of network evaluations: the solver authors' guided setting
+# (2M, 20 steps), as in the released configs' DPM-Solver++ commands.
+DEFAULT_NFE = 20
 
 
 def build(config: str, overrides: dict, *, guided: bool, mesh):
@@ -95,9 +111,22 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--sampler",
-        choices=("auto", "ddim", "ddpm"),
+        choices=("auto", "ddim", "ddpm", "dpm_solver"),
         default="auto",
-        help="auto: DDIM when the respacing starts with 'ddim' (as the reference's use_ddim)",
+        help="auto: DDIM when the respacing starts with 'ddim' (as the reference's use_ddim); "
+        "dpm_solver: sample.sampler=dpm_solver (DPM-Solver++ 2M unless the config says otherwise)",
+    )
+    p.add_argument(
+        "--nfe",
+        type=int,
+        default=None,
+        help=f"--sampler dpm_solver: sample.dpm_solver_steps, its network evaluations "
+        f"(default {DEFAULT_NFE})",
+    )
+    p.add_argument(
+        "--thresholding",
+        action="store_true",
+        help="--sampler dpm_solver: sample.dpm_solver_thresholding=True (dynamic thresholding)",
     )
     p.add_argument("--guided", action="store_true", help="classifier guidance")
     p.add_argument("--scale", type=float, default=1.0, help="classifier scale")
@@ -123,12 +152,29 @@ def parse_args(argv=None):
         p.error(f"--batch must be positive; got {args.batch}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1; got {args.repeats}")
+    if args.sampler == "dpm_solver":
+        if args.respacing is not None:
+            p.error(
+                "--respacing does not apply to --sampler dpm_solver: the solver runs on the full "
+                "training chain in --nfe network evaluations"
+            )
+        if args.nfe is not None and args.nfe < 1:
+            p.error(f"--nfe must be positive; got {args.nfe}")
+    elif args.nfe is not None or args.thresholding:
+        p.error("--nfe and --thresholding are DPM-Solver's: use them with --sampler dpm_solver")
     return args
 
 
 def describe(config: str, args, overrides: dict, sampler, model, classifier):
     """(the record's fixed part: what was built, with FLOPs per step; the abstract variables of
-    the model and the classifier ({} unguided))."""
+    the model and the classifier ({} unguided)).
+
+    `steps` is the number of network evaluations per image (`gdiff.sampling.sampler.nfe`): the
+    respaced chain's length for DDIM and ancestral steps, `sample.dpm_solver_steps` for the solver
+    (which runs on the full training chain, so `diffusion.num_timesteps` is not its step count)."""
+    groups = common.sampling_groups(config, overrides)
+    sample, diffusion = groups["sample"], groups["diffusion"]
+    solver = sampler.options.dpm_solver
     size, class_cond = int(model.image_size), model.num_classes is not None
     abstract_m = factory.abstract_variables(model)
     abstract_c = factory.abstract_variables(classifier) if classifier is not None else {}
@@ -141,8 +187,11 @@ def describe(config: str, args, overrides: dict, sampler, model, classifier):
         "respacing": args.respacing,
         "guided": args.guided,
         "scale": args.scale if args.guided else 0.0,
+        "sampler": sampler.options.sampler,
+        "sampler_label": sampler_lib.sampler_label(sample, diffusion),
         "ddim": sampler.options.use_ddim,
-        "steps": int(sampler.diffusion.num_timesteps),
+        "dpm_solver": dataclasses.asdict(solver) if solver is not None else None,
+        "steps": sampler_lib.nfe(sample, diffusion),
         "config_overrides": overrides,
         "equivalent_command": equivalent_command(config, overrides),
         "dtype": jnp.dtype(model.dtype).name,
@@ -236,25 +285,41 @@ def compare(record: dict, ref: dict | None) -> None:
         record["speedup_vs_reference_h100"] = round(record["img_per_s"] / ref["img_per_s"], 3)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    config = "tiny" if args.tiny else args.config
+def sampling_overrides(args, config: str) -> dict:
+    """The script's sampler, precision and attention options as config overrides (filling in the
+    defaults of `args.respacing` / `args.nfe`): what `--mode=sample` is given as
+    `--config.<group>.<key>=<value>` to build the program timed."""
+    common_options = dict(dtype=args.dtype, attention_impl=args.attention)
+    if args.sampler == "dpm_solver":
+        args.nfe = args.nfe or DEFAULT_NFE
+        return common.config_overrides(
+            sampler="dpm_solver",
+            use_ddim=False,
+            nfe=args.nfe,
+            thresholding=True if args.thresholding else None,
+            **common_options,
+        )
     args.respacing = args.respacing or ("ddim10" if config == "cpu" else "ddim25")
-    args.batch = args.batch or DEFAULT_BATCH[config]
     if args.sampler == "auto":
         use_ddim = args.respacing.startswith("ddim")
     else:
         use_ddim = args.sampler == "ddim"
+    return common.config_overrides(respacing=args.respacing, use_ddim=use_ddim, **common_options)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    config = "tiny" if args.tiny else args.config
+    args.batch = args.batch or DEFAULT_BATCH[config]
     mesh = distributed.data_mesh()
     distributed.check_batch_divisible(args.batch, what="--batch", mesh=mesh)
-    # Read first: a missing reference file fails before anything is built.
-    ref = common.reference_sampling(config, guided=args.guided, ddim=use_ddim)
-    overrides = common.config_overrides(
-        respacing=args.respacing,
-        use_ddim=use_ddim,
-        dtype=args.dtype,
-        attention_impl=args.attention,
-    )
+    overrides = sampling_overrides(args, config)
+    if args.sampler == "dpm_solver":
+        ref = None  # the reference measured no solver: no row to compare with
+    else:
+        # Read first: a missing reference file fails before anything is built.
+        ddim = overrides["sample.use_ddim"]
+        ref = common.reference_sampling(config, guided=args.guided, ddim=ddim)
     sampler, model, classifier = build(config, overrides, guided=args.guided, mesh=mesh)
     record, abstract = describe(config, args, overrides, sampler, model, classifier)
     if args.cost_only:

@@ -123,17 +123,29 @@ def config_overrides(
     *,
     respacing: str | None = None,
     use_ddim: bool | None = None,
+    sampler: str | None = None,
+    nfe: int | None = None,
+    thresholding: bool | None = None,
     dtype: str | None = None,
     attention_impl: str | None = None,
 ) -> dict[str, Any]:
     """A benchmark script's options as config overrides {"group.key": value} (None: the
-    configuration's own value). `dtype` and `attention_impl` set the model's and the classifier's
-    alike; they are checked when the networks are built (`gdiff.factory`)."""
+    configuration's own value). `sampler` is sample.sampler (auto | ancestral | ddim |
+    dpm_solver), `nfe` sample.dpm_solver_steps and `thresholding` sample.dpm_solver_thresholding
+    (DPM-Solver's settings; the others keep the config's: dpmsolver++, order 2, time_uniform).
+    `dtype` and `attention_impl` set the model's and the classifier's alike. Everything is checked
+    when the program is built (`gdiff.sampling.sampler.build_sampler`, `gdiff.factory`)."""
     out: dict[str, Any] = {}
     if respacing is not None:
         out["sample.timestep_respacing"] = respacing
+    if sampler is not None:
+        out["sample.sampler"] = str(sampler)
     if use_ddim is not None:
         out["sample.use_ddim"] = bool(use_ddim)
+    if nfe is not None:
+        out["sample.dpm_solver_steps"] = int(nfe)
+    if thresholding is not None:
+        out["sample.dpm_solver_thresholding"] = bool(thresholding)
     for key, value in (("dtype", dtype), ("attention_impl", attention_impl)):
         if value is not None:
             out[f"model.{key}"] = out[f"classifier.{key}"] = value
@@ -484,6 +496,14 @@ def round_or_none(value: float | None, digits: int = 3) -> float | None:
 # Summary table of written records: `python benchmarks/common.py benchmarks/logs/*.json`
 
 
+def _sampler_column(record: dict[str, Any]) -> str:
+    """A sampling record's sampler and its network evaluations, e.g. "DDIM 25",
+    "DPM-Solver++(2M) 20" (records written before the solver existed carry no `sampler`)."""
+    if record.get("sampler") == "dpm_solver":
+        return f"{record['sampler_label']} {record['steps']}"
+    return ("DDIM " if record["ddim"] else "DDPM ") + str(record["steps"])
+
+
 def summarize(records: list[dict[str, Any]]) -> str:
     """Markdown tables of sampling, training and ops records, next to the reference's H100 rows."""
     out = []
@@ -496,7 +516,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
         ]
         for r in sampling:
             ref = r.get("reference_h100") or {}
-            sampler = ("DDIM " if r["ddim"] else "DDPM ") + str(r["steps"])
+            sampler = _sampler_column(r)
             out.append(
                 f"| {r['config']} | {r['batch']} | {sampler} | {r['guided']} | "
                 f"{r['attention_impl']} | {r['img_per_s']} | {r['ms_per_step']} | "

@@ -12,22 +12,29 @@
 #              the summary: 560 s. The limits are budgets, not measurements: the script prints
 #              what each row and the group took, to set them from.
 #   ops        the XLA probe (matmul peak, conv / GN blocks, attention xla vs cudnn)
-#   sample64   64x64: DDIM25 unguided, DDIM25 guided, DDPM 25 guided (batch 256)
-#   sample256  256x256: DDIM25 guided, DDIM25 unguided (batch 32)
+#   sample64   64x64: DDIM25 unguided, DDIM25 guided, DDPM 25 guided, DPM-Solver++ 2M 20 guided
+#              (batch 256)
+#   sample256  256x256: DDIM25 guided, DDIM25 unguided, DPM-Solver++ 2M 20 guided (batch 32)
+#   The solver rows run the released configs' DPM-Solver++ command (sample.sampler=dpm_solver,
+#   dpmsolver++, order 2, 20 steps, time_uniform, dynamic thresholding): one UNet forward and one
+#   guidance gradient per step, as DDIM, so their ms per step sit beside the DDIM25 rows'.
 #   attn       64x64 DDIM25 unguided with XLA attention (the ablation of --attention auto)
 #   train      one AdamW step: 64/256 diffusion and classifier at the reference's batches
 #   remat      the 256x256 diffusion step at 32 per device (the reference's batch 256 on 8 GPUs)
 #              under model.remat dots and full: step time and peak memory of each policy
 #   all        all of the above, in that order
+#   solver     the two DPM-Solver++ rows alone (64x64 and 256x256, limits 150 + 160 s, one call;
+#              they are also in sample64 / sample256): run after `first` for the DDIM25 guided
+#              rows beside them on the same GPU
 #   cpu        tiny stand-ins that run anywhere in seconds (not part of `all`)
-# A row name (e.g. s64_ddim25_guided) runs that row alone. Rows outside `first` are limited to
-# ROW_TIMEOUT each and their groups are not sized to one call: give each its own call (or its rows
-# one by one) and size them from the times printed.
+# A row name (e.g. s64_ddim25_guided) runs that row alone. Rows outside `first` and `solver` are
+# limited to ROW_TIMEOUT each and their groups are not sized to one call: give each its own call
+# (or its rows one by one) and size them from the times printed.
 #
 # Environment: PYTHON (default python3: the GPU image's interpreter already has jax[cuda], flax,
 # optax, numpy, pillow and scikit-learn, which is all the benchmarks import: no ml_collections,
 # clu or TensorFlow, so no wheels need carrying), LOGS (default benchmarks/logs), ROW_TIMEOUT seconds (default 540: the
-# limit of a row outside `first`), TIMEOUT_<row> seconds (one row's limit, e.g. TIMEOUT_ops=300).
+# limit of a row outside `first` and `solver`), TIMEOUT_<row> seconds (one row's limit, e.g. TIMEOUT_ops=300).
 # When $OUT is set (the device tool), each row's JSON and log are copied there the moment the row
 # ends, so a later row that fails or overruns the call loses nothing already measured.
 # Afterwards: python benchmarks/common.py benchmarks/logs/*.json prints the tables for RESULTS.md.
@@ -43,8 +50,10 @@ declare -A ROWS=(
   [s64_ddim25_unguided]="bench_sampling.py --config 64 --batch 256 --respacing ddim25 --repeats 2"
   [s64_ddim25_guided]="bench_sampling.py --config 64 --batch 256 --respacing ddim25 --guided --repeats 2"
   [s64_ddpm25_guided]="bench_sampling.py --config 64 --batch 256 --respacing 25 --guided --repeats 2"
+  [s64_dpm20_guided]="bench_sampling.py --config 64 --batch 256 --sampler dpm_solver --nfe 20 --thresholding --guided --repeats 2"
   [s256_ddim25_guided]="bench_sampling.py --config 256 --batch 32 --respacing ddim25 --guided --repeats 2"
   [s256_ddim25_unguided]="bench_sampling.py --config 256 --batch 32 --respacing ddim25 --repeats 2"
+  [s256_dpm20_guided]="bench_sampling.py --config 256 --batch 32 --sampler dpm_solver --nfe 20 --thresholding --guided --repeats 2"
   [s64_ddim25_unguided_xla]="bench_sampling.py --config 64 --batch 256 --respacing ddim25 --attention xla --repeats 2"
   [t_diffusion_64]="bench_training.py --kind diffusion --config 64 --batch 64"
   [t_classifier_64]="bench_training.py --kind classifier --config 64 --batch 128"
@@ -53,26 +62,32 @@ declare -A ROWS=(
   [t_diffusion_256_b32_dots]="bench_training.py --kind diffusion --config 256 --batch 32 --remat dots"
   [t_diffusion_256_b32_full]="bench_training.py --kind diffusion --config 256 --batch 32 --remat full"
   [s_tiny]="bench_sampling.py --tiny --guided --respacing ddim2 --dtype float32 --batch 4"
+  [s_tiny_dpm]="bench_sampling.py --tiny --guided --sampler dpm_solver --nfe 2 --dtype float32 --batch 4"
   [t_tiny]="bench_training.py --tiny --kind diffusion --dtype float32 --batch 4 --warmup 1 --steps 2"
 )
-# The rows of `first` carry their own limits (their sum is the group's budget above).
+# The rows of `first` and `solver` carry their own limits (their sums are the groups' budgets
+# above).
 declare -A LIMITS=(
   [s64_ddim25_guided]=150
   [s64_ddim25_unguided]=100
   [s256_ddim25_guided]=160
   [t_diffusion_64]=110
+  [s64_dpm20_guided]=150
+  [s256_dpm20_guided]=160
   [s_tiny]=120
+  [s_tiny_dpm]=120
   [t_tiny]=120
 )
 declare -A SETS=(
   [first]="s64_ddim25_guided s64_ddim25_unguided s256_ddim25_guided t_diffusion_64"
   [ops]="ops"
-  [sample64]="s64_ddim25_unguided s64_ddim25_guided s64_ddpm25_guided"
-  [sample256]="s256_ddim25_guided s256_ddim25_unguided"
+  [sample64]="s64_ddim25_unguided s64_ddim25_guided s64_ddpm25_guided s64_dpm20_guided"
+  [sample256]="s256_ddim25_guided s256_ddim25_unguided s256_dpm20_guided"
   [attn]="s64_ddim25_unguided_xla"
   [train]="t_diffusion_64 t_classifier_64 t_diffusion_256 t_classifier_256"
   [remat]="t_diffusion_256_b32_dots t_diffusion_256_b32_full"
-  [cpu]="t_tiny s_tiny"
+  [solver]="s64_dpm20_guided s256_dpm20_guided"
+  [cpu]="t_tiny s_tiny s_tiny_dpm"
 )
 ALL="first ops sample64 sample256 attn train remat"
 

@@ -85,6 +85,36 @@ def test_sampling_tiny_guided(tmp_path):
     assert f"| {rec['img_per_s']} |" in table and "DDIM 2" in table
 
 
+def test_sampling_tiny_guided_dpm_solver(tmp_path):
+    """--sampler dpm_solver times the solver's program as the chain's is timed: one on-device
+    loop, `steps` = its network evaluations (not the 1000-step chain it solves on), seconds per
+    image-step over them."""
+    rec = run_script(
+        tmp_path,
+        "bench_sampling.py",
+        *("--tiny", "--guided", "--sampler", "dpm_solver", "--nfe", "2"),
+        *("--dtype", "float32", "--batch", "4"),
+    )
+    assert rec["sampler"] == "dpm_solver" and rec["sampler_label"] == "DPM-Solver++(2M)"
+    assert rec["ddim"] is False and rec["respacing"] is None and rec["steps"] == 2
+    assert rec["dpm_solver"]["steps"] == 2 and rec["dpm_solver"]["order"] == 2
+    assert rec["config_overrides"] == {
+        "sample.sampler": "dpm_solver",
+        "sample.use_ddim": False,
+        "sample.dpm_solver_steps": 2,
+        "model.dtype": "float32",
+        "classifier.dtype": "float32",
+    }
+    assert rec["s_per_img_step"] == pytest.approx(rec["seconds"] / (4 * 2), rel=1e-2, abs=1e-4)
+    assert rec["ms_per_step"] == pytest.approx(rec["seconds"] / 2 * 1e3, rel=1e-2)
+    # The same network calls per step as DDIM: one UNet forward plus one guidance gradient.
+    flops = rec["flops"]
+    assert rec["flops_per_img_step"] == pytest.approx(flops["model_fwd"] + flops["classifier_grad"])
+    assert rec["hlo_while_loops"] == 1 and rec["hlo_host_transfers"] == {}
+    assert rec["reference_h100"] is None  # the reference measured no solver
+    assert "| DPM-Solver++(2M) 2 |" in common.summarize([rec])
+
+
 @pytest.mark.parametrize("kind", ["diffusion", "classifier"])
 def test_training_tiny(tmp_path, kind):
     rec = run_script(
@@ -151,6 +181,15 @@ def test_indivisible_batch_is_refused(tmp_path):
 
 
 def test_bad_flags_are_refused(tmp_path):
+    proc = run_script(
+        tmp_path, "bench_sampling.py", "--sampler", "dpm_solver", "--respacing", "ddim25",
+        expect_ok=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--respacing does not apply to --sampler dpm_solver" in (
+        proc.stderr
+    )
+    proc = run_script(tmp_path, "bench_sampling.py", "--nfe", "10", expect_ok=False)
+    assert proc.returncode == 2 and "use them with --sampler dpm_solver" in proc.stderr
     proc = run_script(tmp_path, "bench_training.py", "--batch", "0", expect_ok=False)
     assert proc.returncode == 2 and "--batch must be positive" in proc.stderr
     proc = run_script(
@@ -214,7 +253,7 @@ def test_run_all_gpu_first_group_fits_one_device_call(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^row (\S+) limit (\d+) s: (\S+)", proc.stdout, re.M)
+    rows = re.findall(r"^row (\S+) limit (\d+) s: (.+)$", proc.stdout, re.M)
     first = [(name, int(limit)) for name, limit, _ in rows[:4]]
     assert [name for name, _ in first] == [
         "s64_ddim25_guided",
@@ -226,9 +265,14 @@ def test_run_all_gpu_first_group_fits_one_device_call(tmp_path):
     # device tool's 600 s per call.
     assert sum(limit for _, limit in first) + 2 * 20 < 600
     assert "group first: 4 row(s), limits sum 520 s" in proc.stdout
-    # `all` after `first` runs every other row once, the first group's rows not again.
+    # `all` after `first` runs every other row once, the first group's rows not again; the
+    # guided DPM-Solver++ 2M rows (20 steps, the released configs' command) among them.
     names = [name for name, _, _ in rows]
-    assert len(names) == len(set(names)) == 13
+    assert len(names) == len(set(names)) == 15
+    commands = {name: command for name, _, command in rows}
+    for name, config in (("s64_dpm20_guided", "64"), ("s256_dpm20_guided", "256")):
+        assert f"--config {config} " in commands[name]
+        assert "--sampler dpm_solver --nfe 20 --thresholding --guided" in commands[name]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -317,23 +361,29 @@ def test_released_flags_build_the_reference_networks():
     assert classifier.dtype == jnp.float32
 
 
+def _mode_sample_program(name: str, overrides: dict):
+    """`--mode=sample --config configs/released/<name>.py` with `overrides` as
+    `--config.<group>.<key>=<value>`: build_sampler on that config's groups (nothing compiled)."""
+    from configs.released import imagenet64, imagenet256
+    from gdiff.sampling import sampler as sampler_lib
+
+    cfg = {"imagenet64": imagenet64, "imagenet256": imagenet256}[name].get_config()
+    for dotted, value in overrides.items():
+        group, key = dotted.split(".")
+        cfg[group][key] = value
+    groups = {g: cfg[g] for g in ("model", "diffusion", "classifier", "sample")}
+    return sampler_lib.build_sampler(groups, guided=True)
+
+
 @pytest.mark.parametrize("config, name", [("64", "imagenet64"), ("256", "imagenet256")])
 def test_benchmark_times_the_mode_sample_program(config, name):
     """bench_sampling builds what `--mode=sample --config configs/released/<name>.py` with its
     config overrides builds: the same networks (dtype, attention), diffusion and options."""
     import bench_sampling
 
-    from configs.released import imagenet64, imagenet256
-    from gdiff.sampling import sampler as sampler_lib
-
     overrides = common.config_overrides(respacing="ddim25", use_ddim=True, attention_impl="xla")
     sampler, model, classifier = bench_sampling.build(config, overrides, guided=True, mesh=None)
-    cfg = {"imagenet64": imagenet64, "imagenet256": imagenet256}[name].get_config()
-    for dotted, value in overrides.items():  # as --config.<group>.<key>=<value> sets them
-        group, key = dotted.split(".")
-        cfg[group][key] = value
-    groups = {g: cfg[g] for g in ("model", "diffusion", "classifier", "sample")}
-    expected, model_e, classifier_e = sampler_lib.build_sampler(groups, guided=True)
+    expected, model_e, classifier_e = _mode_sample_program(name, overrides)
     assert (model, classifier) == (model_e, classifier_e)
     assert sampler.options == expected.options and sampler.options.use_ddim
     np.testing.assert_array_equal(sampler.diffusion.timestep_map, expected.diffusion.timestep_map)
@@ -348,6 +398,46 @@ def test_benchmark_times_the_mode_sample_program(config, name):
     )
     with pytest.raises(KeyError, match="sample.nonsense"):
         common.sampling_groups(config, {"sample.nonsense": 1})
+
+
+@pytest.mark.parametrize("config, name", [("64", "imagenet64"), ("256", "imagenet256")])
+def test_benchmark_times_the_mode_sample_solver_program(config, name):
+    """--sampler dpm_solver --nfe 20 --thresholding builds what `--mode=sample` builds with the
+    released configs' DPM-Solver++ command: the same networks, the full 1000-step chain, the same
+    solver options (DPM-Solver++ 2M, 20 steps, time_uniform, thresholding)."""
+    import bench_sampling
+
+    from gdiff.sampling import sampler as sampler_lib
+
+    args = bench_sampling.parse_args(
+        ["--config", config, "--guided", "--sampler", "dpm_solver", "--nfe", "20"]
+        + ["--thresholding", "--attention", "xla"]
+    )
+    overrides = bench_sampling.sampling_overrides(args, config)
+    sampler, model, classifier = bench_sampling.build(config, overrides, guided=True, mesh=None)
+    expected, model_e, classifier_e = _mode_sample_program(name, overrides)
+    assert (model, classifier) == (model_e, classifier_e)
+    assert sampler.options == expected.options and sampler.options.sampler == "dpm_solver"
+    assert sampler.options.dpm_solver == sampler_lib.DpmSolverOptions(
+        steps=20,
+        order=2,
+        algorithm_type="dpmsolver++",
+        skip_type="time_uniform",
+        lower_order_final=True,
+        thresholding=True,
+        thresholding_ratio=0.995,
+        thresholding_max_val=1.0,
+    )
+    assert sampler.diffusion.num_timesteps == expected.diffusion.num_timesteps == 1000
+    np.testing.assert_array_equal(sampler.diffusion.betas, expected.diffusion.betas)
+    assert model.dtype == classifier.dtype == jnp.bfloat16
+    command = bench_sampling.equivalent_command(config, overrides)
+    assert command == (
+        f"python main.py --mode=sample --config configs/released/{name}.py "
+        "--config.sample.sampler=dpm_solver --config.sample.use_ddim=False "
+        "--config.sample.dpm_solver_steps=20 --config.sample.dpm_solver_thresholding=True "
+        "--config.model.attention_impl=xla --config.classifier.attention_impl=xla"
+    )
 
 
 def test_tiny_networks():
