@@ -164,7 +164,8 @@ def get_config() -> ml_collections.ConfigDict:
     # on the training chain's betas (log-SNR clipped at -5.1, as its reference). The network sees
     # the solver's time t_input = (t - 1/N) * 1000 mapped to its own scale: t_input * steps / 1000
     # (exactly t_input for 1000 steps, or with rescale_timesteps); the noise is its first 3 output
-    # channels, and guidance scales that noise by -sigma_t * cond_fn. Needs predict_xstart=False.
+    # channels (an x_0-predicting model's output is converted to that noise first), and guidance
+    # scales the noise by -sigma_t * cond_fn.
     sample.dpm_solver_steps = _SAMPLING["sample"]["dpm_solver_steps"]  # = model evaluations (NFE)
     sample.dpm_solver_order = _SAMPLING["sample"]["dpm_solver_order"]  # 1 (= DDIM), 2 or 3
     # dpmsolver++ (data prediction; for guided sampling) | dpmsolver (noise prediction)

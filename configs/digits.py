@@ -18,12 +18,17 @@ a class-conditional one (accuracy at the requested labels from chance at scale 0
 needing a larger scale than the conditional model, with a worse FID at scale 1 than unguided, as
 in Table 4.
 
-Measured 2026-11-30 on a 2-core CPU (the README's first command in a fresh clone of 47f84d6, venv
-and install included, machine otherwise idle): 6 min 55.4 s wall; stages: diffusion models 111 s +
-110 s, classifier 35 s, evaluation network 11 s, sampling 13 (model, scale) pairs x 300 digits
-68 s, evaluation 7 s. The measured table, plot and grids live in
-docs/digits_results/. A rerun skips finished stages; see gdiff/pipeline/digits.py for how to swap
-one stage (e.g. a longer-trained model).
+Then it weighs quality against cost (`pipeline.solver_sweep_*`): the conditional model at scale 1
+sampled with DDIM and with DPM-Solver++(2M) at NFE 5, 10, 15, 25 and 50, against the paper's 250
+ancestral steps, over the same noise and labels (solver_sweep.md / .csv / .png); measured, its FID
+comes within 5% of the 250-step row's at NFE 15 for DPM-Solver++ and at NFE 50 for DDIM.
+
+Measured 2026-12-06 on a 2-core CPU (the README's first command in a fresh copy of the working
+tree of the DPM-Solver change on 0c1ebfa, venv and install included, machine otherwise idle):
+9 min 27.9 s wall; stages: diffusion models 114 s + 115 s, classifier 34 s, evaluation network
+10 s, sampling 13 (model, scale) pairs x 300 digits 70 s, evaluation 7 s, solver sweep 11 rows x
+300 digits 158 s. The measured tables, plots and grids live in docs/digits_results/. A rerun skips
+finished stages; see gdiff/jobs/digits.py for how to swap one stage (e.g. a longer-trained model).
 """
 
 import ml_collections
@@ -92,6 +97,23 @@ def get_config() -> ml_collections.ConfigDict:
     sample.classifier_scale = "0,0.5,1,2,4,8"  # the conditional model's scales
     sample.labels = "balanced"
     sample.seed = 0
+    # DPM-Solver++(2M) of the solver sweep (pipeline.solver_sweep_* below; the scale sweep uses
+    # DDIM): the solver authors' guided setting (multistep order 2, data prediction, steps uniform
+    # in time). The x_0-predicting model is solved through the solver's model_type "x_start".
+    sample.dpm_solver_order = 2
+    sample.dpm_solver_algorithm_type = "dpmsolver++"
+    sample.dpm_solver_skip_type = "time_uniform"
+    sample.dpm_solver_lower_order_final = True
+    # Dynamic thresholding of each x_0 prediction (ratio 0.995, max_val 1: the reference's
+    # values). Guided, the prediction at high noise is unbounded (x_0 + sigma_t^2 / alpha_t *
+    # scale * grad, alpha_t -> 0), and DDIM and the ancestral steps clip it to [-1, 1]
+    # (sample.clip_denoised); with max_val 1 the thresholding is that clip whenever the 99.5%
+    # quantile of |x_0| is within 1, and rescales the prediction otherwise. Without it this job's
+    # 5-step DPM-Solver++ digits come out thick and saturated (measured 2026-12-06: FID 4.13,
+    # recall 0.58 at NFE 5; with it 2.42, 0.85; the 250-step ancestral row 2.29, 0.83).
+    sample.dpm_solver_thresholding = True
+    sample.dpm_solver_thresholding_ratio = 0.995
+    sample.dpm_solver_thresholding_max_val = 1.0
 
     # Table 4's two halves: the class-conditional model above, and the same network trained
     # without labels (same steps), guided by the same classifier over the same noise and labels.
@@ -109,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    # Stage budgets and outputs of gdiff/pipeline/digits.py.
+    # Stage budgets and outputs of gdiff/jobs/digits.py.
     config.pipeline = pipeline = ml_collections.ConfigDict()
     pipeline.eval_classifier_steps = 300  # the clean-image evaluation network (feature space)
     pipeline.eval_classifier_batch_size = 128
@@ -117,4 +139,14 @@ def get_config() -> ml_collections.ConfigDict:
     pipeline.eval_classifier_lr = 3e-3
     pipeline.grid_per_class = 10  # columns of each scale's grid (rows = classes)
     pipeline.grid_zoom = 4  # nearest-neighbour magnification of the grids
+    # Quality against cost (the stage after the scale sweep): one model at its default guided
+    # scale, sampled with DDIM and with DPM-Solver++ (the sample.dpm_solver_* settings above) at
+    # each NFE, and with the paper's ancestral steps as the reference row, all over the scale
+    # sweep's noise and labels. Scale 1 is the paper's guided scale for its conditional model
+    # (Table 4: 1.0, against 10.0 for the unconditional one) and the middle of this job's
+    # conditional sweep. "" skips the stage.
+    pipeline.solver_sweep_model = "conditional"
+    pipeline.solver_sweep_scale = 1.0
+    pipeline.solver_sweep_nfe = "5,10,15,25,50"
+    pipeline.solver_sweep_reference_steps = 250  # ancestral steps (respacing "250")
     return config

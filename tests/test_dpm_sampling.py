@@ -268,10 +268,12 @@ def test_sampler_keys_use_ddim_rule_and_one_line_errors():
         with pytest.raises(errors.ConfigError, match=message) as e:
             sampler_lib.build_sampler(sampler_lib.config_groups(c), guided=False)
         assert "\n" not in str(e.value)
+    # An x_0-predicting model is solved through the reference's model_type="x_start" wrapper.
     c = _solver(_tiny())
     c.diffusion.predict_xstart = True
-    with pytest.raises(errors.ConfigError, match="diffusion.predict_xstart=True"):
-        sampler_lib.sampler_kind(c.sample, c.diffusion)
+    assert sampler_lib.sampler_kind(c.sample, c.diffusion) == "dpm_solver"
+    sampler, _, _ = sampler_lib.build_sampler(sampler_lib.config_groups(c), guided=False)
+    assert sampler_lib.solver_model_type(sampler.diffusion) == "x_start"
 
 
 def test_solver_ignores_respacing_and_names_its_nfe():

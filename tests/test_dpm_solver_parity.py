@@ -202,6 +202,46 @@ def test_order_one_is_ddim_at_the_solver_times(algorithm_type, guided):
     assert max(errors) <= 1e-5, errors
 
 
+# ---------------------------------------------------------------- x_0-predicting models
+
+
+@pytest.mark.parametrize(
+    "algorithm_type,thresholding",
+    [("dpmsolver++", False), ("dpmsolver++", True), ("dpmsolver", False)],
+)
+def test_x_start_model_solves_as_the_noise_model_it_implies(algorithm_type, thresholding):
+    """`model_type="x_start"` (the reference's `model_wrapper`: eps = (x - alpha_t x0) / sigma_t):
+    a model returning the x_0 a noise model implies, x0 = (x - sigma_t eps) / alpha_t at the
+    solver's time t = t_input / 1000 + 1/N, gives that noise model's solve, guided or not."""
+    betas = openai.get_named_beta_schedule("cosine", 1000)
+    shape = (2, 5, 4, 3)
+    noise_fn, cond_fn = _toy_model(shape[-1])
+    ns = dpm_solver.NoiseScheduleVP.discrete(betas=betas)
+
+    def x0_fn(x, t_input):
+        t = t_input / 1000.0 + 1.0 / ns.total_N
+        alpha = ns.marginal_alpha(t)[:, None, None, None]
+        sigma = ns.marginal_std(t)[:, None, None, None]
+        return (x - sigma * noise_fn(x, t_input)[..., : shape[-1]]) / alpha
+
+    x_T = jax.random.normal(jax.random.key(2), shape)  # noqa: N806
+    for guide in (None, cond_fn):
+        solve = functools.partial(
+            dpm_solver.dpm_solver_sample,
+            betas=betas,
+            steps=8,
+            algorithm_type=algorithm_type,
+            dynamic_thresholding=thresholding,
+            cond_fn=guide,
+        )
+        want = jax.jit(lambda x: solve(noise_fn, x))(x_T)  # noqa: B023
+        got = jax.jit(lambda x: solve(x0_fn, x, model_type="x_start"))(x_T)  # noqa: B023
+        print(f"x_start {algorithm_type} guided={guide is not None}: {rel_l2(got, want):.2e}")
+        assert rel_l2(got, want) <= 1e-6
+    with pytest.raises(ValueError, match="model_type"):
+        dpm_solver.dpm_solver_sample(x0_fn, x_T, betas=betas, steps=4, model_type="v")
+
+
 # -------------------------------------------------------------- schedule and API
 
 

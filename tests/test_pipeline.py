@@ -2,6 +2,7 @@
 its rerun, and the report helpers it shares with --mode=sweep."""
 
 import csv
+import json
 import math
 import pathlib
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import digits as digits_config
+from gdiff import errors
 from gdiff.checkpoints import locate, store
 from gdiff.evaluation import report
 from gdiff.jobs import digits
@@ -42,6 +44,9 @@ def tiny_config():
     p = config.pipeline
     p.eval_classifier_steps = 5
     p.eval_classifier_batch_size = 32
+    # The solver sweep: DDIM and DPM-Solver++ at 2 and 4 steps, 5 ancestral steps as reference.
+    p.solver_sweep_nfe = "2,4"
+    p.solver_sweep_reference_steps = 5
     config.train.progress = False
     return config
 
@@ -60,6 +65,7 @@ STAGES = (
     "eval_net",
     "sample",
     "evaluate",
+    "solver_sweep",
 )
 PAIRS = [("conditional", 0.0), ("conditional", 4.0), ("unconditional", 0.0), ("unconditional", 8.0)]
 
@@ -70,7 +76,8 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     assert first["skipped"] == []
     with open(workdir / digits.RESULTS_CSV, newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == report.COLUMNS
+        # Every row of the scale sweep is drawn by the one sampler its "sampling" line names.
+        assert reader.fieldnames == [c for c in report.COLUMNS if c not in ("sampler", "nfe")]
         rows = list(reader)
     assert [(r["model"], float(r["scale"])) for r in rows] == PAIRS
     for r in rows:
@@ -141,6 +148,46 @@ def test_rerun_skips_every_stage(pipeline_run):
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
     assert second["rows"] == first["rows"]
     assert second["summary"] == first["summary"]
+    assert second["solver"] == first["solver"]
+
+
+SOLVER_ROWS = [
+    ("DDIM", 2),
+    ("DDIM", 4),
+    ("DPM-Solver++(2M) thresholding", 2),
+    ("DPM-Solver++(2M) thresholding", 4),
+    ("ancestral", 5),
+]
+
+
+def test_solver_sweep_rows_for_every_sampler_and_nfe(pipeline_run):
+    workdir, first = pipeline_run
+    rows = report.read_csv(workdir / digits.SOLVER_CSV)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == SOLVER_ROWS
+    assert {(r["model"], r["scale"]) for r in rows} == {("conditional", 1.0)}
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in report.metric_columns(rows)), r
+    assert rows == first["solver"]["rows"] and first["solver"]["reference"] == rows[-1]
+    summary = first["solver"]["summary"]
+    assert summary.startswith("Within 5% of the FID of the ancestral 5 steps row")
+    assert "DDIM" in summary and "DPM-Solver++(2M)" in summary
+    md = (workdir / digits.SOLVER_MD).read_text()
+    assert summary in md and "| conditional | 1 | DPM-Solver++(2M) thresholding | 4 |" in md
+    with Image.open(workdir / digits.SOLVER_PLOT) as im:
+        im.load()
+        assert im.size[0] > 10 and im.size[1] > 10
+    record = json.loads((workdir / digits.SOLVER_JSON).read_text())
+    assert set(record["crossover"]) == {"DDIM", "DPM-Solver++(2M) thresholding"}
+    # Every row drew the scale sweep's labels (its samples under samples/solver_sweep/).
+    paths = first["paths"]["solver_samples"]
+    assert sorted(paths) == sorted(
+        ["ddim_2", "ddim_4", "dpm_solver_2", "dpm_solver_4", "ancestral_5"]
+    )
+    scale_labels = np.load(first["paths"]["samples"]["conditional"][0.0])["arr_1"]
+    for name, by_scale in paths.items():
+        assert by_scale[1.0].parent.parent == workdir / "samples" / "solver_sweep" / name
+        with np.load(by_scale[1.0]) as z:
+            assert np.array_equal(z["arr_1"], scale_labels)
 
 
 def test_bad_config_raises_clear_errors(tmp_path):
@@ -156,6 +203,17 @@ def test_bad_config_raises_clear_errors(tmp_path):
     config.sweep.models.unconditional.sample.classifier_scale = "0"
     with pytest.raises(ValueError, match="'unconditional' is unconditional and unguided"):
         digits.run(config, str(tmp_path))
+    # The solver sweep's rows are checked before anything trains.
+    for key, value, message in [
+        ("solver_sweep_nfe", "2,x", "pipeline.solver_sweep_nfe='2,x'"),
+        ("solver_sweep_model", "other", "pipeline.solver_sweep_model='other'"),
+        ("solver_sweep_nfe", "2,60", "row ddim_60 cannot be sampled"),
+    ]:
+        config = tiny_config()
+        config.pipeline[key] = value
+        with pytest.raises(errors.ConfigError, match=message):
+            digits.run(config, str(tmp_path))
+    assert not any(tmp_path.iterdir())
 
 
 def _row(model, scale, acc, recall, fid=10.0):

@@ -17,9 +17,19 @@ from gdiff.engine import manifest as manifest_lib
 from gdiff.evaluation import report
 from gdiff.jobs import digits
 from gdiff.jobs import train as train_job
-from tests.test_pipeline import STAGES, tiny_config
+from tests.test_pipeline import STAGES
+from tests.test_pipeline import tiny_config as pipeline_config
 
 MODELS = ("conditional", "unconditional")
+
+
+def tiny_config():
+    """tests/test_pipeline.py's tiny job with a one-NFE solver sweep (DDIM 2, DPM-Solver 2,
+    ancestral 5): each row is a sampling run of its own, and these tests need only that the
+    rows are redone and rescored, not how many there are."""
+    config = pipeline_config()
+    config.pipeline.solver_sweep_nfe = "2"
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +116,7 @@ def test_retrained_models_are_sampled_and_scored_again(stopped_then_resumed, tmp
     unchanged = samples / "unconditional"
     unchanged_files = {p: p.stat().st_mtime_ns for p in unchanged.rglob("*")}
     out = digits.run(config, str(workdir))
-    assert out["ran"] == ["diffusion/conditional", "sample", "evaluate"]
+    assert out["ran"] == ["diffusion/conditional", "sample", "evaluate", "solver_sweep"]
     assert out["skipped"] == ["diffusion/unconditional", "classifier", "eval_net"]
     assert "conditional: model_weights.sha256" in out["redone"]["sample"], out["redone"]
     assert "model_weights.step 3 -> 4" in out["redone"]["sample"], out["redone"]
@@ -115,6 +125,10 @@ def test_retrained_models_are_sampled_and_scored_again(stopped_then_resumed, tmp
     assert manifest_lib.read(samples / "conditional")["model_weights"]["step"] == 4
     aside = list(samples.glob("*.replaced-*"))
     assert [p.name.split(".")[0] for p in aside] == ["conditional"]
+    # The solver sweep samples the conditional model: its rows too are moved aside and redrawn.
+    assert "ddim_2: model_weights.sha256" in out["redone"]["solver_sweep"], out["redone"]
+    solver_aside = sorted(p.name.split(".")[0] for p in samples.glob("solver_sweep/*.replaced-*"))
+    assert solver_aside == sorted(out["paths"]["solver_samples"])
     assert manifest_lib.read(aside[0])["model_weights"]["step"] == 3
     assert {p: p.stat().st_mtime_ns for p in unchanged.rglob("*")} == unchanged_files
     scored = json.loads((workdir / digits.RESULTS_JSON).read_text())["scored"]
@@ -129,9 +143,10 @@ def test_retrained_models_are_sampled_and_scored_again(stopped_then_resumed, tmp
     # are scored again with it.
     config.pipeline.eval_classifier_steps = 6
     out = digits.run(config, str(workdir))
-    assert out["ran"] == ["eval_net", "evaluate"]
+    assert out["ran"] == ["eval_net", "evaluate", "solver_sweep"]
     assert "steps 5 -> 6" in out["redone"]["eval_net"]
     assert out["redone"]["evaluate"] == "what it scored changed: the evaluation network"
+    assert out["redone"]["solver_sweep"] == "what it scored changed: the evaluation network"
     # Now every stage is up to date.
     out = digits.run(config, str(workdir))
     assert out["ran"] == [] and out["redone"] == {}

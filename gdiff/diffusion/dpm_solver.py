@@ -1,10 +1,11 @@
-"""DPM-Solver and DPM-Solver++: fast ODE samplers for a noise-predicting diffusion model.
+"""DPM-Solver and DPM-Solver++: fast ODE samplers for a noise- or data-predicting diffusion model.
 
 Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10
 Steps" (NeurIPS 2022, arXiv:2206.00927) and "DPM-Solver++: Fast Solver for Guided Sampling of
 Diffusion Probabilistic Models" (arXiv:2211.01095). The semantics are those of
 `dpm_solver_pytorch.py` (LuChengTHU/dpm-solver, MIT) with `NoiseScheduleVP('discrete', betas)`,
-`model_wrapper(model_type="noise")` (classifier guidance when a `cond_fn` is given) and
+`model_wrapper(model_type="noise")` or `model_type="x_start"` (classifier guidance when a
+`cond_fn` is given) and
 `DPM_Solver.sample(method="multistep")`; the names below mirror its functions.
 
 Both solvers integrate the diffusion ODE in the half-log-SNR lambda_t = log(alpha_t / sigma_t)
@@ -39,6 +40,9 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++")
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+# What the network predicts (the reference's `model_wrapper` model_type): the noise eps, or x_0,
+# which the wrapper turns into the noise eps = (x - alpha_t x_0) / sigma_t.
+MODEL_TYPES = ("noise", "x_start")
 METHODS = ("multistep",)
 ORDERS = (1, 2, 3)
 # The reference clips the schedule where the half-log-SNR falls below this (`numerical_clip_alpha`):
@@ -361,6 +365,7 @@ def dpm_solver_sample(
     thresholding_max_val: float = 1.0,
     cond_fn: ModelFn | None = None,
     return_intermediate: bool = False,
+    model_type: str = "noise",
 ):
     """Solves the diffusion ODE from t = 1 to t_end = 1 / total_N with multistep DPM-Solver(++).
 
@@ -370,7 +375,8 @@ def dpm_solver_sample(
 
     Args:
       model_fn: model_fn(x [B, H, W, C], t_input [B] float32) -> [B, H, W, C'] with C' >= C; the
-        first C channels are the noise prediction (a learned-sigma model's raw output works).
+        first C channels are the prediction `model_type` names (a learned-sigma model's raw output
+        works).
         t_input = (t - 1/total_N) * 1000 is the (fractional) chain step the network sees.
       x_T: [B, H, W, C] the starting noise.
       betas: [T] the diffusion's beta schedule (float64 numpy); clipped at lambda = -5.1.
@@ -386,6 +392,9 @@ def dpm_solver_sample(
       cond_fn: cond_fn(x, t_input) -> [B, H, W, C], the scaled grad_x log p(y | x_t) (section 5 of
         CONTRACT.md); guides the noise prediction as eps - sigma_t * cond_fn(x, t_input).
       return_intermediate: also return the states.
+      model_type: 'noise' (the first C channels are eps) or 'x_start' (they are x_0; the
+        reference's `model_wrapper` converts them to the noise (x - alpha_t x_0) / sigma_t before
+        guidance and the solver's own data prediction, exactly as for a noise model).
 
     Returns:
       x [B, H, W, C] float32 at t_end, or with `return_intermediate` (x, trajectory) where
@@ -406,6 +415,10 @@ def dpm_solver_sample(
         raise ValueError(f"steps must be an integer >= order = {order}, got {steps!r}")
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"unsupported skip_type {skip_type!r}; supported: {', '.join(SKIP_TYPES)}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
+        )
     if dynamic_thresholding and algorithm_type != "dpmsolver++":
         # The reference thresholds only inside its data prediction, which dpmsolver never uses.
         raise ValueError("dynamic_thresholding applies to algorithm_type='dpmsolver++' only")
@@ -428,9 +441,12 @@ def dpm_solver_sample(
         if out.shape[:-1] != x.shape[:-1] or out.shape[-1] < channels:
             raise ValueError(
                 f"model_fn returned shape {tuple(out.shape)} for x of shape {x.shape}; expected "
-                f"[B, H, W, >= {channels}] (NHWC, the noise first)"
+                f"[B, H, W, >= {channels}] (NHWC, the prediction first)"
             )
         eps = out[..., :channels].astype(jnp.float32)
+        if model_type == "x_start":
+            # `model_wrapper(model_type="x_start")`: the noise the predicted x_0 implies.
+            eps = (x - step["alpha"] * eps) / step["sigma"]
         if cond_fn is not None:
             # `model_wrapper` classifier guidance: the score gains grad log p(y | x_t).
             eps = eps - step["sigma"] * cond_fn(x, t_input).astype(jnp.float32)

@@ -1,6 +1,8 @@
 """The one report of sweeps: rows (model x scale) -> CSV, markdown table, plot, sample figure,
 and a plain-language summary derived from the numbers. `--mode=sweep` and the digits pipeline
-both write through it.
+both write through it; a quality-against-cost sweep (rows of samplers x NFE, the digits job's
+solver sweep) adds its plot against the NFE and its summary (`plot_against_nfe`,
+`summarize_nfe`).
 
 A row is a dict: `model` (str), `scale` (float), optionally `sampler` (str) and `nfe` (int), and
 metric columns (floats, NaN where a row has no value); which metric columns a table has is
@@ -383,3 +385,139 @@ def summarize(
             f"{fmt(baseline['fid'], 3)}, recall {fmt(baseline['recall'], 3)}."
         )
     return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- quality against cost
+
+
+def samplers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The samplers of the rows (their `sampler` column), in order of first appearance."""
+    return list(dict.fromkeys(r["sampler"] for r in rows))
+
+
+def _reference_label(reference: Mapping[str, Any]) -> str:
+    return f"{reference['sampler']} {int(reference['nfe'])} steps"
+
+
+def plot_against_nfe(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    reference: Mapping[str, Any] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Quality against cost: one panel per metric (default FID and the accuracy at the requested
+    labels) against the NFE on a log axis, a line per sampler; `reference` (a row with `sampler`
+    and `nfe`, e.g. the paper's 250 ancestral steps) as a dashed horizontal line."""
+    if metrics is None:
+        acc = _accuracy_key(rows)
+        metrics = ["fid"] + ([acc] if acc else [])
+    nfes = sorted({int(r["nfe"]) for r in rows})
+    fig = figure.Figure(figsize=(3.6 * len(metrics), 3.3))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics))).ravel()
+    for ax, key in zip(axes, metrics, strict=True):
+        for name in samplers(rows):
+            mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=name)
+        if reference is not None and np.isfinite(reference.get(key, math.nan)):
+            ax.axhline(
+                reference[key], color="grey", ls="--", lw=1, label=_reference_label(reference)
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_title(TITLES[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    # One legend under the panels, clear of every line.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def crossover(
+    rows: Sequence[Mapping[str, Any]],
+    reference: Mapping[str, Any],
+    *,
+    metric: str = "fid",
+    tolerance: float = 0.05,
+) -> dict[str, Mapping[str, Any] | None]:
+    """Per sampler, its row of the smallest NFE whose `metric` comes within `tolerance` of the
+    reference's, |value - reference| <= tolerance * reference (above or below it); None when no
+    NFE of it gets there."""
+    target = float(reference[metric])
+    out = {}
+    for name in samplers(rows):
+        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        out[name] = next(
+            (r for r in mine if abs(float(r[metric]) - target) <= tolerance * abs(target)), None
+        )
+    return out
+
+
+def _versus(value: float, reference: float) -> str:
+    """'3.1% below' / '2% above': a value against the reference, in percent of it."""
+    change = 100.0 * (float(value) - float(reference)) / abs(float(reference))
+    return f"{fmt(abs(change), 2)}% {'above' if change > 0 else 'below'}"
+
+
+def summarize_nfe(
+    rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any], *, tolerance: float = 0.05
+) -> str:
+    """Plain sentences about a quality-against-cost sweep, from the rows: per sampler, the
+    smallest NFE at which its FID comes within `tolerance` of the reference row's (or that it
+    does not within its largest NFE), and where its FID lies beyond `tolerance` below the
+    reference's at fewer steps; then the accuracy at the requested labels."""
+    if not rows:
+        raise ValueError("no results to summarize")
+    ref_name, pct = _reference_label(reference), f"{100 * tolerance:g}%"
+    ref_fid = float(reference["fid"])
+    found = crossover(rows, reference, tolerance=tolerance)
+    parts = []
+    for name, row in found.items():
+        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        if row is not None:
+            text = (
+                f"{name} at NFE {int(row['nfe'])} (FID {fmt(row['fid'], 3)}, "
+                f"{_versus(row['fid'], ref_fid)})"
+            )
+        else:
+            text = (
+                f"{name} does not within NFE {int(mine[-1]['nfe'])} (FID "
+                f"{fmt(mine[-1]['fid'], 3)} there, {_versus(mine[-1]['fid'], ref_fid)})"
+            )
+        below = [
+            r
+            for r in mine
+            if (row is None or r["nfe"] < row["nfe"]) and r["fid"] < (1 - tolerance) * ref_fid
+        ]
+        if below:
+            text += (
+                "; at NFE "
+                + ", ".join(str(int(r["nfe"])) for r in below)
+                + f" its FID is more than {pct} below the reference's "
+                + f"({fmt(below[0]['fid'], 3)} at NFE {int(below[0]['nfe'])})"
+            )
+        parts.append(text)
+    text = (
+        f"Within {pct} of the FID of the {ref_name} row ({fmt(ref_fid, 3)}), the smallest NFE: "
+        + ". ".join(parts)
+        + "."
+    )
+    acc = _accuracy_key(rows)
+    if acc and np.isfinite(reference.get(acc, math.nan)):
+        spans = []
+        for name in samplers(rows):
+            mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+            spans.append(
+                f"{name} {fmt(mine[0][acc], 3)} at NFE {int(mine[0]['nfe'])} to "
+                f"{fmt(mine[-1][acc], 3)} at NFE {int(mine[-1]['nfe'])}"
+            )
+        text += (
+            f" Accuracy at the requested labels: {'; '.join(spans)} ({ref_name}: "
+            f"{fmt(reference[acc], 3)})."
+        )
+    return text

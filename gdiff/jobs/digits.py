@@ -16,6 +16,17 @@ The paper's Table 4 on a toy scale: a class-conditional and an unconditional dif
                         -> results.md, results.csv, results.json (rows: model x scale, plus the
                         real-digit row), scale_sweep.png (one line per model), sweep_grid.png,
                         grids/<model>_scale_<s>.png
+  6. solver_sweep       quality against cost: `pipeline.solver_sweep_model` at its default guided
+                        scale `pipeline.solver_sweep_scale`, sampled with DDIM and DPM-Solver++
+                        (the model's `sample.dpm_solver_*` settings) at each NFE of
+                        `pipeline.solver_sweep_nfe` and with `pipeline.solver_sweep_reference_steps`
+                        ancestral steps (the paper's sampler), over the same noise and labels as
+                        stage 4, scored by stage 5's scorer
+                                                    -> samples/solver_sweep/<kind>_<NFE>/,
+                        solver_sweep.md, solver_sweep.csv, solver_sweep.json (rows: sampler x
+                        NFE), solver_sweep.png (FID and accuracy against NFE, a line per sampler,
+                        the ancestral row dashed); the summary names the smallest NFE at which
+                        each sampler's FID comes within 5% of the ancestral row's
 
 A rerun skips a stage only when its outputs are complete and were made from the inputs it would
 use now; otherwise the stage runs again (resuming where it can) and its log line says why. What
@@ -36,6 +47,12 @@ each stage pins:
     scoring settings. It counts as done only when results.csv, results.md, results.json, both
     figures and every grid exist and that record matches; results.json is removed before an
     evaluation begins, so an interrupted one is redone.
+  - solver_sweep: both of the above for its own rows: each row's sampling manifest
+    (samples/solver_sweep/<kind>_<NFE>/run.json: its sampler and steps, the model's and
+    classifier's weights; rows of other weights or settings are moved aside and drawn afresh),
+    and solver_sweep.json, its record (the rows' run digests, the evaluation network, the
+    scoring settings), written last and removed before scoring begins; it counts as done only
+    when solver_sweep.csv, .md, .png and that record exist and the record matches.
 
 A training stage stopped by a request (SIGTERM: the trainer saves, then returns) stops the job with
 `errors.StoppedError` naming the stage (exit status 3 from the command line); rerunning the command
@@ -72,7 +89,9 @@ from gdiff.jobs import sweep
 from gdiff.jobs import train as train_job
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import plan as plan_lib
 from gdiff.sampling import sample_files
+from gdiff.sampling import sampler as sampler_lib
 
 EVAL_CLASSIFIER_DIR = "eval_classifier"
 RESULTS_CSV = "results.csv"
@@ -82,8 +101,17 @@ PLOT = "scale_sweep.png"
 GRID_DIR = "grids"
 SWEEP_FIGURE = "sweep_grid.png"
 BASELINE = "real digits"
+# The quality-against-cost stage: its table, plot and record, and its samples' folder (in the
+# samples directory, next to the models' folders).
+SOLVER_CSV = "solver_sweep.csv"
+SOLVER_MD = "solver_sweep.md"
+SOLVER_PLOT = "solver_sweep.png"
+SOLVER_JSON = "solver_sweep.json"
+SOLVER_SAMPLES = "solver_sweep"
+# "Comes within" the reference row's FID: at most this fraction of it away (above or below).
+SOLVER_TOLERANCE = 0.05
 # The stages after training the diffusion models ("diffusion/<model>", one per model).
-LATER_STAGES = ("classifier", "eval_net", "sample", "evaluate")
+LATER_STAGES = ("classifier", "eval_net", "sample", "evaluate", "solver_sweep")
 
 
 def stages(models: list[sweep.SweepModel]) -> tuple[str, ...]:
@@ -190,7 +218,7 @@ def balanced_subset(
     return np.asarray(out)
 
 
-def _check_config(config, models: list[sweep.SweepModel]) -> None:
+def _check_config(config, models: list[sweep.SweepModel], workdir: pathlib.Path) -> None:
     if config.data.source != "digits":
         raise ValueError(
             f"the digits pipeline needs data.source='digits' (got {config.data.source!r}); use "
@@ -208,6 +236,18 @@ def _check_config(config, models: list[sweep.SweepModel]) -> None:
         raise ValueError("config has no `pipeline` group; start from configs/digits.py")
     if int(config.sample.num_samples) < 2:
         raise ValueError("sample.num_samples must be at least 2 to measure FID and recall")
+    # The solver sweep's rows, checked before hours of training (a DDIM step count the chain
+    # cannot space, solver settings the sampler refuses).
+    for m in solver_models(config, workdir, models):
+        try:
+            sampler_lib.nfe(m.config.sample, m.config.diffusion)
+        except errors.ConfigError:
+            raise
+        except ValueError as e:
+            raise errors.ConfigError(
+                f"pipeline.solver_sweep: row {m.name} cannot be sampled ({e}); change "
+                "pipeline.solver_sweep_nfe or pipeline.solver_sweep_reference_steps"
+            ) from e
 
 
 def _is_guided(models: list[sweep.SweepModel]) -> bool:
@@ -332,11 +372,29 @@ def _stored_results(
     """(an earlier evaluation's results, None) when every output of the stage exists and
     results.json records that it scored `scored`; else (None, why it is redone), why being None
     when there is no earlier evaluation at all."""
-    outputs = _result_files(workdir, sample_paths)
+    stored, why = _stored_record(
+        workdir, _result_files(workdir, sample_paths), RESULTS_JSON, RESULTS_CSV, scored
+    )
+    if stored is None:
+        return None, why
+    return {
+        "rows": stored["rows"],
+        "baseline": stored.get("baseline"),
+        "summary": stored["summary"],
+    }, None
+
+
+def _stored_record(
+    workdir: pathlib.Path, outputs: list[pathlib.Path], record: str, table: str, scored
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A scoring stage's earlier outputs: (its record `record` (JSON) with "rows" read back from
+    `table` (CSV), None) when every one of `outputs` exists and the record says it scored
+    `scored`; else (None, why the stage is redone), why being None when none of its outputs
+    exist (a first run)."""
     missing = [p for p in outputs if not p.exists()]
     if len(missing) == len(outputs):
         return None, None
-    json_path = workdir / RESULTS_JSON
+    json_path = workdir / record
     stored = json.loads(json_path.read_text()) if json_path.exists() else {}
     if "scored" in stored and stored["scored"] != scored:
         names = {"eval_net": "the evaluation network"}
@@ -351,12 +409,12 @@ def _stored_results(
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         return None, f"{names}{more} missing: an earlier evaluation did not finish"
     if "scored" not in stored:
-        return None, f"{RESULTS_JSON} records no inputs (made by an older gdiff)"
+        return None, f"{record} records no inputs (made by an older gdiff)"
     try:
-        rows = report.read_csv(workdir / RESULTS_CSV)
+        rows = report.read_csv(workdir / table)
     except ValueError as e:  # a table of an older layout: evaluate again
         return None, str(e)
-    return {"rows": rows, "baseline": stored.get("baseline"), "summary": stored["summary"]}, None
+    return {**stored, "rows": rows}, None
 
 
 def _result_files(workdir: pathlib.Path, sample_paths) -> list[pathlib.Path]:
@@ -417,9 +475,12 @@ def _scorer(config, workdir: pathlib.Path, eval_net) -> tuple[scoring.Scorer, in
     return scorer, len(ref_images)
 
 
-def _evaluate(config, workdir, models, sample_paths, eval_net, log, timings) -> dict[str, Any]:
+def _evaluate(
+    config, workdir, models, sample_paths, eval_net, get_scorer, log, timings
+) -> dict[str, Any]:
     """Stage 5: the table, plot, grids and summary (skipped when every output exists and
-    results.json records that these samples were scored with this evaluation network)."""
+    results.json records that these samples were scored with this evaluation network).
+    `get_scorer()` -> (scorer, reference size): `_scorer`, built once for stages 5 and 6."""
     scored = _scored(config, sample_paths, eval_net)
     stored, why = _stored_results(workdir, sample_paths, scored)
     if stored is not None:
@@ -431,7 +492,7 @@ def _evaluate(config, workdir, models, sample_paths, eval_net, log, timings) -> 
     t0 = log.start("evaluate", f"score {len(pairs)} (model, scale) pairs against real digits")
     # The record goes first and comes back last: an evaluation cut short is never taken as done.
     (workdir / RESULTS_JSON).unlink(missing_ok=True)
-    scorer, num_ref = _scorer(config, workdir, eval_net)
+    scorer, num_ref = get_scorer()
     rows = sweep.score_models(scorer, sample_paths)
     samples = _save_grids(config, workdir, sample_paths)
     n = len(samples[pairs[0]][0])
@@ -505,6 +566,191 @@ def _grid_path(workdir: pathlib.Path, model: str, scale: float) -> pathlib.Path:
 
 def _fmt_opt(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
+
+
+# ----------------------------------------------------------------------------- solver sweep
+
+
+def solver_nfes(config) -> list[int]:
+    """`pipeline.solver_sweep_nfe` ("5,10,15,25,50"; "" skips the stage) as ints, checked."""
+    text = str(config.pipeline.solver_sweep_nfe).strip()
+    if not text:
+        return []
+    try:
+        nfes = [int(v) for v in text.split(",")]
+    except ValueError:
+        nfes = []
+    if not nfes or min(nfes) < 1 or len(set(nfes)) != len(nfes):
+        raise errors.ConfigError(
+            f"pipeline.solver_sweep_nfe={text!r} must be distinct positive integers separated by "
+            "commas (e.g. '5,10,15,25,50'), or '' to skip the solver sweep"
+        )
+    return sorted(nfes)
+
+
+def solver_models(config, workdir, models: list[sweep.SweepModel]) -> list[sweep.SweepModel]:
+    """The rows of the quality-against-cost sweep, as sweep models sharing one checkpoint: the
+    model `pipeline.solver_sweep_model` at `pipeline.solver_sweep_scale` with DDIM steps and
+    DPM-Solver (the model's `sample.dpm_solver_*` settings) at each NFE of
+    `pipeline.solver_sweep_nfe`, then `pipeline.solver_sweep_reference_steps` ancestral steps;
+    all over the scale sweep's noise and labels (its seed, sample count and labels). Each samples
+    into samples/solver_sweep/<kind>_<NFE>/; [] when the sweep is off."""
+    p = config.pipeline
+    nfes = solver_nfes(config)
+    if not nfes:
+        return []
+    by_name = {m.name: m for m in models}
+    base = by_name.get(str(p.solver_sweep_model))
+    if base is None:
+        raise errors.ConfigError(
+            f"pipeline.solver_sweep_model={p.solver_sweep_model!r} is not a model of the job; "
+            f"use one of {', '.join(by_name)}"
+        )
+    reference = int(p.solver_sweep_reference_steps)
+    if reference < 1:
+        raise errors.ConfigError(
+            f"pipeline.solver_sweep_reference_steps={reference} must be a positive number of "
+            "ancestral steps (the paper's 250)"
+        )
+    out = plan_lib.output_dir(config, str(workdir)) / SOLVER_SAMPLES
+    scale = float(p.solver_sweep_scale)
+    rows = [("ddim", n) for n in nfes] + [("dpm_solver", n) for n in nfes]
+    return [
+        _solver_model(base, kind, steps, scale, out)
+        for kind, steps in [*rows, ("ancestral", reference)]
+    ]
+
+
+def _solver_model(base: sweep.SweepModel, kind: str, steps: int, scale: float, out: pathlib.Path):
+    """`base` sampled with `kind` in `steps` network evaluations at `scale`, from its own
+    checkpoint (sample.model_checkpoint, else its workdir)."""
+    config = copy.deepcopy(base.config)
+    s = config.sample
+    s.classifier_scale = labels_lib.format_scale(scale)
+    s.sampler = kind
+    s.use_ddim = kind == "ddim"
+    if kind == "dpm_solver":
+        s.dpm_solver_steps = steps
+    else:  # DDIM's even stride ("ddimN"), or N evenly spaced ancestral steps
+        s.timestep_respacing = f"ddim{steps}" if kind == "ddim" else str(steps)
+    name = f"{kind}_{steps}"
+    s.output_dir = str(out / name)
+    return sweep.SweepModel(name, config, base.workdir)
+
+
+def _solver_files(workdir: pathlib.Path) -> list[pathlib.Path]:
+    """Every output of the solver sweep stage; solver_sweep.json, its record, is written last."""
+    return [workdir / n for n in (SOLVER_CSV, SOLVER_MD, SOLVER_PLOT, SOLVER_JSON)]
+
+
+def _solver_sweep(
+    config, workdir, solver, mesh, eval_net, get_scorer, log
+) -> tuple[dict | None, dict]:
+    """Stage 6: quality against cost (`solver_models`): sampled like stage 4 (pinned by each
+    row's sampling manifest; rows of other weights or settings moved aside and drawn afresh),
+    scored like stage 5 (the same scorer), recorded in solver_sweep.json (written last: the
+    samples' run digests, the evaluation network, the scoring settings). Skipped when its
+    samples are current and every output exists with that record. Returns (the rows, the
+    reference row and the summary, or None when the sweep is off or on processes other than 0;
+    {row: {scale: merged samples}}).
+    """
+    stage = "solver_sweep"
+    if not solver:
+        log.skip(stage, "pipeline.solver_sweep_nfe is empty")
+        return None, {}
+    plans = sweep.plan_models(solver, workdir, mesh)
+    merged = {name: dict(plan.merged) for name, plan in plans.items()}
+    changed, unfinished = _sampling_state(solver, plans)
+    why = None
+    if changed:  # every row's manifest names the same changed weights: the first says it
+        more = f" (and {len(changed) - 1} more rows)" if len(changed) > 1 else ""
+        why = f"{changed[0]}{more}"
+    if not changed and not unfinished:
+        stored, why = _stored_record(
+            workdir,
+            _solver_files(workdir),
+            SOLVER_JSON,
+            SOLVER_CSV,
+            _scored(config, merged, eval_net),
+        )
+        if stored is not None:
+            log.skip(stage, f"found {workdir / SOLVER_JSON} of these samples")
+            return {k: stored[k] for k in ("rows", "reference", "summary")}, merged
+    if why:
+        log.redo(stage, why)
+    p, n = config.pipeline, int(config.sample.num_samples)
+    t0 = log.start(
+        stage,
+        f"{p.solver_sweep_model} model at scale {labels_lib.format_scale(p.solver_sweep_scale)}: "
+        f"DDIM and DPM-Solver at NFE {p.solver_sweep_nfe}, {p.solver_sweep_reference_steps} "
+        f"ancestral steps; {n} samples each",
+    )
+    if distributed.is_main_process():
+        (workdir / SOLVER_JSON).unlink(missing_ok=True)  # the record comes back last
+    sample_paths = merged
+    if changed or unfinished:
+        sample_paths = sweep.sample_models([_restarting(m) for m in solver], workdir, mesh)
+    results = None
+    if distributed.is_main_process():
+        results = _score_solver(config, workdir, solver, sample_paths, eval_net, get_scorer, t0)
+    log.done(stage, t0)
+    return results, sample_paths
+
+
+def _score_solver(config, workdir, solver, sample_paths, eval_net, get_scorer, t0) -> dict:
+    """The solver sweep's rows through the scale sweep's scorer, then solver_sweep.csv / .md /
+    .png and the record solver_sweep.json (last). `t0`: when the stage began."""
+    scorer, num_ref = get_scorer()
+    rows = sweep.score_models(scorer, sample_paths, solver)
+    model = str(config.pipeline.solver_sweep_model)
+    for row in rows:  # one model throughout: the row names its sampler and NFE
+        row["model"] = model
+    *swept, reference = rows
+    summary = report.summarize_nfe(swept, reference, tolerance=SOLVER_TOLERANCE)
+    found = report.crossover(swept, reference, tolerance=SOLVER_TOLERANCE)
+    report.plot_against_nfe(swept, workdir / SOLVER_PLOT, reference=reference)
+    report.write_csv(rows, workdir / SOLVER_CSV)
+    p, s = config.pipeline, config.sample
+    first = {m.config.sample.sampler: m for m in reversed(solver)}  # each kind's first row
+    samplers = "; ".join(
+        sampler_lib.describe(m.config.sample, m.config.diffusion) for m in first.values()
+    )
+    seconds = time.perf_counter() - t0
+    scale = labels_lib.format_scale(p.solver_sweep_scale)
+    report.write_markdown(
+        rows,
+        workdir / SOLVER_MD,
+        title=f"Quality against cost: samplers of the {model} model at classifier scale {scale}",
+        notes=[
+            f"Every row samples the {model} model at classifier scale {scale} (its default "
+            "guided scale, pipeline.solver_sweep_scale) from the same noise and the same labels "
+            "as results.md, and is scored the same way (the evaluation network's features "
+            f"against held-out real digits). The last row, {reference['sampler']} with "
+            f"{reference['nfe']} steps, is the paper's sampler: the reference line of the plot. "
+            "DDIM and the ancestral steps clip each x_0 prediction to [-1, 1] "
+            "(sample.clip_denoised); DPM-Solver++ uses the sample.dpm_solver_* settings below."
+        ],
+        summary=summary,
+        details={
+            "command": (
+                f"python main.py --mode=pipeline --config configs/digits.py --workdir {workdir}"
+            ),
+            "samplers (each kind at its first NFE)": samplers,
+            "NFE": str(p.solver_sweep_nfe),
+            "samples": f"{s.num_samples} per row, labels {s.labels}, seed {s.seed}",
+            "reference set": f"{num_ref} held-out real digits (split {config.data.eval_split})",
+            "sampling and scoring time (s)": f"{seconds:.0f}",
+        },
+        images=[SOLVER_PLOT],
+    )
+    results = {"rows": rows, "reference": reference, "summary": summary}
+    record = {
+        **results,
+        "crossover": {k: (None if r is None else int(r["nfe"])) for k, r in found.items()},
+        "scored": _scored(config, sample_paths, eval_net),
+    }
+    atomic.write_text(workdir / SOLVER_JSON, json.dumps(record, indent=1))
+    return results
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -588,6 +834,7 @@ def _sampling_state(models, plans) -> tuple[list[str], list[str]]:
     merged file made under another run, is out of date; one with merged files missing is
     unfinished (and resumed from its shards)."""
     changed, unfinished = [], []
+    loaded = {}  # the solver sweep's rows share one checkpoint: load and check it once
     for m in models:
         plan = plans[m.name]
         old = manifest_lib.read(plan.out)
@@ -595,7 +842,16 @@ def _sampling_state(models, plans) -> tuple[list[str], list[str]]:
         if old is None:  # not begun, or its manifest is gone: the sample job checks the files
             unfinished.append(m.name)
             continue
-        new = sample_job.pinned_manifest(plan, sample_job.load_weights(m.sampling_config(), plan))
+        config = m.sampling_config()
+        key = json.dumps(
+            [repr(plan.model), repr(plan.classifier), str(config.sample.ema_rate)]
+            + [config[g].to_dict() for g in ("model", "diffusion", "classifier")],
+            sort_keys=True,
+            default=str,
+        )
+        if key not in loaded:
+            loaded[key] = sample_job.load_weights(config, plan)
+        new = sample_job.pinned_manifest(plan, loaded[key])
         run_id = manifest_lib.run_digest(new)
         if manifest_lib.run_digest(old) != run_id:
             changed.append(f"{m.name}: {_manifest_changes(old, new)}")
@@ -627,7 +883,7 @@ def _side_digest(path: pathlib.Path) -> str | None:
     return side.read_text().strip() if side.exists() else None
 
 
-def _output_paths(workdir: pathlib.Path, sample_paths) -> dict[str, Any]:
+def _output_paths(workdir: pathlib.Path, sample_paths, solver_paths) -> dict[str, Any]:
     return {
         "csv": workdir / RESULTS_CSV,
         "markdown": workdir / RESULTS_MD,
@@ -635,7 +891,24 @@ def _output_paths(workdir: pathlib.Path, sample_paths) -> dict[str, Any]:
         "sweep_figure": workdir / SWEEP_FIGURE,
         "grids": {(m, s): _grid_path(workdir, m, s) for m, s in _pairs(sample_paths)},
         "samples": sample_paths,
+        "solver_csv": workdir / SOLVER_CSV,
+        "solver_markdown": workdir / SOLVER_MD,
+        "solver_plot": workdir / SOLVER_PLOT,
+        # {row: {scale: merged samples}} of the solver sweep's rows (<kind>_<NFE>).
+        "solver_samples": solver_paths,
     }
+
+
+def _once(make):
+    """make() on the first call, its result after."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+
+    return get
 
 
 def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
@@ -657,7 +930,8 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
     """
     workdir = pathlib.Path(workdir)
     models = sweep.sweep_models(config, workdir)
-    _check_config(config, models)
+    _check_config(config, models, workdir)
+    solver = solver_models(config, workdir, models)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = distributed.data_mesh() if mesh is None else mesh
     log = StageLog(stages(models))
@@ -665,10 +939,13 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
     # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).
     eval_net = _eval_network(config, workdir, log)
     sample_paths = _sample(workdir, models, mesh, log)
-    # 5: measure and report.
+    # 5: measure and report (one scorer for stages 5 and 6, built when first needed).
+    get_scorer = _once(lambda: _scorer(config, workdir, eval_net))
     results = {}
     if distributed.is_main_process():
-        results = _evaluate(config, workdir, models, sample_paths, eval_net, log, dict(log.seconds))
+        results = _evaluate(
+            config, workdir, models, sample_paths, eval_net, get_scorer, log, dict(log.seconds)
+        )
         print("\n" + results["summary"], flush=True)
         print(
             f"\nResults: {workdir / RESULTS_MD} (table), {workdir / RESULTS_CSV}, "
@@ -676,10 +953,20 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
             f"{workdir / GRID_DIR}/ (samples per model and scale, one row per digit).",
             flush=True,
         )
+    # 6: quality against cost.
+    solved, solver_paths = _solver_sweep(config, workdir, solver, mesh, eval_net, get_scorer, log)
+    if solved is not None:
+        print("\n" + solved["summary"], flush=True)
+        print(
+            f"\nSolver sweep: {workdir / SOLVER_MD} (table), {workdir / SOLVER_CSV}, "
+            f"{workdir / SOLVER_PLOT} (FID and accuracy against NFE).",
+            flush=True,
+        )
     return {
         **results,
+        "solver": solved,
         "ran": log.ran,
         "skipped": log.skipped,
         "redone": log.redone,
-        "paths": _output_paths(workdir, sample_paths),
+        "paths": _output_paths(workdir, sample_paths, solver_paths),
     }

@@ -141,11 +141,11 @@ def dpm_solver_model_time(diffusion) -> Callable[[jax.Array], jax.Array]:
 
 
 def check_solver_diffusion(diffusion) -> None:
-    """The solver needs the full training chain of a noise-predicting model.
+    """The solver needs the full training chain of a noise- or x_0-predicting model.
 
     Raises:
       ValueError: a respaced chain (its betas are not the training schedule the solver's
-        continuous time interpolates) or a model that does not predict the noise.
+        continuous time interpolates) or a model that predicts neither the noise nor x_0.
     """
     timestep_map = getattr(diffusion, "timestep_map", None)
     if timestep_map is not None and len(timestep_map) != diffusion.original_num_steps:
@@ -154,11 +154,28 @@ def check_solver_diffusion(diffusion) -> None:
             f"{len(timestep_map)} of its {diffusion.original_num_steps} steps; build it without "
             "timestep respacing"
         )
-    if diffusion.model_mean_type != gd.ModelMeanType.EPSILON:
+    solver_model_type(diffusion)
+
+
+# The solver's `model_type` (`dpm_solver.dpm_solver_sample`) of each prediction a diffusion's
+# model makes.
+_SOLVER_MODEL_TYPES = {gd.ModelMeanType.EPSILON: "noise", gd.ModelMeanType.START_X: "x_start"}
+
+
+def solver_model_type(diffusion) -> str:
+    """ "noise" for a noise-predicting model, "x_start" for an x_0-predicting one
+    (`diffusion.predict_xstart`): what the solver's model wrapper converts from.
+
+    Raises:
+      ValueError: a model that predicts the previous step's mean.
+    """
+    kind = _SOLVER_MODEL_TYPES.get(diffusion.model_mean_type)
+    if kind is None:
         raise ValueError(
-            f"DPM-Solver needs a noise-predicting model; this diffusion's predicts "
+            f"DPM-Solver needs a model that predicts the noise or x_0; this diffusion's predicts "
             f"{diffusion.model_mean_type.name}"
         )
+    return kind
 
 
 def dpm_solver_chain(
@@ -175,7 +192,9 @@ def dpm_solver_chain(
     Args:
       diffusion: the model's full training chain (`check_solver_diffusion`); its betas are the
         solver's schedule.
-      model_fn: model_fn(x [B,H,W,C], ts [B]) -> raw model output (its first C channels the noise).
+      model_fn: model_fn(x [B,H,W,C], ts [B]) -> raw model output (its first C channels the noise,
+        or x_0 for an x_0-predicting model: the solver's model_type "x_start", converted to the
+        noise (x - alpha_t x_0) / sigma_t as the reference's `model_wrapper` does).
       x_T: [B, H, W, C] starting noise.
       solver: the solver's settings.
       cond_fn: guidance gradient cond_fn(x, ts) or None; the solver guides the noise prediction
@@ -187,6 +206,7 @@ def dpm_solver_chain(
       x at t_end = 1/N [B, H, W, C] (float32, not clipped).
     """
     check_solver_diffusion(diffusion)
+    model_type = solver_model_type(diffusion)
     to_model = dpm_solver_model_time(diffusion)
     solver_cond = None
     if cond_fn is not None:
@@ -208,6 +228,7 @@ def dpm_solver_chain(
         dynamic_thresholding_ratio=solver.thresholding_ratio,
         thresholding_max_val=solver.thresholding_max_val,
         cond_fn=solver_cond,
+        model_type=model_type,
     )
 
 
@@ -405,7 +426,8 @@ def sampler_kind(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str
 
     `sample.sampler` names it; "auto" keeps the reference's switch, `sample.use_ddim` (its
     --use_ddim flag) picking DDIM, else ancestral steps. `use_ddim=True` with an explicit
-    ancestral or dpm_solver is a contradiction. The solver needs a noise-predicting model.
+    ancestral or dpm_solver is a contradiction. The solver takes noise- and x_0-predicting
+    models (`diffusion.predict_xstart`; `solver_model_type`).
 
     Raises:
       errors.ConfigError: in one line, naming the key.
@@ -420,13 +442,9 @@ def sampler_kind(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) -> str
             f"sample.use_ddim=True (the reference's --use_ddim) contradicts sample.sampler="
             f"{name!r}: set sample.use_ddim=False, or sample.sampler=ddim"
         )
+    del diffusion  # every sampler takes every prediction the chain's models make
     if name == "auto":
         name = "ddim" if bool(sample["use_ddim"]) else "ancestral"
-    if name == "dpm_solver" and bool(diffusion["predict_xstart"]):
-        raise errors.ConfigError(
-            "sample.sampler='dpm_solver' needs a noise-predicting model, but "
-            "diffusion.predict_xstart=True: sample it with ancestral or ddim"
-        )
     return name
 
 
