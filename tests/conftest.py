@@ -5,6 +5,7 @@ and the parity fixtures of the reference implementation, found through $GDIFF_PA
 (default: ../shared/parity next to the repository).
 """
 
+import json
 import os
 import pathlib
 import tempfile
@@ -47,6 +48,19 @@ def fixture_path(name: str) -> pathlib.Path:
 def load_fixture(name: str):
     """Opens `<parity dir>/<name>` (see `fixture_path`)."""
     return np.load(fixture_path(name), allow_pickle=False)
+
+
+def fixture_network(name: str, factory):
+    """(module, converted variables) of a network fixture (unet_small.npz, classifier_small.npz):
+    the module from its config_json's `create_*` kwargs through `factory` (a gdiff.compat.openai
+    create_* function), the variables from its `param/` state dict."""
+    from gdiff.compat import openai  # after the XLA flags above are set
+
+    z = load_fixture(name)
+    cfg = json.loads(str(z["config_json"]))
+    module = factory(**next(v for k, v in cfg.items() if k.startswith("create_")))
+    sd = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
+    return module, openai.convert_state_dict(module, sd)
 
 
 def rel_l2(got, want) -> float:

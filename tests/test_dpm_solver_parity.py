@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_path, load_fixture, nchw_to_nhwc, rel_l2
+from conftest import fixture_network, fixture_path, load_fixture, nchw_to_nhwc, rel_l2
 
 from gdiff.compat import openai
 from gdiff.diffusion import dpm_solver
@@ -32,20 +32,12 @@ def _cases() -> list[str]:
         return sorted(json.loads(str(z["config_json"]))["cases"])
 
 
-def _build(name: str, factory):
-    z = load_fixture(name)
-    cfg = json.loads(str(z["config_json"]))
-    module = factory(**next(v for k, v in cfg.items() if k.startswith("create_")))
-    sd = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
-    return module, openai.convert_state_dict(module, sd)
-
-
 @functools.cache
 def _setup():
     z = load_fixture("solvers.npz")
     cfg = json.loads(str(z["config_json"]))
-    unet, unet_vars = _build(cfg["unet_fixture"], openai.create_model)
-    clf, clf_vars = _build(cfg["classifier_fixture"], openai.create_classifier)
+    unet, unet_vars = fixture_network(cfg["unet_fixture"], openai.create_model)
+    clf, clf_vars = fixture_network(cfg["classifier_fixture"], openai.create_classifier)
     y = jnp.asarray(z["y"], jnp.int32)
 
     def model_fn(x, t_input):

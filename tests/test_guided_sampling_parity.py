@@ -13,27 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_fixture, nchw_to_nhwc, rel_l2
+from conftest import fixture_network, load_fixture, nchw_to_nhwc, rel_l2
 
 from gdiff.compat import openai
 
 TOL = 1e-3
 
 
-def _build(name: str, factory):
-    z = load_fixture(name)
-    cfg = json.loads(str(z["config_json"]))
-    module = factory(**next(v for k, v in cfg.items() if k.startswith("create_")))
-    sd = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
-    return module, openai.convert_state_dict(module, sd)
-
-
 @functools.cache
 def _setup():
     g = load_fixture("guided_sampling.npz")
     cfg = json.loads(str(g["config_json"]))
-    unet, unet_vars = _build(cfg["unet_fixture"], openai.create_model)
-    clf, clf_vars = _build(cfg["classifier_fixture"], openai.create_classifier)
+    unet, unet_vars = fixture_network(cfg["unet_fixture"], openai.create_model)
+    clf, clf_vars = fixture_network(cfg["classifier_fixture"], openai.create_classifier)
     y = jnp.asarray(g["y"], jnp.int32)
 
     def model_fn(x, ts):
