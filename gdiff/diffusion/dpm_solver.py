@@ -349,6 +349,89 @@ def dynamic_thresholding_fn(x0: jax.Array, ratio: float, max_val: float) -> jax.
     return jnp.clip(x0, -s, s) / s
 
 
+def _check_options(
+    method, algorithm_type, order, steps, skip_type, model_type, dynamic_thresholding
+) -> None:
+    """ValueError naming the first setting `dpm_solver_sample` does not support."""
+    if method not in METHODS:
+        raise ValueError(
+            f"unsupported DPM-Solver method {method!r}; supported: {', '.join(METHODS)}"
+        )
+    if algorithm_type not in ALGORITHM_TYPES:
+        raise ValueError(
+            f"unsupported algorithm_type {algorithm_type!r}; "
+            f"supported: {', '.join(ALGORITHM_TYPES)}"
+        )
+    if order not in ORDERS:
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if not isinstance(steps, int | np.integer) or steps < order:
+        raise ValueError(f"steps must be an integer >= order = {order}, got {steps!r}")
+    if skip_type not in SKIP_TYPES:
+        raise ValueError(f"unsupported skip_type {skip_type!r}; supported: {', '.join(SKIP_TYPES)}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
+        )
+    if dynamic_thresholding and algorithm_type != "dpmsolver++":
+        # The reference thresholds only inside its data prediction, which dpmsolver never uses.
+        raise ValueError("dynamic_thresholding applies to algorithm_type='dpmsolver++' only")
+
+
+def _predictor(
+    model_fn, cond_fn, *, batch, channels, model_type, algorithm_type, thresholding
+) -> Callable:
+    """predict(x, step) for `dpm_solver_sample`'s scan: the reference's `model_wrapper` (noise
+    from the network, guided by `cond_fn`) then its data prediction for dpmsolver++, thresholded
+    with (ratio, max value) when `thresholding` is given."""
+
+    def predict(x, step):
+        """The model's prediction at step's time: x0 for dpmsolver++, eps for dpmsolver."""
+        t_input = jnp.full((batch,), step["t_input"], jnp.float32)
+        out = model_fn(x, t_input)
+        if out.shape[:-1] != x.shape[:-1] or out.shape[-1] < channels:
+            raise ValueError(
+                f"model_fn returned shape {tuple(out.shape)} for x of shape {x.shape}; expected "
+                f"[B, H, W, >= {channels}] (NHWC, the prediction first)"
+            )
+        eps = out[..., :channels].astype(jnp.float32)
+        if model_type == "x_start":
+            # `model_wrapper(model_type="x_start")`: the noise the predicted x_0 implies.
+            eps = (x - step["alpha"] * eps) / step["sigma"]
+        if cond_fn is not None:
+            # `model_wrapper` classifier guidance: the score gains grad log p(y | x_t).
+            eps = eps - step["sigma"] * cond_fn(x, t_input).astype(jnp.float32)
+        if algorithm_type == "dpmsolver":
+            return eps
+        x0 = (x - step["sigma"] * eps) / step["alpha"]
+        if thresholding is not None:
+            x0 = dynamic_thresholding_fn(x0, *thresholding)
+        return x0
+
+    return predict
+
+
+def _solve(predict, x_T, xs, *, order: int, return_intermediate: bool):  # noqa: N803
+    """The multistep solve as one `lax.scan` over the plan's per-step arrays `xs`, carrying x and
+    a fixed [order, B, H, W, C] buffer of the model outputs (see `dpm_solver_sample`)."""
+
+    def body(carry, step):
+        x, history = carry
+        # Oldest first; the output this step adds goes last. Unfilled slots stay zero and have
+        # zero weight, so warm-up and final lower-order steps need no branch.
+        history = jnp.concatenate([history[1:], predict(x, step)[None]], axis=0)
+        # An explicit sum, not a tensordot: a dot could run in reduced precision on accelerators.
+        x_next = step["w_x"] * x
+        for j in range(order):
+            x_next = x_next + step["w_m"][j] * history[j]
+        return (x_next, history), (x_next if return_intermediate else None)
+
+    history = jnp.zeros((order, *x_T.shape), jnp.float32)
+    (x, _), states = jax.lax.scan(body, (x_T, history), xs)
+    if return_intermediate:
+        return x, jnp.concatenate([x_T[None], states], axis=0)
+    return x
+
+
 def dpm_solver_sample(
     model_fn: ModelFn,
     x_T,  # noqa: N803 (the paper's name)
@@ -400,29 +483,9 @@ def dpm_solver_sample(
       x [B, H, W, C] float32 at t_end, or with `return_intermediate` (x, trajectory) where
       trajectory [steps + 1, B, H, W, C] is x_T followed by the state after each step.
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"unsupported DPM-Solver method {method!r}; supported: {', '.join(METHODS)}"
-        )
-    if algorithm_type not in ALGORITHM_TYPES:
-        raise ValueError(
-            f"unsupported algorithm_type {algorithm_type!r}; "
-            f"supported: {', '.join(ALGORITHM_TYPES)}"
-        )
-    if order not in ORDERS:
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if not isinstance(steps, int | np.integer) or steps < order:
-        raise ValueError(f"steps must be an integer >= order = {order}, got {steps!r}")
-    if skip_type not in SKIP_TYPES:
-        raise ValueError(f"unsupported skip_type {skip_type!r}; supported: {', '.join(SKIP_TYPES)}")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
-        )
-    if dynamic_thresholding and algorithm_type != "dpmsolver++":
-        # The reference thresholds only inside its data prediction, which dpmsolver never uses.
-        raise ValueError("dynamic_thresholding applies to algorithm_type='dpmsolver++' only")
-
+    _check_options(
+        method, algorithm_type, order, steps, skip_type, model_type, dynamic_thresholding
+    )
     ns = NoiseScheduleVP.discrete(betas=betas)
     time_steps = get_time_steps(ns, skip_type, ns.T, 1.0 / ns.total_N, int(steps))
     orders = multistep_orders(int(steps), order, lower_order_final)
@@ -434,42 +497,16 @@ def dpm_solver_sample(
         raise ValueError(f"x_T must be NHWC [B, H, W, C], got shape {x_T.shape}")
     batch, channels = x_T.shape[0], x_T.shape[-1]
 
-    def predict(x, step):
-        """The model's prediction at step's time: x0 for dpmsolver++, eps for dpmsolver."""
-        t_input = jnp.full((batch,), step["t_input"], jnp.float32)
-        out = model_fn(x, t_input)
-        if out.shape[:-1] != x.shape[:-1] or out.shape[-1] < channels:
-            raise ValueError(
-                f"model_fn returned shape {tuple(out.shape)} for x of shape {x.shape}; expected "
-                f"[B, H, W, >= {channels}] (NHWC, the prediction first)"
-            )
-        eps = out[..., :channels].astype(jnp.float32)
-        if model_type == "x_start":
-            # `model_wrapper(model_type="x_start")`: the noise the predicted x_0 implies.
-            eps = (x - step["alpha"] * eps) / step["sigma"]
-        if cond_fn is not None:
-            # `model_wrapper` classifier guidance: the score gains grad log p(y | x_t).
-            eps = eps - step["sigma"] * cond_fn(x, t_input).astype(jnp.float32)
-        if algorithm_type == "dpmsolver":
-            return eps
-        x0 = (x - step["sigma"] * eps) / step["alpha"]
-        if dynamic_thresholding:
-            x0 = dynamic_thresholding_fn(x0, dynamic_thresholding_ratio, thresholding_max_val)
-        return x0
+    predict = _predictor(
+        model_fn,
+        cond_fn,
+        batch=batch,
+        channels=channels,
+        model_type=model_type,
+        algorithm_type=algorithm_type,
+        thresholding=(dynamic_thresholding_ratio, thresholding_max_val)
+        if dynamic_thresholding
+        else None,
+    )
 
-    def body(carry, step):
-        x, history = carry
-        # Oldest first; the output this step adds goes last. Unfilled slots stay zero and have
-        # zero weight, so warm-up and final lower-order steps need no branch.
-        history = jnp.concatenate([history[1:], predict(x, step)[None]], axis=0)
-        # An explicit sum, not a tensordot: a dot could run in reduced precision on accelerators.
-        x_next = step["w_x"] * x
-        for j in range(order):
-            x_next = x_next + step["w_m"][j] * history[j]
-        return (x_next, history), (x_next if return_intermediate else None)
-
-    history = jnp.zeros((order, *x_T.shape), jnp.float32)
-    (x, _), states = jax.lax.scan(body, (x_T, history), xs)
-    if return_intermediate:
-        return x, jnp.concatenate([x_T[None], states], axis=0)
-    return x
+    return _solve(predict, x_T, xs, order=order, return_intermediate=return_intermediate)

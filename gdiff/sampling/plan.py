@@ -262,10 +262,26 @@ def check_respacing(config) -> str:
 
     Raises:
       errors.ConfigError: naming the key that set it and why it cannot be used.
+
+    The DPM-Solver reads neither respacing (it solves the full chain): a run that sets one is told.
     """
     respacing = sampler_lib.respacing(config.sample, config.diffusion)
     key = "sample" if config.sample.timestep_respacing else "diffusion"
     factory.check_respacing(int(config.diffusion.steps), respacing, f"{key}.timestep_respacing")
+    if sampler_lib.sampler_kind(config.sample, config.diffusion) == "dpm_solver":
+        ignored = [
+            f"{group}.timestep_respacing={config[group].timestep_respacing!r}"
+            for group in ("sample", "diffusion")
+            if config[group].timestep_respacing
+        ]
+        if ignored:
+            logging.info(
+                "%s ignored: sample.sampler=dpm_solver solves on the full %d-step training chain "
+                "in sample.dpm_solver_steps=%d steps",
+                " and ".join(ignored),
+                int(config.diffusion.steps),
+                int(config.sample.dpm_solver_steps),
+            )
     return respacing
 
 
@@ -293,20 +309,6 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
             "samples each device draws at once"
         )
     check_respacing(config)
-    if sampler_lib.sampler_kind(s, config.diffusion) == "dpm_solver":
-        ignored = [
-            f"{group}.timestep_respacing={config[group].timestep_respacing!r}"
-            for group in ("sample", "diffusion")
-            if config[group].timestep_respacing
-        ]
-        if ignored:
-            logging.info(
-                "%s ignored: sample.sampler=dpm_solver solves on the full %d-step training chain "
-                "in sample.dpm_solver_steps=%d steps",
-                " and ".join(ignored),
-                int(config.diffusion.steps),
-                int(s.dpm_solver_steps),
-            )
     model_ckpt = s.model_checkpoint or workdir
     classifier_ckpt = _classifier_checkpoint(config, workdir, guided)
     per_batch = int(s.batch_size) * topology.num_devices
