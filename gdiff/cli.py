@@ -244,7 +244,16 @@ def _main(argv):
         )
     except UsageError as e:
         sys.exit(f"gdiff: {e}")
-    distributed.maybe_initialize(config.distributed)
+    try:
+        distributed.maybe_initialize(
+            config.distributed,
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    except errors.GdiffError as e:
+        # A launch without a process count or id: one line naming the variable to set.
+        _exit_with(str(e), e.exit_status)
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
         jax.process_index(),

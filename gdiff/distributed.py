@@ -8,7 +8,7 @@ devices in tests, a GPU, or all chips of a TPU pod with one process per host.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,19 +21,78 @@ from gdiff import errors
 
 DATA_AXIS = "data"
 
-# Environment variables that mean "a coordinator is configured for this process".
-_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_NAME")
+# A plain multi-host launch (no SLURM, no Cloud TPU) sets these three on every process; JAX reads
+# the first itself but knows the count and id only on clusters it detects. JAX also reads
+# JAX_LOCAL_DEVICE_IDS (which local accelerators this process uses) by itself.
+ADDRESS_ENV = "JAX_COORDINATOR_ADDRESS"
+COUNT_ENV = "JAX_NUM_PROCESSES"
+ID_ENV = "JAX_PROCESS_ID"
+# Environment variables that mean "this process is one of several": a coordinator named (by us or
+# by a launcher), or a cluster JAX detects by itself (SLURM, Cloud TPU).
+_COORDINATOR_ENV = (ADDRESS_ENV, "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_NAME")
+# initialize() keyword -> (environment variable, config key) that give it, in messages.
+_SOURCES = {
+    "coordinator_address": (ADDRESS_ENV, "config.coordinator_address"),
+    "num_processes": (COUNT_ENV, "config.num_processes"),
+    "process_id": (ID_ENV, "config.process_id"),
+}
 
 
-def maybe_initialize(setting: Any = "auto") -> bool:
-    """Calls `jax.distributed.initialize()` when asked to or when the environment needs it.
+def initialize_kwargs(
+    env: Mapping[str, str],
+    *,
+    coordinator_address: str = "",
+    num_processes: int = -1,
+    process_id: int = -1,
+) -> dict[str, Any]:
+    """The arguments of `jax.distributed.initialize` from the config keys and the environment.
 
-    Args:
-      setting: True (always), False (never) or "auto" (when a coordinator is configured through the
-        environment, e.g. on a TPU pod or under SLURM).
+    Each of coordinator_address, num_processes and process_id comes from its config key when set
+    ("" / -1 mean unset), else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    in `env`; one given by neither is left out, for JAX's own cluster detection (SLURM, Cloud
+    TPU) to fill in. A pure function: nothing is initialised.
 
-    Returns:
-      Whether the distributed runtime was initialised by this call.
+    Raises:
+      errors.ConfigError: a count or id that is not an integer, or out of range, naming where it
+        came from.
+    """
+    given = {
+        "coordinator_address": str(coordinator_address or ""),
+        "num_processes": int(num_processes),
+        "process_id": int(process_id),
+    }
+    kwargs, origin = {}, {}
+    for name, value in given.items():
+        env_name, key = _SOURCES[name]
+        if value not in ("", -1):
+            kwargs[name], origin[name] = value, f"{key}={value!r}"
+        elif env.get(env_name, "").strip():
+            text = env[env_name].strip()
+            origin[name] = f"{env_name}={text!r}"
+            kwargs[name] = text if name == "coordinator_address" else _as_int(text, env_name)
+    count, index = kwargs.get("num_processes"), kwargs.get("process_id")
+    if count is not None and count < 1:
+        raise errors.ConfigError(f"{origin['num_processes']}: the process count must be >= 1")
+    if index is not None and (index < 0 or (count is not None and index >= count)):
+        bound = f"in 0..{count - 1}" if count is not None else ">= 0"
+        raise errors.ConfigError(f"{origin['process_id']}: the process id must be {bound}")
+    return kwargs
+
+
+def _as_int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise errors.ConfigError(f"{name}={text!r} is not an integer") from None
+
+
+def wants_initialize(setting: Any, env: Mapping[str, str], kwargs: Mapping[str, Any]) -> bool:
+    """Whether to start the distributed runtime: `config.distributed` True or False, or "auto":
+    when a coordinator address is known (`kwargs`, from the config or the environment), more than
+    one process is declared, or a cluster JAX detects (SLURM, Cloud TPU) is in `env`.
+
+    Raises:
+      errors.ConfigError: a setting other than auto / true / false.
     """
     if isinstance(setting, str):
         value = setting.strip().lower()
@@ -41,12 +100,70 @@ def maybe_initialize(setting: Any = "auto") -> bool:
             raise errors.ConfigError(
                 f"config.distributed must be auto, true or false; got {setting!r}"
             )
-        setting = "auto" if value == "auto" else value in ("true", "1")
-    if setting == "auto":
-        setting = any(os.environ.get(name) for name in _COORDINATOR_ENV)
-    if not setting or jax.distributed.is_initialized():
+        if value != "auto":
+            return value in ("true", "1")
+        return (
+            bool(kwargs.get("coordinator_address"))
+            or kwargs.get("num_processes", 1) > 1
+            or any(env.get(name) for name in _COORDINATOR_ENV)
+        )
+    return bool(setting)
+
+
+def missing_message(kwargs: Mapping[str, Any]) -> str:
+    """The one-line error for a launch JAX could not complete: what is missing and how to set it."""
+    missing = [name for name in _SOURCES if name not in kwargs]
+    names = " and ".join(_SOURCES[m][0] for m in missing)
+    keys = " / ".join(f"--{_SOURCES[m][1]}" for m in missing)
+    return (
+        f"a multi-host run needs {names}, and JAX found no cluster it knows (SLURM, Cloud TPU) "
+        f"to ask: on every process set "
+        f"{ADDRESS_ENV}=<host:port of process 0>, {COUNT_ENV}=<number of processes> and "
+        f"{ID_ENV}=<0..N-1, this process> (or {keys}), or --config.distributed=false for one "
+        "process"
+    )
+
+
+def maybe_initialize(
+    setting: Any = "auto",
+    *,
+    coordinator_address: str = "",
+    num_processes: int = -1,
+    process_id: int = -1,
+    env: Mapping[str, str] | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize(...)` when asked to or when the environment needs it.
+
+    Args:
+      setting: True (always), False (never) or "auto" (`wants_initialize`).
+      coordinator_address, num_processes, process_id: the config keys of the same names; unset
+        ("" / -1), the environment's JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+        JAX_PROCESS_ID, else JAX's cluster detection (`initialize_kwargs`).
+      env: the environment (default os.environ).
+
+    Returns:
+      Whether the distributed runtime was initialised by this call.
+
+    Raises:
+      errors.ConfigError: a value is malformed, or one is missing and JAX cannot detect it.
+    """
+    env = os.environ if env is None else env
+    kwargs = initialize_kwargs(
+        env,
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    if not wants_initialize(setting, env, kwargs) or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        # JAX's own detection (SLURM, Cloud TPU) filled in nothing: its "Number of processes must
+        # be defined" names neither the variable nor the key that would set it.
+        if all(name in kwargs for name in _SOURCES) or "defined" not in str(e):
+            raise
+        raise errors.ConfigError(missing_message(kwargs)) from e
     return True
 
 

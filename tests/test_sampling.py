@@ -241,7 +241,7 @@ def test_shards_atomic_merge_and_grid(tmp_path):
     write(0, 1, slice(4, 5))
     d = tmp_path / "scale_1"
     assert not [p for p in d.iterdir() if "tmp" in p.name]
-    with pytest.raises(FileNotFoundError, match="shard_1_1.npz is missing"):
+    with pytest.raises(FileNotFoundError, match="shard_1of2_1.npz is missing"):
         runs.gather(layout, "scale_1", None)
     write(1, 1, slice(0, 0))
     merged = runs.gather(layout, "scale_1", None)

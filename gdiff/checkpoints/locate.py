@@ -191,7 +191,9 @@ def load_pinned(
         )
     key = None
     if found.format == "params":
-        params = ocp.StandardCheckpointer().restore(found.path / store.PARAMS_ITEM)
+        item = found.path / store.PARAMS_ITEM
+        target = store.host_target(ocp.StandardCheckpointHandler().metadata(item))
+        params = ocp.StandardCheckpointer().restore(item, target)
     else:
         state, found = _restore_training(found)
         ema = state.get("ema_params") or {}

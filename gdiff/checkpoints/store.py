@@ -30,6 +30,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -244,7 +245,10 @@ class CheckpointManager:
         if problem is None:
             _silence_stray_read_callbacks()
             try:
-                return self._manager.restore(int(step), args=ocp.args.StandardRestore())
+                target = host_target(
+                    ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / _ITEM)
+                )
+                return self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
             except Exception as e:  # as in _try_restore
                 problem = _describe_restore_error(e)
         older = [s for s in self.all_steps() if s < int(step)]
@@ -269,6 +273,26 @@ _ITEM = "default"
 # How a TensorStore error names the array it failed on: "path": "params.block.kernel/" (quoted
 # and escaped in several ways); absolute paths (the directory) start with "/" and are skipped.
 _ARRAY_IN_ERROR = re.compile(r"path[^\w/]+([A-Za-z_][\w.\-]*)/")
+
+
+def host_target(metadata: Any) -> Any:
+    """A restore target for a saved tree (its orbax tree metadata): every array as a numpy array.
+
+    Without a target orbax puts each array on the devices that saved it, which the other
+    processes of a multi-host run do not have ("Device cpu:0 was not found in
+    jax.local_devices()"); and an array committed to one device cannot be put on a mesh that
+    spans hosts (JAX refuses the cross-host transfer). Host arrays can be put on any mesh by
+    every process (sampling, bits/dim: `jax.device_put(params, replicated)`).
+    """
+
+    def leaf(m):
+        if getattr(m, "shape", None) is None or getattr(m, "dtype", None) is None:
+            return m
+        # orbax restores as the target's type; a broadcast zero is a numpy array of the saved
+        # shape and dtype that allocates nothing (a ShapeDtypeStruct would give jax arrays).
+        return np.broadcast_to(np.zeros((), m.dtype), m.shape)
+
+    return jax.tree.map(leaf, metadata)
 
 
 def _step_problem(step_dir: pathlib.Path, abstract_state: Any) -> str | None:

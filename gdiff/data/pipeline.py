@@ -1,44 +1,29 @@
-"""Input dispatch: config.data -> per-process numpy batches -> global, sharded jax.Arrays.
+"""Input dispatch: config.data -> an indexed source -> this process's batches (the grain input
+engine, `gdiff/data/input_engine.py`) -> global, sharded jax.Arrays.
 
-Every process reads only its own shard of the data and produces `global_batch / process_count`
+Every source (digits, image folders, TFDS ArrayRecord files) is read by example index; every
+process reads only its part of each global batch and produces `global_batch / process_count`
 examples per step; `gdiff.distributed.global_batch` stitches those into one global array sharded
 over the "data" mesh axis (`jax.make_array_from_process_local_data`).
 
-For the in-memory and folder sources a batch is a pure function of (seed, process, step): the
-example order is a seeded permutation per epoch and every example's augmentation has its own seeded
-generator. Resuming at step N therefore reproduces exactly the batches of an uninterrupted run.
+A batch is a pure function of (seed, step, process layout): the order is a seeded index shuffle
+per epoch, every example's augmentation is keyed by its index and epoch, and a resume jumps to its
+step (from the iterator state saved with the checkpoint, or by arithmetic) without reading the
+records before it. A global batch does not depend on the process count.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from gdiff import distributed
-from gdiff.data import digits, folder_source, tfds_source
+from gdiff.data import digits, folder_source, input_engine, tfds_source
 
 SOURCES = ("digits", "tfds", "folder")
-
-
-class IndexedSource(Protocol):
-    """Random access to a finite dataset: `num_examples` and `load(index, rng)`."""
-
-    num_examples: int
-
-    def load(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]: ...
-
-
-def _epoch_order(shard: np.ndarray, seed: int, process: int, epoch: int, shuffle: bool):
-    if not shuffle:
-        return shard
-    return np.random.default_rng([abs(seed), process, epoch, 7]).permutation(shard)
 
 
 def batch_indices(
@@ -51,101 +36,15 @@ def batch_indices(
     process_count: int,
     shuffle: bool = True,
 ) -> np.ndarray:
-    """The example indices process `process_index` reads at `step` -> int64 [local_batch].
-
-    Process p owns examples p, p + P, p + 2P, ... (the reference's `image_paths[shard::num_shards]`)
-    and walks through a fresh seeded permutation of them every epoch.
-    """
-    shard = np.arange(process_index, num_examples, process_count)
-    if len(shard) == 0:
-        raise ValueError(f"process {process_index} has no data: {num_examples} examples")
-    positions = step * local_batch + np.arange(local_batch)
-    epochs, offsets = np.divmod(positions, len(shard))
-    out = np.empty(local_batch, np.int64)
-    for epoch in np.unique(epochs):
-        order = _epoch_order(shard, seed, process_index, int(epoch), shuffle)
-        mask = epochs == epoch
-        out[mask] = order[offsets[mask]]
-    return out
-
-
-def indexed_batches(
-    source: IndexedSource,
-    *,
-    local_batch: int,
-    seed: int,
-    start_step: int = 0,
-    shuffle: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch: int = 2,
-    num_threads: int = 4,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields dict(image float32 [b, S, S, 3], label int32 [b], id int64 [b]) from `start_step` on.
-
-    `id` is the example's index in the split, so callers (and tests) can tell which shard a process
-    read. Batches are assembled by a background thread, `prefetch` ahead.
-    """
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    pool = concurrent.futures.ThreadPoolExecutor(num_threads)
-    order = functools.partial(batch_indices, source.num_examples, local_batch=local_batch)
-
-    def make(step: int) -> dict[str, np.ndarray]:
-        ids = order(step=step, seed=seed, process_index=pi, process_count=pc, shuffle=shuffle)
-        rngs = [np.random.default_rng([abs(seed), pi, step, j, 11]) for j in range(local_batch)]
-        loaded = list(pool.map(source.load, ids.tolist(), rngs))
-        return {
-            "image": np.stack([x for x, _ in loaded]).astype(np.float32),
-            "label": np.asarray([y for _, y in loaded], np.int32),
-            "id": ids,
-        }
-
-    yield from _prefetched((make(s) for s in _count(start_step)), prefetch)
-
-
-def _count(start: int):
-    while True:
-        yield start
-        start += 1
-
-
-def _prefetched(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-    """Runs `iterator` in a daemon thread, `size` items ahead (errors re-raised in the caller)."""
-    if size <= 0:
-        yield from iterator
-        return
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    """The example indices process `process_index` reads at `step` -> int64 [local_batch]: rows
+    process_index * local_batch .. of global batch `step` of the seeded stream (what the engine's
+    batch holds as `id`)."""
+    order = input_engine.example_order(num_examples, seed=seed, shuffle=shuffle)
+    k = step * local_batch + np.arange(local_batch)
+    positions = input_engine.stream_position(
+        k, local_batch=local_batch, process_index=process_index, process_count=process_count
+    )
+    return np.asarray([order[int(p)] for p in positions], np.int64)
 
 
 def check_data_config(config) -> None:
@@ -164,12 +63,14 @@ def local_batches(
     mesh: jax.sharding.Mesh,
     split: str | None = None,
     start_step: int = 0,
+    input_state: dict[str, Any] | None = None,
     seed: int | None = None,
     random_crop: bool | None = None,
     random_flip: bool | None = None,
     train: bool = True,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's batches for `config.data`: dict(image [b, S, S, 3] float32, label [b] int32).
+) -> input_engine.Batches:
+    """This process's batches for `config.data`: dict(image [b, S, S, 3] float32, label [b] int32,
+    id [b] int64, the example indices), an endless iterator with `get_state` (input_engine).
 
     Args:
       config: the experiment config (uses the `data` group and `seed`).
@@ -177,10 +78,14 @@ def local_batches(
         mesh size (ValueError otherwise).
       mesh: the data mesh; this process feeds its addressable devices' share.
       split: defaults to `data.train_split` (train) or `data.eval_split` (not train).
-      start_step: first step to produce (exact resume).
+      start_step: first step to produce (exact resume), reached without reading earlier records.
+      input_state: the iterator state saved with the checkpoint of `start_step` (None: an old
+        checkpoint without one); used when it describes this stream, else the position follows
+        from `start_step`.
       seed: defaults to `config.seed`.
       random_crop, random_flip: augmentation (defaults from `config.data`; off when not train).
-      train: shuffled, augmented, endless. Evaluation streams are fixed (same examples each time).
+      train: shuffled and augmented. Evaluation streams are in index order (examples 0, 1, ...
+        of the split, then again from the start).
     """
     check_data_config(config)
     data = config.data
@@ -189,38 +94,52 @@ def local_batches(
     split = split or (data.train_split if train else data.eval_split)
     crop = (data.random_crop if train else False) if random_crop is None else random_crop
     flip = (data.random_flip if train else False) if random_flip is None else random_flip
-    if data.source == "tfds":
-        return tfds_source.tfds_batches(
-            data.name,
-            split=split,
-            local_batch=b,
-            image_size=data.image_size,
-            seed=seed,
-            start_step=start_step,
-            class_cond=data.class_cond,
-            random_crop=crop,
-            random_flip=flip,
-            shuffle_buffer=data.shuffle_buffer,
-            prefetch=data.prefetch,
-            data_dir=data.data_dir,
-            repeat=train,
-        )
-    src = _indexed_source(data, split, train=train, random_crop=crop, random_flip=flip)
-    return indexed_batches(
-        src,
+    source = _indexed_source(data, split, train=train, random_crop=crop, random_flip=flip)
+    # This process's rank among the mesh's processes: its rows of every global batch.
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    stream = input_engine.batches(
+        source,
         local_batch=b,
         seed=seed,
-        start_step=start_step,
+        process_index=processes.index(jax.process_index()),
+        process_count=len(processes),
         shuffle=train,
         prefetch=data.prefetch,
     )
+    _resume(stream, start_step, input_state)
+    return stream
+
+
+def _resume(stream: input_engine.Batches, step: int, saved: dict[str, Any] | None) -> None:
+    """Positions `stream` at batch `step`: from the saved iterator state when it is this
+    stream's, else by arithmetic (an old checkpoint, or another batch size or process count).
+    Both are random access: constant time at any step."""
+    if stream.matches(saved):
+        stream.set_state(saved)
+        how = "the saved input state"
+    else:
+        stream.seek(step)
+        how = "the step (no input state of this stream was saved)" if step else ""
+    if step and jax.process_index() == 0:
+        logging.info("input: resuming at step %d from %s", step, how)
 
 
 def _indexed_source(data, split: str, *, train: bool, random_crop: bool, random_flip: bool):
-    """The in-memory / on-disk sources that `indexed_batches` reads by example index."""
+    """The source of `data.source`, read by example index: digits in memory, an image folder,
+    or a TFDS dataset's ArrayRecord files."""
     if data.source == "digits":
         return digits.DigitsSource(
             split, data.image_size, random_crop=random_crop, random_flip=random_flip
+        )
+    if data.source == "tfds":
+        return tfds_source.open_source(
+            data.name,
+            split=split,
+            data_dir=data.data_dir,
+            image_size=data.image_size,
+            class_cond=data.class_cond,
+            random_crop=random_crop,
+            random_flip=random_flip,
         )
     folder = data.folder if train else data.eval_folder
     if not folder:

@@ -1,28 +1,28 @@
-"""TFDS input: per-host shard, shuffle, repeat, reference preprocessing, batch, prefetch.
+"""TFDS input: a dataset's ArrayRecord files read by example index (`tfds.data_source`), each
+record decoded with PIL and preprocessed as the reference does.
 
-TensorFlow is imported here only, lazily, and never sees an accelerator (JAX owns them).
-Images are read as encoded bytes (`SkipDecoding`) so that skipping ahead on resume costs no
-decoding; each example is then decoded and preprocessed with the reference's PIL pipeline (BOX
-halving, BICUBIC, centre or random crop, flip), seeded by its position in the stream.
+TensorFlow is imported here only, lazily, and never sees an accelerator (JAX owns them). Records
+are read as encoded bytes (`SkipDecoding`) and decoded by `RecordSource` with PIL, the reference's
+own decoder (`Image.open(...).convert("RGB")`), so the pixels are the reference's by construction.
+LSUN images get the reference's LSUN export resize (one BOX resize, see gdiff/data/preprocess.py),
+everything else the reference data loader's BOX-halving + BICUBIC resize.
 
-Pixels equal the reference's, which decodes with PIL: JPEGs are decoded with the accurate integer
-inverse DCT (`dct_method="INTEGER_ACCURATE"`, libjpeg's JDCT_ISLOW, PIL's default) instead of TF's
-default fast one (up to 5 levels apart), other formats with `decode_image`. LSUN images get the
-reference's LSUN export resize (one BOX resize, see gdiff/data/preprocess.py), everything else the
-reference data loader's BOX-halving + BICUBIC resize.
+The dataset must be prepared with `file_format="array_record"` (README, "Input preparation for
+ArrayRecord"): random access is what lets the input engine (gdiff/data/input_engine.py) order,
+shard and resume by index, so a resume at any step reads only the records of its first batch.
 
-Resume: the stream is deterministic for a given seed and process count (seeded file order and
-shuffle, deterministic maps), and `start_step` skips `start_step * local_batch` encoded examples,
-so a resumed run sees the batches an uninterrupted run would have seen. The skip still reads those
-records (O(steps) I/O, no decoding); with a different number of hosts the stream differs.
+`decode_image` and `make_example_fn` are the same decoding and preprocessing as TensorFlow ops for
+a tf.data pipeline; tests/test_data_pixels.py holds them to the reference's pixels too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
 
 import numpy as np
+from PIL import Image
 
+from gdiff import errors
 from gdiff.data import preprocess
 
 # Dataset families gdiff knows how to read (name as given to tfds.load, without ":version").
@@ -115,62 +115,107 @@ def _import_tf():
     return tf
 
 
-def tfds_batches(
+class RecordSource:
+    """Random access to encoded-image records: `load(i, rng)` -> (float32 [S, S, 3] in [-1, 1],
+    label).
+
+    Args:
+      records: a random-access sequence (`len`, `[i]`) of dicts with "image" (encoded bytes, any
+        format PIL reads) and, when `labelled`, "label" (int).
+      image_size: the target square size.
+      labelled: read "label" (else every label is 0).
+      resize: "imagenet" or "lsun" (`preprocess.RESIZES`).
+      random_crop, random_flip: the reference's augmentation, drawn from `load`'s rng.
+    """
+
+    def __init__(
+        self,
+        records,
+        image_size: int,
+        *,
+        labelled: bool = True,
+        resize: str = "imagenet",
+        random_crop: bool = False,
+        random_flip: bool = False,
+    ):
+        self.records = records
+        self.image_size = image_size
+        self.labelled = labelled
+        self.resize = resize
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.num_examples = len(records)
+
+    def load(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """Record `i` (0 <= i < num_examples) decoded, preprocessed and augmented with `rng`."""
+        record = self.records[i]
+        out = preprocess.preprocess_image(
+            decode_bytes(record["image"]),
+            self.image_size,
+            rng=rng,
+            random_crop=self.random_crop,
+            random_flip=self.random_flip,
+            resize=self.resize,
+        )
+        return out, int(record["label"]) if self.labelled else 0
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, 3], decoded as the reference does (PIL, RGB)."""
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def open_source(
     name: str,
     *,
     split: str,
-    local_batch: int,
     image_size: int,
-    seed: int,
-    start_step: int = 0,
+    data_dir: str | None = None,
     class_cond: bool = True,
     random_crop: bool = False,
     random_flip: bool = True,
-    shuffle_buffer: int = 10_000,
-    prefetch: int = 2,
-    data_dir: str | None = None,
-    repeat: bool = True,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's batches: dict(image float32 [b, S, S, 3] in [-1, 1], label int32 [b]).
+) -> RecordSource:
+    """Dataset `name`'s split as a `RecordSource` over its ArrayRecord files.
 
     Args:
-      name: a TFDS name from `SUPPORTED`.
-      split: a TFDS split ("train", "validation", "test", or slicing syntax); each process reads
-        `tfds.split_for_jax_process(split)`, its own disjoint part.
-      local_batch: examples per process and step (global batch / process count).
-      start_step: batches to skip (resume).
+      name: a TFDS name from `SUPPORTED` (with an optional ":version").
+      split: a TFDS split ("train", "validation", "test", or slicing syntax), read whole: each
+        process reads its rows of every global batch by index (gdiff/data/input_engine.py).
+      data_dir: TFDS's data_dir (None: TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets).
+      class_cond: read labels; ValueError for a dataset without them (LSUN).
+
+    Raises:
+      errors.ConfigError: the dataset is prepared in a format without random access (TFRecord).
     """
     check_name(name)
     if class_cond and not has_labels(name):
         raise ValueError(f"{name} has no class labels; set data.class_cond=False")
-    tf = _import_tf()
+    _import_tf()
     import tensorflow_datasets as tfds
 
-    read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-    ds = tfds.load(
-        name,
-        split=tfds.split_for_jax_process(split, drop_remainder=True),
-        data_dir=data_dir,
-        shuffle_files=repeat,
-        read_config=read_config,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    )
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    if repeat:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    # Skip encoded records (cheap) before decoding; positions keep counting from the skip point.
-    ds = ds.skip(start_step * local_batch)
-    ds = ds.enumerate(start=start_step * local_batch)
-    example_fn = make_example_fn(
-        tf,
-        name,
-        image_size=image_size,
-        seed=seed,
+    try:
+        records = tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            # Prepared on first use (the small datasets TFDS can download) as ArrayRecord.
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except (NotImplementedError, ValueError) as e:
+        if "random access" not in str(e).lower() and "file format" not in str(e).lower():
+            raise
+        raise errors.ConfigError(
+            f"data.name={name!r} in data.data_dir={data_dir!r} is not prepared as ArrayRecord, "
+            "which gdiff's input reads by index; prepare it with --file_format=array_record "
+            "(README, 'Input preparation for ArrayRecord')"
+        ) from e
+    return RecordSource(
+        records,
+        image_size,
+        labelled=class_cond,
+        resize=resize_method(name),
         random_crop=random_crop,
         random_flip=random_flip,
     )
-    ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
-    yield from tfds.as_numpy(ds)

@@ -22,8 +22,13 @@ engine neither knows nor cares whether a row is an image or a bits/dim term.
 Layout of a run's output directory:
 
     <out>/run.json                          the manifest (gdiff/engine/manifest.py)
-    <out>/<part>/shard_<process>_<batch>.npz  one per part, batch and process
+    <out>/<part>/shard_<process>_<batch>.npz  one per part, batch and process (one process)
+    <out>/<part>/shard_<process>of<N>_<batch>.npz  the same, written by a run of N > 1 processes
     <out>/...                               the job's merged outputs
+
+A batch's rows do not depend on how many processes drew it, so a run stopped under one process
+count resumes under another (2 hosts, then 1): a batch is done when all shards of some count are
+there, and the merge takes each batch from such a set (`Layout.complete`).
 
 Every file is written to a temporary name and `os.replace`d into place (gdiff/atomic.py), so a
 killed run leaves either a complete file or none; a shard that exists is finished, never rewritten:
@@ -48,14 +53,21 @@ from absl import logging
 from gdiff import atomic, distributed, errors, progress, workdir_lock
 from gdiff.engine import manifest as manifest_lib
 
-_SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.npz$")
+# shard_<process>_<batch>.npz (a one-process run) or shard_<process>of<count>_<batch>.npz.
+_SHARD_RE = re.compile(r"^shard_(\d+)(?:of(\d+))?_(\d+)\.npz$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a run's shards go and how its work splits: `num_batches` global batches, each
     written by every process as one shard per part (a sampling run's part is a guidance scale's
-    folder, a bits/dim run has one part)."""
+    folder, a bits/dim run has one part).
+
+    A global batch's rows do not depend on the process count (every example's noise and label
+    come from its id), so a run stopped under one process count resumes under another: a batch
+    is done when a complete set of its shards exists, written under any count. The count is in
+    the shard's name (`shard_name`), so the sets of two counts never share a file.
+    """
 
     out: pathlib.Path  # the run's output directory (holds run.json)
     parts: tuple[str, ...]  # sub-folders of `out`, one shard per batch and process in each
@@ -63,18 +75,36 @@ class Layout:
     process_index: int = 0
     process_count: int = 1
 
-    def shard(self, part: str, batch: int, process: int | None = None) -> pathlib.Path:
+    def shard(
+        self, part: str, batch: int, process: int | None = None, count: int | None = None
+    ) -> pathlib.Path:
+        """The shard of `batch` in `part` that `process` of a `count`-process run writes
+        (default: this process of this run)."""
         process = self.process_index if process is None else process
-        return self.out / part / f"shard_{process}_{batch}.npz"
+        count = self.process_count if count is None else count
+        return self.out / part / shard_name(process, count, batch)
+
+    def complete(self, part: str) -> dict[int, int]:
+        """{batch: process count} of the batches of `part` that have a complete set of shards:
+        this run's count when its set is complete, else the smallest complete one."""
+        found = list_shards(self.out / part)
+        counts: dict[int, set[int]] = {}
+        for batch, _, n in found:
+            counts.setdefault(batch, set()).add(n)
+        done = {}
+        for b, ns in counts.items():
+            for n in sorted(ns, key=lambda n: (n != self.process_count, n)):
+                if b < self.num_batches and all((b, p, n) in found for p in range(n)):
+                    done[b] = n
+                    break
+        return done
 
     def todo(self) -> list[int]:
-        """The batches still to draw: those some process lacks a shard of (agreed by all, so
-        every process runs the same collective programs)."""
-
-        def done(b: int) -> bool:
-            return all(self.shard(part, b).exists() for part in self.parts)
-
-        flags = distributed.all_agree(np.array([done(b) for b in range(self.num_batches)], bool))
+        """The batches still to draw: those of which some part has no complete set of shards
+        (agreed by all, so every process runs the same collective programs)."""
+        complete = [self.complete(part) for part in self.parts]
+        done = np.array([all(b in c for c in complete) for b in range(self.num_batches)], bool)
+        flags = distributed.all_agree(done)
         return [b for b in range(self.num_batches) if not flags[b]]
 
 
@@ -208,6 +238,7 @@ def draw(job: Job, run_id: str, *, on_batch_done: Callable[[int], None] | None =
     if not todo:
         return
     job.start(todo)
+    complete = {part: job.layout.complete(part) for part in job.layout.parts}
     units = [job.units(b) for b in todo]
     total = job.total_units()
     bar = progress.bar(total, initial=total - sum(units), unit=job.unit, desc=job.what)
@@ -215,7 +246,9 @@ def draw(job: Job, run_id: str, *, on_batch_done: Callable[[int], None] | None =
     for i, (b, n) in enumerate(zip(todo, units, strict=True)):
         for part, arrays in job.compute(b).items():
             path = job.layout.shard(part, b)
-            if not path.exists():
+            # A finished shard is never rewritten; a part whose batch another process count
+            # finished (a resumed run) already holds these rows.
+            if not path.exists() and b not in complete[part]:
                 try:
                     atomic.savez(path, **arrays, **{manifest_lib.RUN_KEY: np.asarray(run_id)})
                 except Exception as e:
@@ -254,22 +287,32 @@ def _gather(job: Job, part: str, *, run_id: str) -> dict[str, np.ndarray]:
     return gather(job.layout, part, run_id, setting=job.setting)
 
 
-def list_shards(directory) -> dict[tuple[int, int], pathlib.Path]:
-    """{(batch, process): path} of the finished shards in one part's directory."""
+def shard_name(process: int, count: int, batch: int) -> str:
+    """The file name of `process`'s shard of `batch` in a run of `count` processes."""
+    if count == 1:
+        return f"shard_{process}_{batch}.npz"
+    return f"shard_{process}of{count}_{batch}.npz"
+
+
+def list_shards(directory) -> dict[tuple[int, int, int], pathlib.Path]:
+    """{(batch, process, process count): path} of the finished shards in one part's directory."""
     found = {}
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return found
     for p in directory.iterdir():
         if m := _SHARD_RE.match(p.name):
-            found[(int(m.group(2)), int(m.group(1)))] = p
+            process, count, batch = int(m.group(1)), int(m.group(2) or 1), int(m.group(3))
+            if process < count:
+                found[(batch, process, count)] = p
     return found
 
 
 def gather(
     layout: Layout, part: str, run_id: str | None, *, setting: str = "sample.output_dir"
 ) -> dict[str, np.ndarray]:
-    """Every shard of `part` in (batch, process) order, concatenated per array name.
+    """Every shard of `part` in (batch, process) order, concatenated per array name; of each
+    batch the complete set of shards `layout.complete` picks (any process count).
 
     That order is the global example order, so row i of each result is example i of the run.
 
@@ -282,20 +325,26 @@ def gather(
         checked).
     """
     directory = layout.out / part
-    found = list_shards(directory)
+    complete = layout.complete(part)
     pieces: list[dict[str, np.ndarray]] = []
     for b in range(layout.num_batches):
-        for p in range(layout.process_count):
-            if (b, p) not in found:
-                raise errors.MissingInputError(
-                    f"cannot merge {directory}: shard_{p}_{b}.npz is missing (rerun to finish it)"
-                )
-            arrays = _read_shard(found[(b, p)])
+        if b not in complete:
+            missing = next(
+                path
+                for p in range(layout.process_count)
+                if not (path := layout.shard(part, b, p)).exists()
+            )
+            raise errors.MissingInputError(
+                f"cannot merge {directory}: {missing.name} is missing (rerun to finish it)"
+            )
+        for p in range(complete[b]):
+            path = layout.shard(part, b, p, complete[b])
+            arrays = _read_shard(path)
             made = arrays.pop(manifest_lib.RUN_KEY, None)
             made = None if made is None else str(made)
             if run_id is not None and made != run_id:
                 raise errors.ConfigMismatchError(
-                    f"{found[(b, p)]} was drawn under another run ({made or 'unrecorded'}, this "
+                    f"{path} was drawn under another run ({made or 'unrecorded'}, this "
                     f"one {run_id}); refusing to merge it. Delete it to redraw it, or start "
                     f"afresh with another {setting}"
                 )

@@ -17,7 +17,7 @@ from absl import logging
 from gdiff import distributed, factory, xla_options
 from gdiff.checkpoints import locate
 from gdiff.data import pipeline
-from gdiff.train import loop_utils, optim, runner, update
+from gdiff.train import loop_utils, optim, runner, sharding, update
 from gdiff.train import state as state_lib
 from gdiff.train import task as task_lib
 
@@ -156,9 +156,11 @@ def make_eval_action(config, classifier, diffusion, sampler, mesh):
         # Every batch's metrics stay on the device until all are dispatched, then come back in
         # one transfer (as the training metrics do), so the host never waits between batches.
         outputs = []
+        # The evaluation takes whole parameters: gathered once under train.state_sharding=fsdp.
+        params = sharding.gathered(state.params, mesh)
         for i in range(int(config.train.eval_batches)):
             batch = pipeline.to_global(next(batches), mesh)
-            outputs.append(eval_fn(state.params, state.sampler_state, batch, jnp.int32(i)))
+            outputs.append(eval_fn(params, state.sampler_state, batch, jnp.int32(i)))
         acc = loop_utils.MetricAccumulator()
         for m in distributed.host_copy(outputs):
             # Quartile sums add up over batches; plain means are per batch of equal size.

@@ -20,9 +20,9 @@ import tqdm
 from absl import logging
 
 from gdiff import distributed, errors, progress, workdir_lock, xla_options
-from gdiff.checkpoints import locate, store
+from gdiff.checkpoints import input_state, locate, store
 from gdiff.data import pipeline
-from gdiff.train import loop_utils, optim, preemption
+from gdiff.train import loop_utils, optim, preemption, sharding
 from gdiff.train import state as state_lib
 from gdiff.train import task as task_lib
 
@@ -59,15 +59,21 @@ def train(
     return run(config, workdir, task, mesh=mesh, stop_at_step=stop_at_step, import_run=import_run)
 
 
-def compile_step(task: task_lib.Task, mesh: jax.sharding.Mesh) -> Callable:
+def compile_step(
+    task: task_lib.Task, mesh: jax.sharding.Mesh, state_shardings: Any = None
+) -> Callable:
     """The task's train step as training runs it (and benchmarks/bench_training.py times it):
-    the state replicated and donated, so XLA updates parameters, EMA and optimizer state in
-    place; the batch sharded over every device; the production compile options."""
+    the state in `state_shardings` (a TrainState of NamedShardings from
+    `sharding.state_shardings`; None: replicated) and donated, so XLA updates parameters, EMA
+    and optimizer state in place, in the same layout; the batch sharded over every device; the
+    production compile options. Under FSDP the same in and out shardings make XLA gather each
+    parameter where it is used and reduce-scatter its gradient."""
     repl = distributed.replicated(mesh)
+    state_sh = repl if state_shardings is None else state_shardings
     return jax.jit(
         task.train_step,
-        in_shardings=(repl, distributed.batch_sharding(mesh)),
-        out_shardings=(repl, repl),
+        in_shardings=(state_sh, distributed.batch_sharding(mesh)),
+        out_shardings=(state_sh, repl),
         donate_argnums=(0,),
         compiler_options=xla_options.compiler_options(),
     )
@@ -174,6 +180,10 @@ class _Loop:
             )
             return
         self.manager.save(step, self.state, force=force)
+        # The input's position beside the step (a few bytes per process): the resumed run's
+        # first batch is this run's next one, whatever the step (gdiff/checkpoints/input_state.py).
+        oldest = min(self.manager.all_steps(), default=step)
+        input_state.save(self.manager.directory, step, self.batches.get_state(), oldest_kept=oldest)
         self.saved_at = step
 
     def finish(self) -> None:
@@ -192,20 +202,21 @@ class _Loop:
         self.manager.close()
         self.metrics.close()
         self.preempt.restore()
+        self.batches.close()
 
 
 def _start(
     config, workdir: str, task: task_lib.Task, mesh, stop_at_step: int | None, import_run
 ) -> _Loop:
     """Opens the checkpoints, restores or initialises the state, compiles the step."""
-    repl = distributed.replicated(mesh)
     manager = store.CheckpointManager(
         pathlib.Path(workdir) / task.checkpoint_subdir,
         max_to_keep=config.train.max_to_keep,
         config_fingerprint=task.fingerprint,
         ignore_keys=task_lib.RUNTIME_KEYS,
     )
-    state = _init_or_resume(config, task, manager, repl, import_run)
+    mode = sharding.check_mode(config.train.state_sharding)
+    state, shardings = _init_or_resume(config, task, manager, mesh, import_run)
     start = int(distributed.host_copy(state.step))
     _report_schedule_change(config, task, manager, start)
     end = task.num_steps if stop_at_step is None else min(task.num_steps, stop_at_step)
@@ -217,12 +228,15 @@ def _start(
             end,
             _parameter_overview(state.params),
         )
-    step_fn = compile_step(task, mesh)
+        # Measured from the arrays this process holds, after init or restore.
+        logging.info("%s", sharding.state_bytes_line(task.name, state, mode, mesh.size))
+    step_fn = compile_step(task, mesh, shardings)
     batches = pipeline.local_batches(
         config,
         global_batch_size=task.batch_size,
         mesh=mesh,
         start_step=start,
+        input_state=input_state.load(manager.directory, start) if start else None,
         random_crop=task.random_crop,
         random_flip=task.random_flip,
     )
@@ -274,12 +288,9 @@ def _report_schedule_change(config, task: task_lib.Task, manager, start: int) ->
         )
 
 
-def _init_or_resume(
-    config, task: task_lib.Task, manager, repl, import_run: ImportRun | None
-) -> state_lib.TrainState:
-    """The workdir's newest checkpoint, else `train.resume_checkpoint` (a gdiff training
-    checkpoint, or a reference PyTorch run: gdiff/compat/reference_run.py), else a fresh state;
-    every one born replicated on the mesh."""
+def state_initializer(config, task: task_lib.Task) -> Callable[[], state_lib.TrainState]:
+    """The fresh state of a run as a function of nothing (for jit and `jax.eval_shape`): the
+    task's parameters from fold_in(key(seed), 0), EMA copies, AdamW moments, the run's key."""
     tx = optim.create_optimizer(config.optim)
     base_key = jax.random.key(config.seed)
 
@@ -289,14 +300,32 @@ def _init_or_resume(
             params, tx, rng=base_key, ema_rates=task.ema_rates, sampler_state=task.sampler_state
         )
 
-    abstract = abstract_with_sharding(jax.eval_shape(init_state), repl)
+    return init_state
+
+
+def _init_or_resume(
+    config, task: task_lib.Task, manager, mesh, import_run: ImportRun | None
+) -> tuple[state_lib.TrainState, state_lib.TrainState]:
+    """(state, its shardings): the workdir's newest checkpoint, else `train.resume_checkpoint` (a
+    gdiff training checkpoint, or a reference PyTorch run: gdiff/compat/reference_run.py), else a
+    fresh state; every one born in the layout of `train.state_sharding` on the mesh (whatever
+    layout and device count wrote the checkpoint)."""
+    tx = optim.create_optimizer(config.optim)
+    base_key = jax.random.key(config.seed)
+    init_state = state_initializer(config, task)
+    shapes = jax.eval_shape(init_state)
+    shardings = sharding.state_shardings(
+        shapes, mesh, config.train.state_sharding, int(config.train.fsdp_min_elements)
+    )
+    abstract = sharding.with_shardings(shapes, shardings)
     if manager.latest_step() is not None:
         state, step = manager.restore_newest_intact(abstract)
         logging.info("%s: resuming from %s step %d", task.name, manager.directory, step)
-        return state
+        return state, shardings
     path = config.train.resume_checkpoint
     if not path:
-        return jax.jit(init_state, out_shardings=repl)()
+        # Born sharded (big_vision's way): each device computes only its own part of the state.
+        return jax.jit(init_state, out_shardings=shardings)(), shardings
     logging.info("%s: starting from %s", task.name, path)
     try:
         loc = locate.locate(path)
@@ -317,8 +346,8 @@ def _init_or_resume(
             sampler_state=task.sampler_state,
             optim_config=config.optim,
         )
-        return jax.device_put(state, repl)
-    return _restore_external(path, loc, abstract)
+        return jax.device_put(state, shardings), shardings
+    return _restore_external(path, loc, abstract), shardings
 
 
 def _restore_external(path: str, loc: locate.Location, abstract: Any):
