@@ -8,6 +8,11 @@
         # the reference's CPU comparison (reference_sampling_cpu.json): batch 4, DDIM 10
     python benchmarks/bench_sampling.py --config cpu --guided --sampler dpm_solver --nfe 10
         # the same networks and batch, DPM-Solver++ 2M in 10 network evaluations
+    python benchmarks/bench_sampling.py --config cpu --guided --interval 0.3,5
+        # classifier guidance only where sigma lies in (0.3, 5]: the gradient is skipped elsewhere
+    python benchmarks/bench_sampling.py --config cpu --guide-network --interval 0.3,5
+        # two-network guidance (a second, unconditional network of the model's architecture,
+        # as the released 256x256 pair) at w = --weight, in an interval
 
 `--config cpu` builds exactly the networks whose flags reference_sampling_cpu.json stores and
 reports seconds per image-step next to the reference's eager PyTorch figure on the same 2-core
@@ -54,6 +59,8 @@ import numpy as np
 
 from gdiff import distributed, factory
 from gdiff.compat import flags
+from gdiff.diffusion import guidance as guidance_lib
+from gdiff.sampling import guidance_rows
 from gdiff.sampling import sampler as sampler_lib
 
 DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
@@ -62,11 +69,21 @@ DEFAULT_BATCH = {"64": 256, "256": 32, "tiny": 8, "cpu": 4}
 DEFAULT_NFE = 20
 
 
+def guide_group(config: str, overrides: dict) -> dict | None:
+    """The guide network's model group of `--guide-network`: the model's architecture without
+    labels (the released 256x256 unconditional model beside its conditional one), or None."""
+    groups = common.sampling_groups(config, overrides)
+    if groups["sample"].get("guidance") != "two_network":
+        return None
+    return {**groups["model"], "class_cond": False}
+
+
 def build(config: str, overrides: dict, *, guided: bool, mesh):
     """(sampler, model, classifier or None): `--mode=sample`'s builder on the configuration's
     groups with the script's config overrides."""
     groups = common.sampling_groups(config, overrides)
-    return sampler_lib.build_sampler(groups, guided=guided, mesh=mesh)
+    guide = guide_group(config, overrides)
+    return sampler_lib.build_sampler(groups, guided=guided, guide=guide, mesh=mesh)
 
 
 def equivalent_command(config: str, overrides: dict) -> str | None:
@@ -130,6 +147,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--guided", action="store_true", help="classifier guidance")
     p.add_argument("--scale", type=float, default=1.0, help="classifier scale")
+    p.add_argument(
+        "--guide-network",
+        action="store_true",
+        help="two-network guidance: a second (random, unconditional) network of the model's "
+        "architecture as the guide u of u + w (c - u)",
+    )
+    p.add_argument("--weight", type=float, default=2.0, help="--guide-network's w")
+    p.add_argument(
+        "--interval",
+        default="",
+        help="sample.guidance_interval 'lo,hi': guidance only where sigma lies in (lo, hi]",
+    )
     p.add_argument(
         "--dtype",
         choices=factory.DTYPES,
@@ -207,23 +236,72 @@ def describe(config: str, args, overrides: dict, sampler, model, classifier):
         "ref_convention_flops_per_img_step": flops["model_fwd"]
         + 3 * flops.get("classifier_fwd", 0.0),
     }
+    record.update(guidance_cost(args, sampler, flops, record["steps"]))
     return record, (abstract_m, abstract_c)
 
 
-def lower_abstract(sampler, abstract, batch: int, mesh):
+def guidance_cost(args, sampler, flops: dict, steps: int) -> dict:
+    """The run's guidance row, how many of its steps are guided (`--interval`; every step
+    without one; None for the solver, whose steps' noise levels are its own) and the mean FLOPs
+    per image-step that implies: the UNet always, the classifier gradient and the guide network
+    (as large as the UNet) only at guided steps."""
+    row = guidance_row(args)
+    guided_steps = steps
+    if not row.every_step:
+        guided_steps = None
+        if sampler.options.dpm_solver is None:
+            d = sampler.diffusion
+            ts = np.asarray(getattr(d, "timestep_map", np.arange(d.num_timesteps)))
+            if d.rescale_timesteps:
+                ts = ts * 1000.0 / getattr(d, "original_num_steps", d.num_timesteps)
+            sigma = np.asarray(guidance_lib.noise_level_fn(d)(jnp.asarray(ts, jnp.float32)))
+            guided_steps = int(np.sum((sigma > row.interval[0]) & (sigma <= row.interval[1])))
+    extra = flops.get("classifier_grad", 0.0) + (flops["model_fwd"] if args.guide_network else 0)
+    mean = None
+    if guided_steps is not None:
+        mean = flops["model_fwd"] + extra * guided_steps / steps
+    return {
+        "guidance": row.settings(),
+        "guided_steps": guided_steps,
+        "flops_per_img_step_with_guidance": flops["model_fwd"] + extra,
+        "mean_flops_per_img_step": mean,
+    }
+
+
+def guidance_row(args) -> guidance_rows.GuidanceRow:
+    """The one guidance row every image of the run gets: classifier guidance at --scale
+    (--guided), two-network guidance at --weight (--guide-network), both, or none; in
+    --interval when given."""
+    kind = "two_network" if args.guide_network else guidance_rows.CLASSIFIER
+    return guidance_rows.GuidanceRow(
+        kind,
+        weight=args.weight if args.guide_network else 1.0,
+        classifier_scale=args.scale if args.guided else 0.0,
+        interval=guidance_rows.parse_intervals(args.interval)[0],
+    )
+
+
+def batch_rows(args, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The sampling batch: example ids, labels and the guidance row's per-row arrays."""
+    ids = np.arange(args.batch, dtype=np.int32)
+    arrays = guidance_rows.row_arrays((guidance_row(args),), args.batch)
+    return {"ids": ids, "labels": labels.astype(np.int32), **arrays}
+
+
+def lower_abstract(sampler, abstract, args, mesh):
     """The whole sampling program lowered on abstract arguments (nothing allocated)."""
     rep, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
     batch_in = {
-        "ids": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-        "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-        "scales": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=rows),
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)
+        for k, v in batch_rows(args, np.zeros(args.batch, np.int32)).items()
     }
 
     def replicate(a):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
 
     m_in, c_in = jax.tree.map(replicate, abstract)
-    return sampler.lower(m_in, c_in, batch_in)
+    g_in = m_in if sampler.guide_apply is not None else None
+    return sampler.lower(m_in, c_in, batch_in, g_in)
 
 
 def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
@@ -233,16 +311,19 @@ def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
     model_vars = common.random_variables(abstract_m, keys[0], rep)
     classifier_vars = common.random_variables(abstract_c, keys[1], rep) if abstract_c else {}
     rng = np.random.default_rng(0)
-    batch_in = sampler.make_batch(
-        {
-            "ids": np.arange(args.batch, dtype=np.int32),
-            "labels": rng.integers(0, flags.NUM_CLASSES, args.batch).astype(np.int32),
-            "scales": np.full((args.batch,), args.scale, np.float32),
-        }
-    )
-    out = common.hlo_structure(sampler.lower(model_vars, classifier_vars, batch_in))
+    labels = rng.integers(0, flags.NUM_CLASSES, args.batch)
+    batch_in = sampler.make_batch(batch_rows(args, labels))
+    guide_vars = None
+    if sampler.guide_apply is not None:  # a second random network of the model's architecture
+        abstract_g = factory.abstract_variables(
+            factory.unet_from_group(guide_group(args.config_name, args.overrides))
+        )
+        guide_vars = common.random_variables(abstract_g, jax.random.key(3), rep)
+    out = common.hlo_structure(sampler.lower(model_vars, classifier_vars, batch_in, guide_vars))
     timing = common.time_calls(
-        lambda: sampler(model_vars, classifier_vars, batch_in), warmup=1, repeats=args.repeats
+        lambda: sampler(model_vars, classifier_vars, batch_in, guide_vars=guide_vars),
+        warmup=1,
+        repeats=args.repeats,
     )
     images = timing["out"]
     if images.shape != (args.batch, *sampler.options.image_shape) or images.dtype != jnp.uint8:
@@ -290,6 +371,16 @@ def sampling_overrides(args, config: str) -> dict:
     defaults of `args.respacing` / `args.nfe`): what `--mode=sample` is given as
     `--config.<group>.<key>=<value>` to build the program timed."""
     common_options = dict(dtype=args.dtype, attention_impl=args.attention)
+    guidance = {}
+    if args.guide_network:
+        guidance["sample.guidance"] = "two_network"
+        guidance["sample.guidance_scale"] = f"{args.weight:g}"
+    if args.interval:
+        guidance["sample.guidance_interval"] = args.interval
+    return {**_sampler_overrides(args, config, common_options), **guidance}
+
+
+def _sampler_overrides(args, config: str, common_options: dict) -> dict:
     if args.sampler == "dpm_solver":
         args.nfe = args.nfe or DEFAULT_NFE
         return common.config_overrides(
@@ -314,6 +405,7 @@ def main(argv=None) -> dict:
     mesh = distributed.data_mesh()
     distributed.check_batch_divisible(args.batch, what="--batch", mesh=mesh)
     overrides = sampling_overrides(args, config)
+    args.config_name, args.overrides = config, overrides
     if args.sampler == "dpm_solver":
         ref = None  # the reference measured no solver: no row to compare with
     else:
@@ -323,7 +415,7 @@ def main(argv=None) -> dict:
     sampler, model, classifier = build(config, overrides, guided=args.guided, mesh=mesh)
     record, abstract = describe(config, args, overrides, sampler, model, classifier)
     if args.cost_only:
-        record.update(common.hlo_structure(lower_abstract(sampler, abstract, args.batch, mesh)))
+        record.update(common.hlo_structure(lower_abstract(sampler, abstract, args, mesh)))
     else:
         record.update(time_sampling(sampler, abstract, args, mesh, record))
     compare(record, ref)

@@ -31,8 +31,15 @@ def get_config() -> ml_collections.ConfigDict:
     # --mode=convert refuses to replace a finished parameter checkpoint unless this is set.
     config.convert_overwrite = False
     # jax.distributed.initialize(): "auto" initialises when the environment names a coordinator
-    # (a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS); True forces it; False never.
+    # (a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) or the keys below do; True forces it; False
+    # never.
     config.distributed = "auto"
+    # Where process 0 listens (host:port), how many processes and which one this is: unset ("" /
+    # -1), JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else what JAX detects
+    # (SLURM, Cloud TPU). gdiff.distributed.initialize_kwargs resolves them.
+    config.coordinator_address = ""
+    config.num_processes = -1
+    config.process_id = -1
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "digits"  # digits | tfds | folder
@@ -49,14 +56,19 @@ def get_config() -> ml_collections.ConfigDict:
     data.class_cond = True  # read labels (and condition the model on them)
     data.random_flip = True
     data.random_crop = False  # the classifier's augmentation in the reference
+    # Unused since the input reads by index (gdiff/data/input_engine.py: a seeded index shuffle
+    # per epoch, no buffer); kept so that existing command lines still parse.
     data.shuffle_buffer = 10_000
-    data.prefetch = 2
+    data.prefetch = 2  # batches each process reads ahead (0: on demand)
 
     config.model = model = ml_collections.ConfigDict()
     # The ADM UNet (the reference's MODEL_FLAGS, typed; gdiff.compat.flags maps flag strings here).
     model.image_size = data.get_ref("image_size")
     model.num_classes = data.get_ref("num_classes")  # the reference hard-codes 1000
     model.class_cond = data.get_ref("class_cond")
+    # Probability that a training example's label is replaced by the null class, for
+    # classifier-free guidance; > 0 gives label_emb one extra row (the null class = num_classes).
+    model.class_dropout = _SAMPLING["model"]["class_dropout"]
     model.num_channels = 32
     model.num_res_blocks = 1
     # () = the reference's multipliers for 64/128/256/512
@@ -133,6 +145,13 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every = 0  # classifier held-out evaluation
     train.eval_batches = 4  # held-out batches of train.classifier_batch_size per evaluation
     train.max_to_keep = 3
+    # Where parameters, EMA copies and AdamW moments live (gdiff/train/sharding.py): "replicated"
+    # (a full copy on every device) | "fsdp" (each array split over all devices along its largest
+    # dimension the device count divides; arrays with fewer than fsdp_min_elements elements, or
+    # no such dimension, replicated). The numerics are the replicated step's; checkpoints restore
+    # under either layout and any device count. The start-up log gives the bytes per device.
+    train.state_sharding = "replicated"
+    train.fsdp_min_elements = 2**14  # 64 KiB of float32: biases and norm scales stay whole
     # Where a fresh workdir starts from: a gdiff training checkpoint (its directory or one step
     # folder), or a reference PyTorch run to continue (its model<step>.pt, or the folder: newest).
     train.resume_checkpoint = ""
@@ -180,6 +199,20 @@ def get_config() -> ml_collections.ConfigDict:
     sample.dpm_solver_thresholding_ratio = _SAMPLING["sample"]["dpm_solver_thresholding_ratio"]
     sample.dpm_solver_thresholding_max_val = _SAMPLING["sample"]["dpm_solver_thresholding_max_val"]
     sample.classifier_scale = "0"  # a number or comma list (sweep); < 0: away from the label
+    # Guidance beyond the classifier (gdiff/sampling/guidance_rows.py), every row in one program
+    # over the same noise: kinds, comma-separated: classifier | cfg (the null label of a model
+    # trained with model.class_dropout) | two_network (an unconditional guide_checkpoint) |
+    # autoguidance (a weaker guide_checkpoint of the same model), the last three optionally
+    # "+classifier" (classifier_scale on top). Their weights w: u + w (c - u), 1 = no guidance.
+    sample.guidance = _SAMPLING["sample"]["guidance"]
+    sample.guidance_scale = _SAMPLING["sample"]["guidance_scale"]  # a number or comma list
+    # "" = every step; "lo,hi" = only where the noise level sigma lies in (lo, hi]; several
+    # intervals separated by ";" ("all" = every step), each crossed with every row above.
+    sample.guidance_interval = _SAMPLING["sample"]["guidance_interval"]
+    # The guide network of two_network / autoguidance: a gdiff checkpoint (converted or trained;
+    # a training directory's step or EMA as sample.guide_ema_rate says, "" = its slowest EMA).
+    sample.guide_checkpoint = ""
+    sample.guide_ema_rate = ""
     sample.labels = "random"  # random | balanced | an int | a comma-separated list
     sample.model_checkpoint = ""  # orbax checkpoint dir (converted or trained); default: workdir
     sample.classifier_checkpoint = ""
@@ -213,8 +246,10 @@ def get_config() -> ml_collections.ConfigDict:
     # guided by the one classifier over the same noise and labels: name -> overrides of the
     # model / diffusion / optim / train / sample groups, e.g. {"unconditional": {"model":
     # {"class_cond": False}, "sample": {"classifier_scale": "0,1,10"}}}. A named model lives in
-    # <workdir>/<name> unless its sample.model_checkpoint says otherwise; entries sharing one
-    # checkpoint with other sample.sampler / steps settings compare samplers (rows name each's
-    # sampler and NFE). Empty: the config's own model alone (gdiff/jobs/sweep.py).
+    # <workdir>/<name> unless its sample.model_checkpoint says otherwise ("{workdir}/<other>":
+    # another entry's model, sampled with this entry's guidance; sample.guide_checkpoint may use
+    # "{workdir}" too); entries sharing one checkpoint with other sample.sampler / steps settings
+    # compare samplers (rows name each's sampler and NFE). Empty: the config's own model alone
+    # (gdiff/jobs/sweep.py).
     sweep.models = ml_collections.ConfigDict()
     return config

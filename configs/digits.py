@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_heads = 2
     model.learn_sigma = False  # DDIM sampling ignores learned variances; plain MSE trains fastest
     model.dropout = 0.0
+    # Label dropout (classifier-free guidance's training): 10% of the conditional model's
+    # training labels are the null class, so the one model serves classifier guidance (Table 4),
+    # classifier-free guidance and the conditional half of two-network guidance and autoguidance.
+    model.class_dropout = 0.1
 
     diffusion = config.diffusion
     diffusion.steps = 1000
@@ -121,12 +125,48 @@ def get_config() -> ml_collections.ConfigDict:
     # against 1.0), so its sweep reaches further.
     # Each trains in <workdir>/<name> and samples from there unless its sample.model_checkpoint is
     # set (--config.sweep.models.unconditional.sample.model_checkpoint=DIR).
+    #
+    # Then guidance beyond the classifier, every entry over the same noise and labels: entries
+    # whose sample.model_checkpoint is "{workdir}/conditional" sample the conditional model with
+    # other guidance (their rows name it as their model). Each output kind at w = 1.5, 2, 3, at
+    # every step and only where the noise level sigma lies in (0.3, 5] (Kynkaanniemi et al.
+    # 2024: no guidance at the highest noise, where it costs diversity, nor at the lowest):
+    # classifier guidance in that interval, classifier-free guidance (the conditional model's
+    # null label as the guide), two-network guidance (the unconditional model as the guide) and
+    # autoguidance (the conditional model guided by its own step-500 checkpoint: the same
+    # network, a quarter of the training; the conditional entry keeps that checkpoint).
+    conditional = "{workdir}/conditional"
+    guided = {"guidance_scale": "1.5,2,3", "guidance_interval": "all;0.3,5"}
     config.sweep.models = ml_collections.ConfigDict(
         {
-            "conditional": {"sample": {"model_checkpoint": ""}},
+            "conditional": {"train": {"max_to_keep": 4}, "sample": {"model_checkpoint": ""}},
             "unconditional": {
-                "model": {"class_cond": False},
+                "model": {"class_cond": False, "class_dropout": 0.0},
                 "sample": {"classifier_scale": "0,1,2,4,8,16,32", "model_checkpoint": ""},
+            },
+            "classifier_interval": {
+                "sample": {
+                    "model_checkpoint": conditional,
+                    "classifier_scale": "1,2,4",
+                    "guidance_interval": "0.3,5",
+                }
+            },
+            "cfg": {"sample": {"model_checkpoint": conditional, "guidance": "cfg", **guided}},
+            "two_network": {
+                "sample": {
+                    "model_checkpoint": conditional,
+                    "guidance": "two_network",
+                    "guide_checkpoint": "{workdir}/unconditional",
+                    **guided,
+                }
+            },
+            "autoguidance": {
+                "sample": {
+                    "model_checkpoint": conditional,
+                    "guidance": "autoguidance",
+                    "guide_checkpoint": "{workdir}/conditional/checkpoints/500",
+                    **guided,
+                }
             },
         }
     )

@@ -154,9 +154,46 @@ def _shared_fields(
     )
 
 
+def class_dropout(m: Mapping[str, Any]) -> float:
+    """`model.class_dropout` of a `model` group, checked: the probability that training replaces
+    a label by the null class (classifier-free guidance). A group without the key (the reference
+    adapter's, or one recorded before the key existed) has 0.
+
+    Raises:
+      errors.ConfigError: outside [0, 1), or > 0 on an unconditional model (class_cond False).
+    """
+    p = float(m.get("class_dropout", 0.0))
+    if not 0.0 <= p < 1.0:  # also refuses NaN; 1 would never train the real labels
+        raise errors.ConfigError(f"model.class_dropout must be in [0, 1); got {p}")
+    if p > 0 and not m["class_cond"]:
+        raise errors.ConfigError(
+            f"model.class_dropout={p} needs a class-conditional model (model.class_cond=True): "
+            "an unconditional model has no labels to drop; set model.class_dropout=0"
+        )
+    return p
+
+
+def null_label(m: Mapping[str, Any]) -> int | None:
+    """The null label of a `model` group's network: `num_classes` (its extra `label_emb` row,
+    "no class", what classifier-free guidance conditions the unconditional half on) when the
+    group trains one (`class_dropout > 0`), else None (no such label exists)."""
+    return int(m["num_classes"]) if class_dropout(m) > 0 else None
+
+
+def recorded_model_group(m: Mapping[str, Any]) -> dict:
+    """The `model` group as training checkpoints (their settings) and run manifests record it: a
+    plain dict, without `class_dropout` when it is 0, so a model without a null class records
+    what it did before the key existed and the runs and checkpoints made then still match."""
+    values = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+    if class_dropout(values) == 0:
+        values.pop("class_dropout", None)
+    return values
+
+
 def unet_from_group(m: Mapping[str, Any], *, platform: str | None = None) -> unet.UNetModel:
     """The diffusion network of a `model` group: a UNetModel, or a SuperResModel when
-    `small_size > 0` (then `image_size` is the large size). Keys: see configs/common.py.
+    `small_size > 0` (then `image_size` is the large size), with a null class (`null_label`)
+    when `class_dropout > 0`. Keys: see configs/common.py.
     `platform`: what `attention_impl` resolves for (see `resolve_attention_impl`)."""
     super_res = int(m["small_size"]) > 0
     cls = unet.SuperResModel if super_res else unet.UNetModel
@@ -170,6 +207,7 @@ def unet_from_group(m: Mapping[str, Any], *, platform: str | None = None) -> une
         num_res_blocks=int(m["num_res_blocks"]),
         dropout=float(m["dropout"]),
         num_classes=int(m["num_classes"]) if m["class_cond"] else None,
+        null_class=null_label(m) is not None,
         remat=unet.check_remat(str(m["remat"])),
         num_heads=int(m["num_heads"]),
         num_heads_upsample=int(m["num_heads_upsample"]),

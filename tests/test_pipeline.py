@@ -40,7 +40,18 @@ def tiny_config():
     s.batch_size = 2
     s.timestep_respacing = "ddim3"
     s.classifier_scale = "0,4"
-    config.sweep.models.unconditional.sample.classifier_scale = "0,8"
+    models = config.sweep.models
+    models.unconditional.sample.classifier_scale = "0,8"
+    # The guidance kinds beyond the classifier, one weight each: classifier-free guidance at
+    # every step and in an interval, and autoguidance by the conditional model's step 1 (kept:
+    # it checkpoints every step here).
+    models.conditional.train = {"max_to_keep": 4, "save_every": 1}
+    for name in ("classifier_interval", "two_network"):
+        del models[name]
+    models.cfg.sample.guidance_scale = "3"
+    models.autoguidance.sample.guidance_scale = "3"
+    models.autoguidance.sample.guidance_interval = ""
+    models.autoguidance.sample.guide_checkpoint = "{workdir}/conditional/checkpoints/1"
     p = config.pipeline
     p.eval_classifier_steps = 5
     p.eval_classifier_batch_size = 32
@@ -67,7 +78,17 @@ STAGES = (
     "evaluate",
     "solver_sweep",
 )
-PAIRS = [("conditional", 0.0), ("conditional", 4.0), ("unconditional", 0.0), ("unconditional", 8.0)]
+# (model, guidance, scale) of every row: the conditional model's rows first (whichever entry
+# drew them), each curve's scales ascending.
+PAIRS = [
+    ("conditional", "classifier", 0.0),
+    ("conditional", "classifier", 4.0),
+    ("conditional", "cfg", 3.0),
+    ("conditional", "cfg, sigma in (0.3, 5]", 3.0),
+    ("conditional", "autoguidance", 3.0),
+    ("unconditional", "classifier", 0.0),
+    ("unconditional", "classifier", 8.0),
+]
 
 
 def test_pipeline_writes_parseable_results(pipeline_run):
@@ -77,11 +98,13 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     with open(workdir / digits.RESULTS_CSV, newline="") as f:
         reader = csv.DictReader(f)
         # Every row of the scale sweep is drawn by the one sampler its "sampling" line names.
-        assert reader.fieldnames == [c for c in report.COLUMNS if c not in ("sampler", "nfe")]
+        # A table comparing guidance kinds names each row's after its model.
+        want = [c for c in report.COLUMNS if c not in ("sampler", "nfe")]
+        assert reader.fieldnames == [want[0], "guidance", *want[1:]]
         rows = list(reader)
-    assert [(r["model"], float(r["scale"])) for r in rows] == PAIRS
+    assert [(r["model"], r["guidance"], float(r["scale"])) for r in rows] == PAIRS
     for r in rows:
-        values = {k: float(v) for k, v in r.items() if k != "model"}
+        values = {k: float(v) for k, v in r.items() if k not in ("model", "guidance")}
         assert all(math.isfinite(v) for v in values.values()), values
         for key in ("eval_accuracy", "classifier_accuracy", "precision", "recall"):
             assert 0.0 <= values[key] <= 1.0
@@ -91,9 +114,11 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     got = [float(r["eval_accuracy"]) for r in rows]
     assert np.allclose(got, [r["eval_accuracy"] for r in first["rows"]])
     md = (workdir / digits.RESULTS_MD).read_text()
-    assert "| model | scale |" in md and "| real digits |" in md and first["summary"] in md
-    assert "| unconditional | 8 |" in md
+    assert "| model | guidance | scale |" in md and "| real digits |" in md
+    assert first["summary"] in md and "| unconditional | classifier | 8 |" in md
+    assert "At accuracy >= " in first["summary"] and "the lowest FID is " in first["summary"]
     for png in [
+        workdir / digits.FRONTIER_PLOT,
         workdir / digits.PLOT,
         workdir / digits.SWEEP_FIGURE,
         *first["paths"]["grids"].values(),

@@ -25,6 +25,8 @@ from gdiff.checkpoints import locate, store
 # the respacing is the sampler's own choice, and the other two only shape the training loss.
 LOSS_ONLY_DIFFUSION_KEYS = ("timestep_respacing", "use_kl", "rescale_learned_sigmas")
 # Network keys that describe how the network computes or trains, not what it computes.
+# (`class_dropout` is compared: > 0 trains a null class, one more label_emb row. A recorded group
+# lacks it when it was 0, or written before it existed; only recorded keys are compared.)
 RUNTIME_NETWORK_KEYS = ("dtype", "attention_impl", "remat", "use_checkpoint", "dropout")
 
 

@@ -544,6 +544,11 @@ SAMPLER_DEFAULTS = {
     "dpm_solver_thresholding": False,
     "dpm_solver_thresholding_ratio": 0.995,
     "dpm_solver_thresholding_max_val": 1.0,
+    # The guidance of each row (gdiff/sampling/guidance_rows.py): the reference's classifier
+    # guidance at sample.classifier_scale, at every step.
+    "guidance": "classifier",
+    "guidance_scale": "1",
+    "guidance_interval": "",
 }
 # The keys of the groups a sampling run is built from that no reference flag sets: what the
 # reference's networks fix without a flag (`_FIXED_BY_SCRIPT`, `NUM_CLASSES`) and gdiff's own
@@ -557,6 +562,7 @@ SAMPLING_GROUP_DEFAULTS = {
         "use_new_attention_order": False,  # sr_create_model has no such flag: False
         "small_size": 0,  # > 0 (a super-resolution model) only through --large_size/--small_size
         "attention_impl": "auto",
+        "class_dropout": 0.0,  # the reference trains no null class (no classifier-free guidance)
     },
     "diffusion": {"sigma_small": False, "timestep_respacing": ""},
     "classifier": {"num_classes": NUM_CLASSES, **CLASSIFIER_FIXED, "attention_impl": "auto"},

@@ -362,9 +362,17 @@ class GaussianDiffusion:
         if cond_fn is None:
             return x, t, out
         if on_score:
-            return x, t, self.condition_score(cond_fn, out, x, t)
-        out["mean"] = self.condition_mean(cond_fn, out, x, t)
-        return x, t, out
+            guided = self.condition_score(cond_fn, out, x, t)
+        else:
+            guided = {**out, "mean": self.condition_mean(cond_fn, out, x, t)}
+        active = getattr(cond_fn, "active", None)
+        if active is None:
+            return x, t, guided
+        # A cond_fn with per-row intervals (guidance.IntervalCondFn, which skips the gradient at
+        # steps where no row needs it): rows outside theirs keep the unguided prediction (a zero
+        # gradient on the score would still round-trip x_0 through the noise).
+        mask = active(self._model_timesteps(t)).reshape((-1,) + (1,) * (x.ndim - 1))
+        return x, t, {k: jnp.where(mask, guided[k], out[k]) for k in out}
 
     @staticmethod
     def _nonzero_mask(t, x):

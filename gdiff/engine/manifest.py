@@ -29,7 +29,21 @@ RUN_KEY = "gdiff_run"
 # Manifest keys recorded for the record but not compared: where the checkpoints were named and
 # found (the weights' pins decide whether they are the same; a step folder may name what a
 # workdir did, a copied checkpoint holds the same weights).
-INFO_KEYS = ("model_checkpoint", "classifier_checkpoint", "model_located", "classifier_located")
+INFO_KEYS = (
+    "model_checkpoint",
+    "classifier_checkpoint",
+    "model_located",
+    "classifier_located",
+    "guide_checkpoint",
+    "guide_located",
+    "guidance_rows",
+)
+
+
+# Keys recorded as they are but compared and digested at a fixed value: the process count that
+# began a run (a run resumes under any count: gdiff/engine/runs.py). Fixed at 1, runs of earlier
+# versions, which compared it, keep their digests.
+COMPARED_AS = {"process_count": 1}
 
 
 def run_digest(manifest: dict[str, Any]) -> str:
@@ -39,7 +53,9 @@ def run_digest(manifest: dict[str, Any]) -> str:
 
 
 def _compared(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in manifest.items() if k not in INFO_KEYS}
+    compared = {k: v for k, v in manifest.items() if k not in INFO_KEYS}
+    compared.update({k: v for k, v in COMPARED_AS.items() if k in compared})
+    return compared
 
 
 def read(out_dir: str | os.PathLike) -> dict[str, Any] | None:

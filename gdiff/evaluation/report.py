@@ -4,9 +4,10 @@ both write through it; a quality-against-cost sweep (rows of samplers x NFE, the
 solver sweep) adds its plot against the NFE and its summary (`plot_against_nfe`,
 `summarize_nfe`).
 
-A row is a dict: `model` (str), `scale` (float), optionally `sampler` (str) and `nfe` (int), and
-metric columns (floats, NaN where a row has no value); which metric columns a table has is
-whatever `gdiff.evaluation.scoring.Scorer` produced.
+A row is a dict: `model` (str), `scale` (float), optionally `guidance` (str: the guidance kind
+and interval, `GuidanceRow.method`; present when a table compares kinds), `sampler` (str) and
+`nfe` (int), and metric columns (floats, NaN where a row has no value); which metric columns a
+table has is whatever `gdiff.evaluation.scoring.Scorer` produced.
 Every number written here comes from the rows; nothing is hard-coded.
 """
 
@@ -41,10 +42,19 @@ COLUMNS = (
     "classifier_accuracy",
     "log_prob",
 )
+# The column of a table comparing guidance kinds (`series`), after `model`; tables of the
+# classifier scale alone (the paper's Table 4) have only COLUMNS.
+GUIDANCE = "guidance"
 DESCRIPTIONS = {
     "model": "the diffusion model sampled (all models share the noise, the labels and the "
     "guidance classifier)",
-    "scale": "the classifier scale s of the guidance gradient s * grad log p(y|x_t)",
+    "guidance": "how the row is guided: classifier (the gradient s * grad log p(y|x_t)), cfg "
+    "(the model's null label as the guide u), two_network (an unconditional model as u), "
+    "autoguidance (a weaker version of the model as u), +classifier s (a classifier gradient "
+    "on top), and the noise levels sigma it is applied at (every step unless an interval is "
+    "given)",
+    "scale": "the classifier scale s of the guidance gradient s * grad log p(y|x_t); for cfg, "
+    "two_network and autoguidance the weight w of u + w (c - u) (1: the model alone)",
     "sampler": "the sampler that drew the row (ancestral, DDIM, DPM-Solver++(2M): multistep "
     "DPM-Solver++ of order 2, ...), from the same noise as every other row",
     "nfe": "network evaluations per sample (sampler steps; guided, each also a classifier "
@@ -86,12 +96,15 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The table's columns: those of COLUMNS that the rows hold, in COLUMNS order."""
     if not rows:
         raise ValueError("no rows to report")
-    return [c for c in COLUMNS if c in rows[0]]
+    cols = [c for c in COLUMNS if c in rows[0]]
+    if GUIDANCE in rows[0]:  # a table comparing guidance kinds: the row's kind after its model
+        cols.insert(1, GUIDANCE)
+    return cols
 
 
 # The columns that say what a row is (the rest are its measurements), and how each is typed.
-ROW_COLUMNS = ("model", "scale", "sampler", "nfe")
-_TEXT_COLUMNS = ("model", "sampler")
+ROW_COLUMNS = ("model", "guidance", "scale", "sampler", "nfe")
+_TEXT_COLUMNS = ("model", "guidance", "sampler")
 
 
 def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -113,9 +126,21 @@ def _parse(key: str, text: str) -> Any:
     return int(text) if key == "nfe" else float(text)
 
 
+def series(row: Mapping[str, Any]) -> str:
+    """The curve a row lies on: its model, and its guidance when the table compares kinds."""
+    return f"{row['model']}, {row['guidance']}" if row.get("guidance") else str(row["model"])
+
+
 def models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The models of the rows, in order of first appearance."""
-    return list(dict.fromkeys(r["model"] for r in rows))
+    """The series of the rows (`series`: models, or models and guidance), in order of first
+    appearance."""
+    return list(dict.fromkeys(series(r) for r in rows))
+
+
+def unguided_scale(row: Mapping[str, Any]) -> float:
+    """The scale at which a row's guidance does nothing: 0 for a classifier scale, 1 for the
+    weight w of output guidance."""
+    return 0.0 if str(row.get("guidance") or "classifier").startswith("classifier") else 1.0
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -221,14 +246,14 @@ def plot(
     axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
     for ax, key in zip(axes, metrics, strict=False):
         for model in models(rows):
-            mine = [r for r in rows if r["model"] == model]
+            mine = [r for r in rows if series(r) == model]
             ax.plot([r["scale"] for r in mine], [r[key] for r in mine], marker="o", label=model)
         if baseline and np.isfinite(baseline.get(key, math.nan)):
             ax.axhline(baseline[key], color="grey", ls="--", lw=1, label=baseline_name)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xticks(scales, [labels_lib.format_scale(s) for s in scales], fontsize=7)
         ax.minorticks_off()
-        ax.set_xlabel("classifier scale")
+        ax.set_xlabel("guidance scale" if "guidance" in rows[0] else "classifier scale")
         ax.set_title(TITLES[key], fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics) :]:
@@ -241,10 +266,10 @@ def plot(
 
 
 def save_sweep_figure(
-    grids: Mapping[tuple[str, float], np.ndarray], path: str | os.PathLike, *, zoom: int = 1
+    grids: Mapping[tuple[str, Any], np.ndarray], path: str | os.PathLike, *, zoom: int = 1
 ) -> pathlib.Path:
     """Every (model, scale)'s sample grid (uint8 [H, W, 3]) in one picture: a row per model, a
-    column per scale, titled."""
+    column per scale (a number, or a title of its own: a guidance row's), titled."""
     names = list(dict.fromkeys(m for m, _ in grids))
     per_model = {m: [s for n, s in grids if n == m] for m in names}
     ncols = max(len(v) for v in per_model.values())
@@ -259,7 +284,9 @@ def save_sweep_figure(
             if j < len(per_model[model]):
                 scale = per_model[model][j]
                 ax.imshow(np.asarray(grids[(model, scale)]), interpolation="nearest")
-                title = f"scale {labels_lib.format_scale(scale)}"
+                title = (
+                    scale if isinstance(scale, str) else f"scale {labels_lib.format_scale(scale)}"
+                )
                 ax.set_title(f"{model}, {title}" if len(names) > 1 else title, fontsize=8)
     fig.tight_layout()
     path = pathlib.Path(path)
@@ -280,7 +307,7 @@ def _trend(values: Sequence[float], scales: Sequence[float]) -> str:
     return f"{verb} from {fmt(first, 3)} at scale {a} to {fmt(last, 3)} at scale {b}"
 
 
-def _accuracy_key(rows) -> str | None:
+def accuracy_key(rows) -> str | None:
     """The accuracy the summary speaks of: the independent evaluation network's when present."""
     for key in ("eval_accuracy", "classifier_accuracy"):
         if key in rows[0] and np.any(np.isfinite([r[key] for r in rows])):
@@ -308,7 +335,7 @@ def _model_sentences(rows: Sequence[Mapping[str, Any]], acc: str | None) -> list
     recall_down = col["recall"][-1] < col["recall"][0]
     if acc_up and recall_down:
         parts.append(
-            "This is the paper's trade-off (Table 4, Fig. 4): a larger classifier scale buys "
+            "This is the paper's trade-off (Table 4, Fig. 4): a larger guidance scale buys "
             "class fidelity at the price of diversity."
         )
         return parts
@@ -331,14 +358,15 @@ def _comparison(rows: Sequence[Mapping[str, Any]], acc: str, chance: float | Non
     scale, the comparison Table 4 makes."""
 
     def cell(r) -> str:
-        return f"{r['model']} {fmt(r[acc], 3)} (FID {fmt(r['fid'], 3)})"
+        return f"{series(r)} {fmt(r[acc], 3)} (FID {fmt(r['fid'], 3)})"
 
     names = models(rows)
-    unguided = [r for r in rows if r["scale"] == 0]
-    best = [max((r for r in rows if r["model"] == m), key=lambda r: _finite(r[acc])) for m in names]
+    unguided = [r for r in rows if r["scale"] == unguided_scale(r)]
+    best = [max((r for r in rows if series(r) == m), key=lambda r: _finite(r[acc])) for m in names]
     text = ""
     if unguided:
-        text = "Unguided (scale 0), accuracy at the requested labels is " + ", ".join(
+        which = "scale 0, or w = 1" if GUIDANCE in rows[0] else "scale 0"
+        text = f"Unguided ({which}), accuracy at the requested labels is " + ", ".join(
             cell(r) for r in unguided
         )
         text += f" (chance: {fmt(chance, 3)}). " if chance else ". "
@@ -362,10 +390,10 @@ def summarize(
     if not rows:
         raise ValueError("no results to summarize")
     names = models(rows)
-    acc = _accuracy_key(rows)
+    acc = accuracy_key(rows)
     parts = []
     for model in names:
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["scale"])
+        mine = sorted((r for r in rows if series(r) == model), key=lambda r: r["scale"])
         lead = f"{model.capitalize()} model: " if len(names) > 1 else ""
         if len(mine) == 1:
             r = mine[0]
@@ -385,6 +413,94 @@ def summarize(
             f"{fmt(baseline['fid'], 3)}, recall {fmt(baseline['recall'], 3)}."
         )
     return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- guidance frontier
+
+
+def plot_frontier(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    accuracy: str,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+) -> pathlib.Path:
+    """FID against accuracy at the requested labels, one curve per series (model and guidance
+    kind) through its scales, each point labelled with its scale: the trade-off frontier of the
+    guidance kinds (lower right is better). The baseline, when given, is a grey star."""
+    fig = figure.Figure(figsize=(7.5, 5.0))
+    ax = fig.subplots()
+    for name in models(rows):
+        mine = sorted((r for r in rows if series(r) == name), key=lambda r: r["scale"])
+        xs, ys = [r[accuracy] for r in mine], [r["fid"] for r in mine]
+        style = "--" if "sigma in" in name else "-"
+        (line,) = ax.plot(xs, ys, style, marker="o", ms=4, label=name)
+        for r, x, y in zip(mine, xs, ys, strict=True):
+            ax.annotate(
+                labels_lib.format_scale(r["scale"]),
+                (x, y),
+                fontsize=6,
+                color=line.get_color(),
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    if baseline and np.isfinite(baseline.get(accuracy, math.nan)):
+        ax.plot(
+            [baseline[accuracy]], [baseline["fid"]], "*", color="grey", ms=10, label=baseline_name
+        )
+    ax.set_xlabel(TITLES[accuracy])
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.set_title("FID against accuracy: one curve per guidance kind (dashed: in an interval)")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def best_at_accuracy(rows: Sequence[Mapping[str, Any]], accuracy: str, level: float) -> list[dict]:
+    """Per series, its row of lowest FID among those reaching `level` accuracy, best first
+    (series that never reach it are left out)."""
+    best = []
+    for name in models(rows):
+        reached = [r for r in rows if series(r) == name and _finite(r[accuracy]) >= level]
+        if reached:
+            best.append(min(reached, key=lambda r: r["fid"]))
+    return sorted(best, key=lambda r: r["fid"])
+
+
+def summarize_frontier(rows: Sequence[Mapping[str, Any]], accuracy: str) -> str:
+    """Which guidance gives the best FID at a given accuracy, from the rows: at the highest
+    accuracy half of the series reach (their median), and at the highest any two reach."""
+    reach = sorted(max(_finite(r[accuracy]) for r in rows if series(r) == m) for m in models(rows))
+    if not reach:
+        raise ValueError("no results to summarize")
+
+    def sentence(level: float, what: str) -> str:
+        ranked = best_at_accuracy(rows, accuracy, level)
+        first, others = ranked[0], ranked[1:4]
+        text = (
+            f"At accuracy >= {fmt(level, 3)} ({what}), the lowest FID is {series(first)}: "
+            f"{fmt(first['fid'], 3)} at scale {labels_lib.format_scale(first['scale'])} "
+            f"(accuracy {fmt(first[accuracy], 3)})"
+        )
+        if others:
+            text += "; then " + ", ".join(
+                f"{series(r)} {fmt(r['fid'], 3)} (scale {labels_lib.format_scale(r['scale'])})"
+                for r in others
+            )
+        return text + "."
+
+    # Two levels: the highest accuracy half of the curves reach (curves of a weaker model, e.g.
+    # an unconditional one, would otherwise set the bar), and the highest two curves reach.
+    levels = [float(np.median(reach))]
+    if len(reach) > 1 and reach[-2] > levels[0]:
+        levels.append(reach[-2])
+    whats = ["the highest accuracy half of the curves reach", "the highest two curves reach"]
+    return " ".join(sentence(level, what) for level, what in zip(levels, whats, strict=False))
 
 
 # ----------------------------------------------------------------------------- quality against cost
@@ -410,7 +526,7 @@ def plot_against_nfe(
     labels) against the NFE on a log axis, a line per sampler; `reference` (a row with `sampler`
     and `nfe`, e.g. the paper's 250 ancestral steps) as a dashed horizontal line."""
     if metrics is None:
-        acc = _accuracy_key(rows)
+        acc = accuracy_key(rows)
         metrics = ["fid"] + ([acc] if acc else [])
     nfes = sorted({int(r["nfe"]) for r in rows})
     fig = figure.Figure(figsize=(3.6 * len(metrics), 3.3))
@@ -507,7 +623,7 @@ def summarize_nfe(
         + ". ".join(parts)
         + "."
     )
-    acc = _accuracy_key(rows)
+    acc = accuracy_key(rows)
     if acc and np.isfinite(reference.get(acc, math.nan)):
         spans = []
         for name in samplers(rows):

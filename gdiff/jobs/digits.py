@@ -88,9 +88,9 @@ from gdiff.jobs import sample as sample_job
 from gdiff.jobs import sweep
 from gdiff.jobs import train as train_job
 from gdiff.sampling import grid as grid_lib
+from gdiff.sampling import guidance_rows, sample_files
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import plan as plan_lib
-from gdiff.sampling import sample_files
 from gdiff.sampling import sampler as sampler_lib
 
 EVAL_CLASSIFIER_DIR = "eval_classifier"
@@ -98,6 +98,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 PLOT = "scale_sweep.png"
+FRONTIER_PLOT = "guidance_frontier.png"
 GRID_DIR = "grids"
 SWEEP_FIGURE = "sweep_grid.png"
 BASELINE = "real digits"
@@ -114,9 +115,15 @@ SOLVER_TOLERANCE = 0.05
 LATER_STAGES = ("classifier", "eval_net", "sample", "evaluate", "solver_sweep")
 
 
+def trained(models: list[sweep.SweepModel]) -> list[sweep.SweepModel]:
+    """The entries that train a diffusion model (the others sample one of theirs with other
+    guidance: `SweepModel.label`)."""
+    return [m for m in models if m.label == m.name]
+
+
 def stages(models: list[sweep.SweepModel]) -> tuple[str, ...]:
     """The pipeline's stages for these diffusion models, in order."""
-    return tuple(f"diffusion/{m.name}" for m in models) + LATER_STAGES
+    return tuple(f"diffusion/{m.name}" for m in trained(models)) + LATER_STAGES
 
 
 @dataclasses.dataclass
@@ -225,8 +232,10 @@ def _check_config(config, models: list[sweep.SweepModel], workdir: pathlib.Path)
             "--mode=train / train_classifier / sweep for other data sets"
         )
     for m in models:
-        scales = labels_lib.parse_scales(m.config.sample.classifier_scale)
-        if not (m.config.model.class_cond or any(s != 0 for s in scales)):
+        rows = guidance_rows.parse_rows(m.config.sample)
+        # cfg rows need a model with a null class: refused here, before hours of training.
+        sampler_lib.null_label(sampler_lib.config_groups(m.config))
+        if not (m.config.model.class_cond or guidance_rows.uses_classifier(rows)):
             raise ValueError(
                 f"the digits pipeline scores samples at the labels they were drawn for, but model "
                 f"{m.name!r} is unconditional and unguided: set its model.class_cond=True or give "
@@ -251,8 +260,9 @@ def _check_config(config, models: list[sweep.SweepModel], workdir: pathlib.Path)
 
 
 def _is_guided(models: list[sweep.SweepModel]) -> bool:
+    """Whether any row of any model needs the classifier."""
     return any(
-        s != 0 for m in models for s in labels_lib.parse_scales(m.config.sample.classifier_scale)
+        guidance_rows.uses_classifier(guidance_rows.parse_rows(m.config.sample)) for m in models
     )
 
 
@@ -344,8 +354,9 @@ def _grid(images: np.ndarray, labels: np.ndarray, per_class: int, zoom: int) -> 
     return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
 
 
-def _pairs(sample_paths) -> list[tuple[str, float]]:
-    return sorted((name, float(s)) for name, paths in sample_paths.items() for s in paths)
+def _pairs(sample_paths) -> list[tuple[str, guidance_rows.GuidanceRow]]:
+    """Every (model, guidance row) sampled, in a stable order."""
+    return sorted((name, row) for name, paths in sample_paths.items() for row in paths)
 
 
 def _scored(config, sample_paths, eval_net) -> dict[str, Any]:
@@ -354,8 +365,8 @@ def _scored(config, sample_paths, eval_net) -> dict[str, Any]:
     settings."""
     return {
         "samples": {
-            f"{name}/scale_{labels_lib.format_scale(s)}": _side_digest(sample_paths[name][s])
-            for name, s in _pairs(sample_paths)
+            f"{name}/{row.folder()}": _side_digest(sample_paths[name][row])
+            for name, row in _pairs(sample_paths)
         },
         "eval_net": fingerprints.params_fingerprint(eval_net[1]["params"]),
         "settings": {
@@ -420,12 +431,15 @@ def _stored_record(
 def _result_files(workdir: pathlib.Path, sample_paths) -> list[pathlib.Path]:
     """Every output of the evaluate stage; results.json, its record, is written last."""
     files = [workdir / n for n in (RESULTS_CSV, RESULTS_MD, PLOT, SWEEP_FIGURE)]
+    if sweep.compares_guidance(sample_paths):
+        files.append(workdir / FRONTIER_PLOT)
     files += [_grid_path(workdir, m, s) for m, s in _pairs(sample_paths)]
     return [*files, workdir / RESULTS_JSON]
 
 
 def _save_grids(config, workdir: pathlib.Path, sample_paths) -> dict[tuple[str, float], tuple]:
-    """grids/<model>_scale_<s>.png (rows = classes); returns {(model, scale): (images, labels)}."""
+    """grids/<model>_<row folder>.png (rows = classes); returns {(model, guidance row): (images,
+    labels)}."""
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
     samples = {}
     for name, scale in _pairs(sample_paths):
@@ -493,16 +507,18 @@ def _evaluate(
     # The record goes first and comes back last: an evaluation cut short is never taken as done.
     (workdir / RESULTS_JSON).unlink(missing_ok=True)
     scorer, num_ref = get_scorer()
-    rows = sweep.score_models(scorer, sample_paths)
+    rows = sweep.score_models(scorer, sample_paths, models, with_sampler=False)
     samples = _save_grids(config, workdir, sample_paths)
     n = len(samples[pairs[0]][0])
     baseline = scorer(*_held_back_digits(config, workdir, eval_net[2], n))
     summary = report.summarize(
         rows, baseline=baseline, baseline_name=BASELINE, chance=1.0 / int(config.data.num_classes)
     )
+    if "guidance" in rows[0]:
+        summary += "\n\n" + report.summarize_frontier(rows, report.accuracy_key(rows))
     results = {"rows": rows, "baseline": baseline, "summary": summary}
     details = _details(config, workdir, models, num_ref, eval_net[2], timings)
-    _write_results(config, workdir, results, samples, details, scored)
+    _write_results(config, workdir, results, _titled(samples), details, scored)
     log.done("evaluate", t0)
     return results
 
@@ -511,9 +527,18 @@ def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings)
     """The set-up lines of results.md."""
     training = "; ".join(
         f"{m.name} {m.config.train.num_steps} steps x batch {m.config.train.batch_size}"
-        for m in models
+        + (
+            f", label dropout {m.config.model.class_dropout:g}"
+            if m.config.model.class_dropout
+            else ""
+        )
+        for m in trained(models)
     )
-    scales = "; ".join(f"{m.name} {m.config.sample.classifier_scale}" for m in models)
+    scales = "; ".join(
+        f"{m.name} {m.config.sample.classifier_scale}"
+        for m in models
+        if guidance_rows.uses_classifier(guidance_rows.parse_rows(m.config.sample))
+    )
     return {
         "command": f"python main.py --mode=pipeline --config configs/digits.py --workdir {workdir}",
         "image size": f"{config.data.image_size}x{config.data.image_size}",
@@ -522,7 +547,7 @@ def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings)
             f"{config.train.classifier_num_steps} steps x batch "
             f"{config.train.classifier_batch_size}"
         ),
-        "sampling": sweep.sampling_description(config),
+        "sampling": sweep.sampling_description(config, models),
         "classifier scales": scales,
         "reference set": f"{num_ref} held-out real digits (split {config.data.eval_split})",
         "evaluation network held-out accuracy": _fmt_opt(meta.get("held_out_accuracy")),
@@ -536,6 +561,16 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details, sco
     rows, baseline = results["rows"], results["baseline"]
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
     report.plot(rows, workdir / PLOT, baseline=baseline, baseline_name=BASELINE)
+    images = [PLOT, SWEEP_FIGURE]
+    if "guidance" in rows[0]:
+        report.plot_frontier(
+            rows,
+            workdir / FRONTIER_PLOT,
+            accuracy=report.accuracy_key(rows),
+            baseline=baseline,
+            baseline_name=BASELINE,
+        )
+        images.insert(0, FRONTIER_PLOT)
     report.save_sweep_figure(
         {key: _grid(*samples[key], min(per_class, 5), 1) for key in samples},
         workdir / SWEEP_FIGURE,
@@ -545,7 +580,11 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details, sco
     report.write_markdown(
         rows,
         workdir / RESULTS_MD,
-        title="Classifier guidance on digits: conditional and unconditional models",
+        title=(
+            "Guidance on digits: classifier, classifier-free, two-network and autoguidance"
+            if "guidance" in rows[0]
+            else "Classifier guidance on digits: conditional and unconditional models"
+        ),
         baseline=baseline,
         baseline_name=BASELINE,
         notes=[
@@ -555,13 +594,19 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details, sco
         ],
         summary=results["summary"],
         details=details,
-        images=[PLOT, SWEEP_FIGURE],
+        images=images,
     )
     atomic.write_text(workdir / RESULTS_JSON, json.dumps({**results, "scored": scored}, indent=1))
 
 
-def _grid_path(workdir: pathlib.Path, model: str, scale: float) -> pathlib.Path:
-    return workdir / GRID_DIR / f"{model}_scale_{labels_lib.format_scale(scale)}.png"
+def _grid_path(workdir: pathlib.Path, model: str, row: guidance_rows.GuidanceRow) -> pathlib.Path:
+    return workdir / GRID_DIR / f"{model}_{row.folder()}.png"
+
+
+def _titled(samples: dict) -> dict:
+    """{(model, row): x} -> {(entry name, the row's short title): x} for the sweep figure (a
+    figure row per sweep entry, a column per guidance row)."""
+    return {(name, row.short()): value for (name, row), value in samples.items()}
 
 
 def _fmt_opt(value) -> str:
@@ -763,7 +808,7 @@ def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) 
     Raises:
       errors.StoppedError: a training stage stopped on a request (SIGTERM) after saving.
     """
-    for m in models:
+    for m in trained(models):
         stage = f"diffusion/{m.name}"
         why, resume = _trained_elsewhere(m.config, m.workdir, "model")
         if why:
@@ -813,8 +858,8 @@ def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> dict:
     if changed:
         log.redo("sample", "; ".join(changed))
     n = int(models[0].config.sample.num_samples)
-    what = ", ".join(f"{m.name} {m.config.sample.classifier_scale}" for m in models)
-    t0 = log.start("sample", f"{n} samples per model and scale ({what})")
+    what = ", ".join(f"{m.name} {len(guidance_rows.parse_rows(m.config.sample))}" for m in models)
+    t0 = log.start("sample", f"{n} samples per model and guidance row (rows: {what})")
     # The automated job redoes a stage whose inputs changed: a differing run is moved aside
     # (nothing deleted), as `--mode=sample` does with sample.restart=true.
     sample_paths = sweep.sample_models([_restarting(m) for m in models], workdir, mesh)
@@ -845,6 +890,7 @@ def _sampling_state(models, plans) -> tuple[list[str], list[str]]:
         config = m.sampling_config()
         key = json.dumps(
             [repr(plan.model), repr(plan.classifier), str(config.sample.ema_rate)]
+            + [repr(plan.guide), str(config.sample.guide_ema_rate)]
             + [config[g].to_dict() for g in ("model", "diffusion", "classifier")],
             sort_keys=True,
             default=str,

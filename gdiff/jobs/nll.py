@@ -17,7 +17,8 @@ of devices or hosts. The model is `sample.model_checkpoint` (default: the workdi
 Outputs, under `eval.nll_output_dir` (default `<workdir>/nll`):
 
     run.json                          the settings; a resumed run must share them
-    shards/shard_<process>_<batch>.npz one per batch and process (a killed run resumes from them)
+    shards/shard_<process>_<batch>.npz one per batch and process (a killed run resumes from them;
+                                     shard_<p>of<N>_<batch>.npz when N > 1 processes drew it)
     vb_terms.npz, mse_terms.npz, xstart_mse_terms.npz
                                       the reference's files: arr_0 float [T], each step's term
                                       (t = T-1 first) averaged over the images
@@ -54,7 +55,7 @@ from gdiff.sampling import sampler as sampler_lib
 TERMS = ("vb", "mse", "xstart_mse")
 PER_IMAGE = "per_image.npz"
 SUMMARY = "summary.json"
-SHARDS = "shards"  # the engine's one part: <out>/shards/shard_<process>_<batch>.npz
+SHARDS = "shards"  # the engine's one part: <out>/shards/shard_*.npz (engine/runs.py names)
 # Arrays of a shard and of per_image.npz, in that order.
 KEYS = ("position", "id", "label", "total_bpd", "prior_bpd", *TERMS)
 
@@ -100,7 +101,7 @@ def _manifest(config, per_batch: int, model_checkpoint: str) -> dict:
         "clip_denoised": bool(ev.nll_clip_denoised),
         # The network as it computes (dtype, attention): a resumed run in another precision is
         # another run, not shards to mix.
-        "model": config.model.to_dict(),
+        "model": factory.recorded_model_group(config.model),  # runs of earlier versions resume
         "diffusion": config.diffusion.to_dict(),
         "data": {
             "source": data.source,

@@ -47,18 +47,22 @@ from absl import logging
 
 from gdiff import distributed, errors, factory
 from gdiff.checkpoints import locate
+from gdiff.diffusion import guidance as guidance_lib
 from gdiff.evaluation import evaluator, report, scoring
 from gdiff.jobs import sample as sample_job
-from gdiff.sampling import labels as labels_lib
+from gdiff.sampling import guidance_rows, sample_files
 from gdiff.sampling import plan as plan_lib
-from gdiff.sampling import sample_files
 from gdiff.sampling import sampler as sampler_lib
 
 TABLE_CSV = "scale_sweep.csv"
 TABLE_MD = "scale_sweep.md"
 PLOT = "scale_sweep.png"
+FRONTIER_PLOT = "guidance_frontier.png"
 # Groups a model of a sweep may override; the guidance classifier is shared by all of them.
 MODEL_GROUPS = ("model", "diffusion", "optim", "train", "sample")
+# Checkpoint keys of a model's `sample` overrides that may start with "{workdir}" (the sweep's
+# workdir, e.g. "{workdir}/conditional": another entry's model, or a step folder of it).
+WORKDIR_PATHS = ("model_checkpoint", "guide_checkpoint")
 # What every model of a sweep must share (keys of its sampling manifest): the noise comes from the
 # seed and the example ids. The sampler and its steps may differ: every sampler starts from the
 # same per-example x_T (gdiff/sampling/sampler.py).
@@ -72,6 +76,14 @@ class SweepModel:
     name: str
     config: ml_collections.ConfigDict  # the full config with this model's overrides applied
     workdir: pathlib.Path  # where it is trained, and loaded from without sample.model_checkpoint
+    # The network its rows sample, as the table's `model` column names it: the entry's own name,
+    # or that of the entry whose workdir its sample.model_checkpoint is (an entry that samples
+    # another's model with other guidance: `sampled_label`).
+    label: str = ""
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
     def sampling_config(self) -> ml_collections.ConfigDict:
         """`config` with `sample.model_checkpoint` defaulting to this model's workdir."""
@@ -118,8 +130,26 @@ def sweep_models(config, workdir: str | os.PathLike) -> list[SweepModel]:
     for name, entry in entries.items():
         model_config = _with_overrides(config, name, entry)
         model_config.sample.output_dir = str(out / name)
+        for key in WORKDIR_PATHS:  # "{workdir}/<entry>": a checkpoint of this sweep's workdir
+            model_config.sample[key] = str(model_config.sample[key]).replace(
+                "{workdir}", str(workdir)
+            )
         models.append(SweepModel(name, model_config, workdir / name))
-    return models
+    return [dataclasses.replace(m, label=sampled_label(m, models)) for m in models]
+
+
+def sampled_label(model: SweepModel, models: list[SweepModel]) -> str:
+    """The name of the entry whose model `model` samples: another entry's, when its
+    sample.model_checkpoint is that entry's workdir (or a step folder in it), else its own."""
+    given = model.config.sample.model_checkpoint
+    if not given:
+        return model.name
+    path = pathlib.Path(given).resolve()
+    for other in models:
+        home = other.workdir.resolve()
+        if other is not model and (path == home or home in path.parents):
+            return other.name
+    return model.name
 
 
 def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.SamplingPlan]:
@@ -149,8 +179,9 @@ def plan_models(models: list[SweepModel], workdir, mesh) -> dict[str, plan_lib.S
     return plans
 
 
-def sample_models(models: list[SweepModel], workdir, mesh) -> dict[str, dict[float, pathlib.Path]]:
-    """Samples every model at its scales (resumable); {model: {scale: merged .npz}}."""
+def sample_models(models: list[SweepModel], workdir, mesh) -> dict[str, dict[Any, pathlib.Path]]:
+    """Samples every model at its guidance rows (resumable); {model: {GuidanceRow: merged
+    .npz}}."""
     plan_models(models, workdir, mesh)
     return {m.name: sample_job.run(m.sampling_config(), str(workdir), mesh=mesh) for m in models}
 
@@ -175,27 +206,58 @@ def sampler_columns(model: SweepModel) -> dict[str, Any]:
 
 
 def score_models(
-    scorer: scoring.Scorer, sample_paths, models: list[SweepModel] | None = None
+    scorer: scoring.Scorer,
+    sample_paths,
+    models: list[SweepModel] | None = None,
+    *,
+    with_sampler: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per (model, scale), scales ascending: `scorer` on the merged samples and the
-    labels they were drawn for.
+    """One row per (model, guidance row), in row order (kind, weight, classifier scale,
+    interval): `scorer` on the merged samples and the labels they were drawn for.
 
     Args:
       scorer: the sweep's `scoring.Scorer`.
-      sample_paths: {model: {scale: merged samples .npz}} (`sample_models`).
+      sample_paths: {model: {guidance row: merged samples .npz}} (`sample_models`).
       models: the sweep's models; given, each row also names its sampler and NFE
-        (`sampler_columns`).
+        (`sampler_columns`; not `with_sampler`: all rows share one), and its `model` cell the
+        network it samples (`SweepModel.label`).
     """
-    by_name = {m.name: sampler_columns(m) for m in models or ()}
+    by_name = {m.name: sampler_columns(m) for m in models or () if with_sampler}
+    labels_of = {m.name: m.label for m in models or ()}
+    compares = compares_guidance(sample_paths)
     rows = []
-    for name, paths in sample_paths.items():
-        for scale in sorted(paths):
-            images, labels = sample_files.read_sample_file(paths[scale])
-            row = {"model": name, "scale": float(scale), **by_name.get(name, {})}
-            row.update(scorer(images, labels))
-            logging.info("%s, scale %s: %s", name, labels_lib.format_scale(scale), row)
-            rows.append(row)
+    for name, guidance in _row_order(sample_paths, labels_of):
+        images, labels = sample_files.read_sample_file(sample_paths[name][guidance])
+        row = {"model": labels_of.get(name, name)}
+        if compares:
+            row["guidance"] = guidance.method()
+        row.update(scale=float(guidance.scale), **by_name.get(name, {}))
+        row.update(scorer(images, labels))
+        logging.info("%s, %s: %s", name, guidance.describe(), row)
+        rows.append(row)
     return rows
+
+
+def _row_order(sample_paths, labels_of: dict[str, str]) -> list[tuple[str, Any]]:
+    """(entry, row) in table order: the sampled models in order of first appearance; within
+    one, its rows grouped by curve (kind, classifier scale on top, interval), scales ascending,
+    whichever entry drew them."""
+    first = {}
+    for name in sample_paths:
+        first.setdefault(labels_of.get(name, name), len(first))
+    keyed = [
+        ((first[labels_of.get(name, name)], row.curve_key()), name, row)
+        for name, paths in sample_paths.items()
+        for row in paths
+    ]
+    return [(name, row) for _, name, row in sorted(keyed, key=lambda item: item[0])]
+
+
+def compares_guidance(sample_paths) -> bool:
+    """Whether a sweep's rows go beyond classifier guidance at every step (then its table names
+    each row's guidance: `report.series`); the classifier-scale ablation keeps Table 4's
+    columns."""
+    return any(guidance_rows.compares(paths) for paths in sample_paths.values())
 
 
 def _reference_batch(config) -> tuple:
@@ -214,13 +276,15 @@ def _reference_batch(config) -> tuple:
     return evaluator.read_reference_batch(ev.ref_batch)
 
 
-def reference_scorer(config, workdir, ref_batch, extractor=None) -> scoring.Scorer:
+def reference_scorer(config, workdir, ref_batch, extractor=None, guidance=None) -> scoring.Scorer:
     """The scorer `--mode=evaluate` would be: eval.ref_batch's statistics and (cached)
     activations, the FID Inception of eval.inception_weights at eval.resize (or `extractor`),
     eval.is_split_size; plus the guidance classifier's columns (`load_guidance`).
 
     Args:
       ref_batch: `evaluator.read_reference_batch(config.eval.ref_batch)`.
+      guidance: `load_guidance(config, workdir)` when the caller has loaded it (None: loaded
+        here).
     """
     ev = config.eval
     if extractor is None:
@@ -240,7 +304,7 @@ def reference_scorer(config, workdir, ref_batch, extractor=None) -> scoring.Scor
         extractor,
         reference,
         is_split_size=int(ev.is_split_size),
-        guidance=load_guidance(config, workdir),
+        guidance=guidance if guidance is not None else load_guidance(config, workdir),
     )
 
 
@@ -248,36 +312,64 @@ def sampling_description(config, models: list[SweepModel] | None = None) -> str:
     """How a sweep samples, in one line of its report: the sampler of each model (of the config
     alone without `models`), then what all rows share."""
     s = config.sample
-    if models and len(models) > 1:
-        samplers = "; ".join(
-            f"{m.name}: {sampler_lib.describe(m.config.sample, m.config.diffusion)}" for m in models
-        )
+    described = {
+        m.name: sampler_lib.describe(m.config.sample, m.config.diffusion) for m in models or ()
+    }
+    if len(set(described.values())) > 1:
+        samplers = "; ".join(f"{name}: {text}" for name, text in described.items())
     else:
         samplers = sampler_lib.describe(s, config.diffusion)
-    return (
+    text = (
         f"{samplers}; {s.num_samples} samples per model and scale, labels {s.labels}, seed {s.seed}"
     )
+    guides = [guide_description(m) for m in models or ()]
+    return "; ".join([text, *[g for g in guides if g]])
+
+
+def guide_description(model: SweepModel) -> str:
+    """What guides an entry's rows beyond the classifier ("" for classifier guidance alone):
+    its kinds, and the guide network's checkpoint for two_network / autoguidance rows."""
+    s = model.config.sample
+    rows = guidance_rows.parse_rows(s)
+    if not guidance_rows.compares(rows):
+        return ""
+    text = f"{model.name}: {s.guidance} at w = {s.guidance_scale}"
+    if s.guidance_interval:
+        text += f", intervals {s.guidance_interval!r}"
+    if guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK):
+        text += f", guide network {s.guide_checkpoint}"
+    return text
 
 
 def write_report(config, rows, workdir, models=None) -> dict[str, pathlib.Path]:
     """scale_sweep.csv / .md / .png in the workdir (`models`: the sweep's, named in the
-    "sampling" line)."""
+    "sampling" line); a sweep comparing guidance kinds (rows with a `guidance` column) adds
+    guidance_frontier.png, FID against accuracy at the requested labels per kind, and says
+    which kind is best at a given accuracy."""
     workdir = pathlib.Path(workdir)
     details = {
         "reference batch": config.eval.ref_batch,
         "sampling": sampling_description(config, models),
     }
+    summary, images, out = report.summarize(rows), [PLOT], {}
+    accuracy = report.accuracy_key(rows)
+    if "guidance" in rows[0] and accuracy:
+        out["frontier"] = report.plot_frontier(rows, workdir / FRONTIER_PLOT, accuracy=accuracy)
+        summary += "\n\n" + report.summarize_frontier(rows, accuracy)
+        images.append(FRONTIER_PLOT)
+    title = "Guidance sweep" if "guidance" in rows[0] else "Classifier-scale sweep"
     return {
         "csv": report.write_csv(rows, workdir / TABLE_CSV),
         "markdown": report.write_markdown(
             rows,
             workdir / TABLE_MD,
-            title="Classifier-scale sweep",
-            summary=report.summarize(rows),
+            title=title,
+            summary=summary,
             details=details,
-            images=[PLOT],
+            images=images,
         ),
         "plot": report.plot(rows, workdir / PLOT),
+        **out,
     }
 
 
@@ -299,9 +391,12 @@ def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, An
     ref_batch = _reference_batch(config)
     models = sweep_models(config, workdir)
     plan_models(models, workdir, mesh)
+    # Every process reads the guidance classifier although process 0 alone scores: orbax's
+    # restore waits for all processes, so a read by process 0 alone would wait forever.
+    guidance = load_guidance(config, workdir)
     scorer = None
     if distributed.is_main_process():
-        scorer = reference_scorer(config, workdir, ref_batch, extractor)
+        scorer = reference_scorer(config, workdir, ref_batch, extractor, guidance)
     sample_paths = sample_models(models, workdir, mesh)
     if scorer is None:
         return []

@@ -186,6 +186,9 @@ class UNetModel(nn.Module):
 
     Attributes mirror the reference constructor; `attention_resolutions` are downsample rates
     (1 = full resolution), as `create_model` passes them. `num_classes=None` is unconditional.
+    `null_class=True` (class-conditional only; classifier-free guidance) gives `label_emb`
+    num_classes + 1 rows: label `num_classes` is the null label, "no class"; False keeps the
+    reference's num_classes rows (its checkpoints convert unchanged).
     `remat` ("none" | "dots" | "full") replaces the reference's `use_checkpoint` (True = "full").
     Call: `apply(variables, x [B, H, W, C], timesteps [B], y=None [B] int, train=False)`
     -> [B, H, W, out_channels] float32; dropout (train=True) needs the "dropout" rng.
@@ -201,6 +204,7 @@ class UNetModel(nn.Module):
     channel_mult: Sequence[float] = (1, 2, 4, 8)
     conv_resample: bool = True
     num_classes: int | None = None
+    null_class: bool = False  # one extra label_emb row, label num_classes: see the docstring
     remat: str = "none"  # none | dots | full: see REMAT_POLICIES
     num_heads: int = 1
     num_head_channels: int = -1
@@ -222,13 +226,15 @@ class UNetModel(nn.Module):
                 "y must be given if and only if the model is class-conditional "
                 f"(num_classes={self.num_classes}, y is {'None' if y is None else 'given'})"
             )
+        if self.null_class and self.num_classes is None:
+            raise ValueError("null_class=True needs a class-conditional model (num_classes set)")
         blocks = _Blocks(self)
         emb = blocks.time_embed(timesteps, x.shape[0])
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape [{x.shape[0]}], got {y.shape}")
             emb = emb + nn.Embed(
-                self.num_classes,
+                self.num_classes + int(self.null_class),
                 emb.shape[-1],
                 param_dtype=jnp.float32,
                 embedding_init=nn.initializers.normal(1.0),  # PyTorch's nn.Embedding: N(0, 1)

@@ -14,8 +14,8 @@ from gdiff import errors
 LABEL_MODES = ("random", "balanced")
 
 
-def parse_scales(spec) -> list[float]:
-    """`sample.classifier_scale` -> a list of floats.
+def parse_scales(spec, key: str = "sample.classifier_scale") -> list[float]:
+    """`sample.classifier_scale` (or the list `key` names) -> a list of floats.
 
     Accepts a number, a comma-separated string ("0,1,4") or a sequence of numbers. Duplicates are
     refused because each scale names its own output folder; so are values that are not finite
@@ -28,13 +28,13 @@ def parse_scales(spec) -> list[float]:
     """
     if isinstance(spec, bool):
         raise errors.ConfigError(
-            f"sample.classifier_scale={spec!r} is not a number; give a number or a "
+            f"{key}={spec!r} is not a number; give a number or a "
             "comma-separated list of numbers (e.g. 0,1,4)"
         )
     parts = [spec] if isinstance(spec, int | float) else _items(spec)
     if not parts:
         raise errors.ConfigError(
-            f"sample.classifier_scale={spec!r} names no scale; give a number or a "
+            f"{key}={spec!r} names no scale; give a number or a "
             "comma-separated list of numbers (e.g. 0,1,4)"
         )
     try:
@@ -42,19 +42,18 @@ def parse_scales(spec) -> list[float]:
         values = [float(p) + 0.0 for p in parts]
     except (TypeError, ValueError):
         raise errors.ConfigError(
-            f"sample.classifier_scale={spec!r} is not a number or a comma-separated list of "
-            "numbers (e.g. 0,1,4)"
+            f"{key}={spec!r} is not a number or a comma-separated list of numbers (e.g. 0,1,4)"
         ) from None
     bad = [p for p, v in zip(parts, values, strict=True) if not np.isfinite(v)]
     if bad:
         raise errors.ConfigError(
-            f"sample.classifier_scale={spec!r} contains a non-finite value ({bad[0]}); every "
+            f"{key}={spec!r} contains a non-finite value ({bad[0]}); every "
             "scale must be a finite number"
         )
     repeated = sorted({format_scale(v) for v in values if values.count(v) > 1})
     if repeated:
         raise errors.ConfigError(
-            f"sample.classifier_scale={spec!r} repeats a scale ({', '.join(repeated)}); each "
+            f"{key}={spec!r} repeats a scale ({', '.join(repeated)}); each "
             "scale is drawn once, into its own folder"
         )
     return values

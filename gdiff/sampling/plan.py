@@ -22,8 +22,9 @@ from absl import logging
 
 from gdiff import distributed, errors, factory
 from gdiff.checkpoints import locate
+from gdiff.diffusion import guidance as guidance_lib
+from gdiff.sampling import guidance_rows, sample_files
 from gdiff.sampling import labels as labels_lib
-from gdiff.sampling import sample_files
 from gdiff.sampling import sampler as sampler_lib
 
 
@@ -57,22 +58,29 @@ class SamplingPlan:
     num_samples are drawn (every device runs the same program) but never written.
     """
 
-    scales: tuple[float, ...]  # guidance scales, all drawn in one program over the same noise
+    rows: tuple[guidance_rows.GuidanceRow, ...]  # all drawn in one program over the same noise
     num_samples: int
-    per_batch: int  # distinct examples per global batch (before the scales multiply it)
+    per_batch: int  # distinct examples per global batch (before the rows multiply it)
     num_batches: int
     local_examples: int
     first_local: int
     image_shape: tuple[int, int, int]  # [H, W, 3] of one sample
     labels: np.ndarray | None  # int32 [num_samples], None for an unconditional, unguided run
     low_res: np.ndarray | None  # float32 [M, h, w, 3] in [-1, 1]; example i sees row i % M
-    out: pathlib.Path  # output directory (shards and merged files per scale)
-    merged: dict[float, pathlib.Path]  # scale -> merged samples_<N>x<H>x<W>x3.npz
+    out: pathlib.Path  # output directory (shards and merged files per row)
+    merged: dict[guidance_rows.GuidanceRow, pathlib.Path]  # row -> samples_<N>x<H>x<W>x3.npz
     by_class: bool  # grids with one row per class (balanced labels)
     manifest: dict  # the settings a resumed run must share (engine/manifest.py)
     model: locate.Location
     classifier: locate.Location | None  # None when every scale is 0
     topology: Topology
+    guide: locate.Location | None = None  # the guide network (two_network / autoguidance rows)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Each row's headline scale (`GuidanceRow.scale`: the classifier scale of a classifier
+        row, the weight w of output guidance)."""
+        return tuple(r.scale for r in self.rows)
 
     def batch_examples(self, batch: int) -> int:
         """How many examples of global batch `batch` are kept (all but in the trimmed last one)."""
@@ -84,21 +92,20 @@ class SamplingPlan:
         return batch * self.per_batch + self.first_local + np.arange(self.local_examples)
 
     def batch_rows(self, batch: int) -> dict[str, np.ndarray]:
-        """This process's rows of `batch`: every local example once per scale, scale-major."""
+        """This process's rows of `batch`: every local example once per guidance row, row-major
+        (the per-row arrays of `guidance_rows.row_arrays`)."""
         ids = self.local_ids(batch)
-        n_scales = len(self.scales)
+        n_rows = len(self.rows)
         labels = (
             self.labels[ids % self.num_samples] if self.labels is not None else np.zeros_like(ids)
         )
         rows = {
-            "ids": np.tile(ids, n_scales).astype(np.int32),
-            "labels": np.tile(labels, n_scales).astype(np.int32),
-            "scales": np.repeat(np.asarray(self.scales, np.float32), self.local_examples),
+            "ids": np.tile(ids, n_rows).astype(np.int32),
+            "labels": np.tile(labels, n_rows).astype(np.int32),
+            **guidance_rows.row_arrays(self.rows, self.local_examples),
         }
         if self.low_res is not None:
-            rows["low_res"] = np.tile(
-                self.low_res[ids % self.low_res.shape[0]], (n_scales, 1, 1, 1)
-            )
+            rows["low_res"] = np.tile(self.low_res[ids % self.low_res.shape[0]], (n_rows, 1, 1, 1))
         return rows
 
 
@@ -112,13 +119,18 @@ def output_dir(config, workdir: str) -> pathlib.Path:
 
 
 def scale_dir(out_dir: str | os.PathLike, scale: float) -> pathlib.Path:
-    """Where one guidance scale's shards, merged samples and grid go."""
-    return pathlib.Path(out_dir) / f"scale_{labels_lib.format_scale(scale)}"
+    """The folder of the classifier row at `scale` (every step): scale_<s>."""
+    return row_dir(out_dir, guidance_rows.classifier_row(scale))
 
 
-def merged_path(out_dir, scale: float, shape: tuple[int, int, int, int]) -> pathlib.Path:
-    """The merged samples of one scale: samples_<N>x<H>x<W>x3.npz (the reference's name)."""
-    return scale_dir(out_dir, scale) / sample_files.merged_name(*shape)
+def row_dir(out_dir: str | os.PathLike, row: guidance_rows.GuidanceRow) -> pathlib.Path:
+    """Where one guidance row's shards, merged samples and grid go (`GuidanceRow.folder`)."""
+    return pathlib.Path(out_dir) / row.folder()
+
+
+def merged_path(out_dir, row, shape: tuple[int, int, int, int]) -> pathlib.Path:
+    """The merged samples of one row: samples_<N>x<H>x<W>x3.npz (the reference's name)."""
+    return row_dir(out_dir, row) / sample_files.merged_name(*shape)
 
 
 def load_base_samples(path: str, small_size: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -249,10 +261,39 @@ def _manifest(
         "ema_rate": str(s.ema_rate),
         "base_samples": os.path.abspath(s.base_samples) if is_super_res(config) else "",
         "image_shape": [size, size, 3],
-        "model": config.model.to_dict(),
+        # Without class_dropout when 0: runs begun before the key existed still resume.
+        "model": factory.recorded_model_group(config.model),
         "diffusion": config.diffusion.to_dict(),
         "classifier": config.classifier.to_dict() if classifier_ckpt else None,
+        # Each row draws into its own folder, whose name states its kind, weights and interval:
+        # the rows are recorded, not compared (a run may gain rows, as it may gain scales).
+        "guidance_rows": [r.settings() for r in guidance_rows.parse_rows(s)],
     }
+
+
+def _guide_manifest(config, guide_ckpt: str) -> dict:
+    """The guide network's part of the manifest (only when a row uses one, so runs without one
+    keep the manifests of earlier versions): where it was given (recorded) and which EMA copy;
+    jobs/sample.py adds its weights' pin and its network group."""
+    if not guide_ckpt:
+        return {}
+    return {
+        "guide_checkpoint": os.path.abspath(guide_ckpt),
+        "guide_ema_rate": str(config.sample.guide_ema_rate),
+    }
+
+
+def _guide_checkpoint(config, rows) -> str:
+    """The guide network's path ("" when no row uses one)."""
+    if not guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK):
+        return ""
+    if not config.sample.guide_checkpoint:
+        raise errors.ConfigError(
+            f"sample.guidance={config.sample.guidance!r} guides with a second network: set "
+            "sample.guide_checkpoint (an unconditional model for two_network, a weaker or "
+            "earlier one of the same model for autoguidance)"
+        )
+    return str(config.sample.guide_checkpoint)
 
 
 def check_respacing(config) -> str:
@@ -295,13 +336,15 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
       topology: the device mesh's facts (jobs/sample.py reads them off the mesh).
     """
     s = config.sample
-    scales = tuple(labels_lib.parse_scales(s.classifier_scale))
-    guided = any(scale != 0 for scale in scales)
+    rows = guidance_rows.parse_rows(s)
+    guided = guidance_rows.uses_classifier(rows)
+    guide_ckpt = _guide_checkpoint(config, rows)
+    sampler_lib.null_label(sampler_lib.config_groups(config))  # cfg rows need a null class
     num_samples = int(s.num_samples)
     if num_samples <= 0:
         raise errors.ConfigError(
             f"sample.num_samples must be positive; got {num_samples}: set how many samples to "
-            "draw per guidance scale"
+            "draw per guidance row"
         )
     if int(s.batch_size) <= 0:
         raise errors.ConfigError(
@@ -321,7 +364,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
     image_shape = (image_size, image_size, 3)
     out = output_dir(config, workdir)
     return SamplingPlan(
-        scales=scales,
+        rows=rows,
         num_samples=num_samples,
         per_batch=per_batch,
         num_batches=math.ceil(num_samples / per_batch),
@@ -331,7 +374,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
         labels=labels,
         low_res=low_res,
         out=out,
-        merged={sc: merged_path(out, sc, (num_samples, *image_shape)) for sc in scales},
+        merged={r: merged_path(out, r, (num_samples, *image_shape)) for r in rows},
         by_class=labels is not None and labels_lib.is_balanced(s.labels),
         manifest={
             **_manifest(
@@ -341,6 +384,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
                 classifier_ckpt=classifier_ckpt,
                 labelled=labels is not None,
             ),
+            **_guide_manifest(config, guide_ckpt),
             # The low-resolution inputs by content: a base file regenerated at the same path
             # is another run.
             "base_samples_sha256": (
@@ -352,4 +396,5 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
         model=_locate(model_ckpt, "model", "model"),
         classifier=_locate(classifier_ckpt, "classifier", "classifier") if guided else None,
         topology=topology,
+        guide=_locate(guide_ckpt, "guide network", "model") if guide_ckpt else None,
     )

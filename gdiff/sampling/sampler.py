@@ -39,6 +39,7 @@ from gdiff import distributed, errors, factory, xla_options
 from gdiff.diffusion import chain, dpm_solver, schedules
 from gdiff.diffusion import gaussian_diffusion as gd
 from gdiff.diffusion import guidance as guidance_lib
+from gdiff.sampling import guidance_rows
 
 # cond_fn(x [B,H,W,C], ts [B]) -> gradient [B,H,W,C]; see CONTRACT.md section 5.
 CondFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -271,6 +272,15 @@ class SamplerOptions:
     float_output: bool = False  # return the float32 samples in [-1, 1] instead of uint8 pixels
     # Set: solve with DPM-Solver instead of the chain (use_ddim, eta, clip_denoised unused).
     dpm_solver: DpmSolverOptions | None = None
+    # The model's null class (trained with model.class_dropout): rows may use classifier-free
+    # guidance (batch `guide_kinds` == GUIDE_NULL_LABEL). None: the model has no null class.
+    null_label: int | None = None
+    # Whether the guide network (Sampler's `guide_apply`) takes the labels (autoguidance with a
+    # conditional guide) or not (an unconditional guide: two-network guidance).
+    guide_class_cond: bool = False
+    # Rows carry guidance intervals (`sigma_lo`, `sigma_hi`): guidance only where the noise level
+    # sigma lies in (sigma_lo, sigma_hi]. False: every step is guided (no per-step test at all).
+    intervals: bool = False
 
     def __post_init__(self):
         if self.use_ddim and self.dpm_solver is not None:
@@ -287,13 +297,20 @@ class SamplerOptions:
 class Sampler:
     """A guided sampler compiled once and mapped data-parallel over a device mesh.
 
-    `sampler(model_vars, classifier_vars, batch)` samples one global batch. `batch` holds global
-    arrays sharded on the leading (row) axis (see `make_batch`):
+    `sampler(model_vars, classifier_vars, batch, guide_vars=...)` samples one global batch.
+    `batch` holds global arrays sharded on the leading (row) axis (see `make_batch`):
       ids     int32 [R]        global example id of each row (its noise stream)
       labels  int32 [R]        target class (model `y` when class-conditional, guidance target)
-      scales  float32 [R]      guidance scale of each row (a sweep repeats ids across scales)
+      scales  float32 [R]      classifier-guidance scale of each row (a sweep repeats ids)
       low_res float32 [R,h,w,C] (super-resolution only) the low-resolution input in [-1, 1]
-    and it returns uint8 images [R, H, W, C], sharded the same way.
+    with output guidance (`options.null_label` or a `guide_apply`; gdiff/diffusion/guidance.py):
+      guide_kinds  int32 [R]   GUIDE_NONE, GUIDE_NULL_LABEL (classifier-free) or GUIDE_NETWORK
+      guide_scales float32 [R] w: u + w (c - u); 1 is the conditional prediction alone
+    and with `options.intervals`:
+      sigma_lo, sigma_hi float32 [R]  guidance (of every kind) only where sigma in (lo, hi]
+    and it returns uint8 images [R, H, W, C], sharded the same way. Rows of every kind, weight
+    and interval share one compiled program; classifier guidance on top of output guidance is a
+    row with both a classifier scale and a guide weight.
     """
 
     def __init__(
@@ -303,6 +320,7 @@ class Sampler:
         options: SamplerOptions,
         *,
         guidance: Guidance | None = None,
+        guide_apply: Callable[..., jax.Array] | None = None,
         mesh: jax.sharding.Mesh | None = None,
         seed: int = 0,
     ):
@@ -313,6 +331,8 @@ class Sampler:
           (when options.class_cond) and `low_res` (when the batch has it), e.g. `module.apply`.
         options: see SamplerOptions.
         guidance: the guidance hook (see `classifier_guidance`), or None for unguided sampling.
+        guide_apply: the guide network of two-network guidance and autoguidance, called as
+          model_apply (with `y` when options.guide_class_cond), or None.
         mesh: the device mesh (default: every device of every host).
         seed: the run seed; example i's noise comes from fold_in(key(seed), i).
         """
@@ -320,16 +340,18 @@ class Sampler:
         self.model_apply = model_apply
         self.options = options
         self.guidance = guidance
+        self.guide_apply = guide_apply
         self.mesh = mesh if mesh is not None else distributed.data_mesh()
         self.seed = seed
         if options.dpm_solver is not None:
             check_solver_diffusion(diffusion)
+        self._noise_level = guidance_lib.noise_level_fn(diffusion)
         self._base_key = self._key_data(seed)
         rows = distributed.batch_sharding(self.mesh)
         rep = distributed.replicated(self.mesh)
         self._jitted = jax.jit(
             self._sample,
-            in_shardings=(rep, rep, rep, rows),
+            in_shardings=(rep, rep, rep, rows, rep),
             out_shardings=rows,
             compiler_options=xla_options.compiler_options(),
         )
@@ -342,23 +364,50 @@ class Sampler:
         key = jax.random.key_data(jax.random.key(seed))
         return jax.device_put(key, distributed.replicated(self.mesh))
 
-    def _sample(self, model_vars, classifier_vars, key_data, batch):
+    def _guided_fns(self, model_vars, classifier_vars, guide_vars, batch):
+        """(model_fn, cond_fn) of a batch: the conditional network with the rows' output
+        guidance, and the classifier's gradient, each only inside the rows' intervals."""
+        opts = self.options
+        extra = {"low_res": batch["low_res"]} if "low_res" in batch else {}
+        labels = {"y": batch["labels"]} if opts.class_cond else {}
+
+        def model_fn(x, ts):
+            return self.model_apply(model_vars, x, ts, **labels, **extra)
+
+        active = None
+        if opts.intervals:
+
+            def active(ts):
+                sigma = self._noise_level(ts)
+                return guidance_lib.in_interval(sigma, batch["sigma_lo"], batch["sigma_hi"])
+
+        guides = {}
+        if opts.null_label is not None:
+            null = {"y": jnp.full_like(batch["labels"], opts.null_label)}
+            guides[guidance_lib.GUIDE_NULL_LABEL] = lambda x, ts: self.model_apply(
+                model_vars, x, ts, **null, **extra
+            )
+        if self.guide_apply is not None:
+            guide_labels = labels if opts.guide_class_cond else {}
+            guides[guidance_lib.GUIDE_NETWORK] = lambda x, ts: self.guide_apply(
+                guide_vars, x, ts, **guide_labels, **extra
+            )
+        if guides:
+            channels = opts.image_shape[-1]
+            model_fn = guidance_lib.guided_model_fn(model_fn, guides, batch, active, channels)
+        cond_fn = None
+        if self.guidance is not None:
+            cond_fn = self.guidance(classifier_vars, batch["labels"], batch["scales"])
+            if active is not None:
+                cond_fn = guidance_lib.IntervalCondFn(cond_fn, active, batch["scales"])
+        return model_fn, cond_fn
+
+    def _sample(self, model_vars, classifier_vars, key_data, batch, guide_vars):
         opts = self.options
         base_key = jax.random.wrap_key_data(key_data)
         keys = example_keys(base_key, batch["ids"])
         x_T = initial_noise(keys, opts.image_shape)
-        kwargs = {}
-        if opts.class_cond:
-            kwargs["y"] = batch["labels"]
-        if "low_res" in batch:
-            kwargs["low_res"] = batch["low_res"]
-
-        def model_fn(x, ts):
-            return self.model_apply(model_vars, x, ts, **kwargs)
-
-        cond_fn = None
-        if self.guidance is not None:
-            cond_fn = self.guidance(classifier_vars, batch["labels"], batch["scales"])
+        model_fn, cond_fn = self._guided_fns(model_vars, classifier_vars, guide_vars, batch)
         if opts.dpm_solver is not None:
             x_0 = dpm_solver_chain(self.diffusion, model_fn, x_T, opts.dpm_solver, cond_fn=cond_fn)
             return x_0 if opts.float_output else to_uint8(x_0)
@@ -382,21 +431,42 @@ class Sampler:
         """This process's rows (numpy) -> global arrays sharded on the row axis."""
         return distributed.global_batch(dict(local), self.mesh)
 
+    def _check_rows(self, batch: Mapping[str, jax.Array]) -> None:
+        """The per-row arrays this program reads are in the batch."""
+        need = ["ids", "labels", "scales"]
+        if self.options.null_label is not None or self.guide_apply is not None:
+            need += ["guide_kinds", "guide_scales"]
+        if self.options.intervals:
+            need += ["sigma_lo", "sigma_hi"]
+        missing = [k for k in need if k not in batch]
+        if missing:
+            raise ValueError(f"the sampling batch lacks {', '.join(missing)} (per-row arrays [R])")
+
     def __call__(
-        self, model_vars, classifier_vars, batch: Mapping[str, jax.Array], *, seed=None
+        self,
+        model_vars,
+        classifier_vars,
+        batch: Mapping[str, jax.Array],
+        *,
+        seed=None,
+        guide_vars=None,
     ) -> jax.Array:
         """Samples one global batch; returns uint8 [R, H, W, C] sharded over the mesh.
 
-        `seed` overrides the constructor's seed for this call (same compiled program).
+        `seed` overrides the constructor's seed for this call (same compiled program);
+        `guide_vars` are the guide network's variables (with a `guide_apply`).
         """
         rows = int(batch["ids"].shape[0])
         distributed.check_batch_divisible(rows, what="sampling rows per batch", mesh=self.mesh)
+        self._check_rows(batch)
         key = self._base_key if seed is None else self._key_data(seed)
-        return self._jitted(model_vars, classifier_vars, key, dict(batch))
+        return self._jitted(model_vars, classifier_vars, key, dict(batch), guide_vars)
 
-    def lower(self, model_vars, classifier_vars, batch):
+    def lower(self, model_vars, classifier_vars, batch, guide_vars=None):
         """The lowered program (for inspection: one scan, no host callbacks)."""
-        return self._jitted.lower(model_vars, classifier_vars, self._base_key, dict(batch))
+        return self._jitted.lower(
+            model_vars, classifier_vars, self._base_key, dict(batch), guide_vars
+        )
 
     def export(self, model_vars, classifier_vars, batch, *, platforms, disabled_checks=()):
         """The program serialised by `jax.export` for `platforms` (e.g. ("cuda",)), from any
@@ -406,7 +476,7 @@ class Sampler:
         exporter = jax.export.export(
             self._jitted, platforms=platforms, disabled_checks=disabled_checks
         )
-        return exporter(model_vars, classifier_vars, self._base_key, dict(batch))
+        return exporter(model_vars, classifier_vars, self._base_key, dict(batch), None)
 
 
 # The config groups a sampling program is built from (`build_sampler`).
@@ -565,10 +635,74 @@ def sampler_settings(sample: Mapping[str, Any], diffusion: Mapping[str, Any]) ->
     }
 
 
+def _rows(sample: Mapping[str, Any]) -> tuple:
+    """The rows of a `sample` group; a group without classifier scales (the plain groups of a
+    released model's flags, which no scale belongs to) has classifier rows at scale 0 (the
+    classifier itself is `build_sampler`'s `guided`)."""
+    if "classifier_scale" not in sample:
+        sample = {**dict(sample), "classifier_scale": "0"}
+    return guidance_rows.parse_rows(sample)
+
+
+def null_label(groups: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """The model's null label when a row is classifier-free (`sample.guidance` cfg), else None.
+
+    Raises:
+      errors.ConfigError: cfg rows on a model without a null class (trained without
+        `model.class_dropout`).
+    """
+    if not guidance_rows.uses(_rows(groups["sample"]), guidance_lib.GUIDE_NULL_LABEL):
+        return None
+    null = factory.null_label(groups["model"])
+    if null is None:
+        raise errors.ConfigError(
+            "sample.guidance=cfg guides with the model's null label, but this model has none: "
+            "train it with model.class_dropout > 0 (e.g. 0.1), and set the same "
+            "model.class_dropout here"
+        )
+    return null
+
+
+def guidance_options(
+    groups: Mapping[str, Mapping[str, Any]], guide: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The `SamplerOptions` of the rows' output guidance (`guidance_rows.parse_rows`), checked.
+
+    Args:
+      groups: the sampling groups (`model`, `sample`).
+      guide: the guide network's `model` group (two_network / autoguidance rows), or None.
+
+    Raises:
+      errors.ConfigError: cfg rows on a model without a null class, guide-network rows without
+        a guide, or a guide that predicts another quantity than the model.
+    """
+    rows = _rows(groups["sample"])
+    m = groups["model"]
+    null = null_label(groups)
+    needs_guide = guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK)
+    if needs_guide and guide is None:
+        raise errors.ConfigError(
+            f"sample.guidance={groups['sample']['guidance']!r} guides with a second network: set "
+            "sample.guide_checkpoint (an unconditional model for two_network, a weaker one of "
+            "the same model for autoguidance)"
+        )
+    if needs_guide and bool(guide["learn_sigma"]) != bool(m["learn_sigma"]):
+        raise errors.ConfigError(
+            f"the guide network has learn_sigma={guide['learn_sigma']} but the model "
+            f"{m['learn_sigma']}: both must predict the same outputs to be combined"
+        )
+    return {
+        "null_label": null,
+        "guide_class_cond": bool(needs_guide and guide["class_cond"]),
+        "intervals": any(not r.every_step for r in rows),
+    }
+
+
 def build_sampler(
     groups: Mapping[str, Mapping[str, Any]],
     *,
     guided: bool,
+    guide: Mapping[str, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     platform: str | None = None,
     float_output: bool = False,
@@ -582,6 +716,9 @@ def build_sampler(
         `sample.timestep_respacing`, when set, overrides the diffusion's for ancestral and DDIM
         steps; DPM-Solver solves on the full training chain in `sample.dpm_solver_steps` steps.
       guided: build the classifier and its guidance (some scale of the run is non-zero).
+      guide: the guide network's `model` group, when a row guides with a second network
+        (`sample.guidance` two_network / autoguidance); its parameters go to each call as
+        `guide_vars`. The rows' other guidance (cfg, intervals) is read from `sample`.
       mesh: the device mesh (default: every device).
       platform: what "auto" attention resolves for (`gdiff.factory.resolve_attention_impl`;
         None: the running backend).
@@ -606,6 +743,10 @@ def build_sampler(
     if guided:
         classifier = factory.classifier_from_group(groups["classifier"], size, platform=platform)
         guidance = classifier_guidance(classifier)
+    output_guidance = guidance_options(groups, guide)
+    guide_apply = None
+    if guide is not None and guidance_rows.uses(_rows(s), guidance_lib.GUIDE_NETWORK):
+        guide_apply = factory.unet_from_group({**guide, "remat": "none"}, platform=platform).apply
     options = SamplerOptions(
         image_shape=(size, size, 3),
         use_ddim=kind == "ddim",
@@ -614,9 +755,16 @@ def build_sampler(
         class_cond=bool(m["class_cond"]),
         float_output=float_output,
         dpm_solver=dpm_solver_options(s) if kind == "dpm_solver" else None,
+        **output_guidance,
     )
     sampler = Sampler(
-        diffusion, model.apply, options, guidance=guidance, mesh=mesh, seed=int(s["seed"])
+        diffusion,
+        model.apply,
+        options,
+        guidance=guidance,
+        guide_apply=guide_apply,
+        mesh=mesh,
+        seed=int(s["seed"]),
     )
     return sampler, model, classifier
 

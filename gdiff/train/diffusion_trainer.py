@@ -6,9 +6,11 @@ micro-batch, t from the timestep sampler (uniform or loss-second-moment; its sta
 TrainState and updated after every micro-batch, as the reference's `forward_backward` does),
 q_sample with fresh noise, the configured loss (MSE, hybrid MSE+VB, KL, ...) and its gradient; then
 AdamW at this step's learning rate, EMA for every rate. A super-resolution model is conditioned on
-the batch's area-downsampled copy (`low_res`), like the reference's `load_superres_data`. Because
-the loss is a mean over the global batch sharded over the mesh, XLA's SPMD partitioner inserts the
-gradient all-reduce itself.
+the batch's area-downsampled copy (`low_res`), like the reference's `load_superres_data`. With
+`model.class_dropout > 0` (classifier-free guidance) each example's label is replaced by the
+network's null label (`factory.null_label`) with that probability, drawn from its own stream.
+Because the loss is a mean over the global batch sharded over the mesh, XLA's SPMD partitioner
+inserts the gradient all-reduce itself.
 
 A batch may carry recorded draws, `t` int [B] and/or `noise` [B, H, W, C]; the step then uses
 them instead of drawing its own (replaying a reference run's step, tests/test_training_parity.py).
@@ -30,11 +32,14 @@ from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import labels as labels_lib
 from gdiff.sampling import plan as plan_lib
 from gdiff.sampling import sampler as sampling_lib
-from gdiff.train import loop_utils, optim, runner, update
+from gdiff.train import loop_utils, optim, runner, sharding, update
 from gdiff.train import state as state_lib
 from gdiff.train import task as task_lib
 
 PREVIEW_SAMPLES = 16  # images in the periodic training preview (`train.sample_every`)
+# fold_in tag of the label-dropout draw: a stream of its own off the step's draw key, so the
+# timesteps and noise (split from that key) are the same with and without label dropout.
+LABEL_DROPOUT_TAG = 0x6C64  # "ld"
 
 
 def fingerprint(config) -> dict:
@@ -42,18 +47,39 @@ def fingerprint(config) -> dict:
     return task_lib.fingerprint(
         config,
         "diffusion",
-        model=config.model.to_dict(),
+        model=factory.recorded_model_group(config.model),
         ema_rates=state_lib.parse_ema_rates(config.train.ema_rates),
         schedule_sampler=config.train.schedule_sampler,
     )
 
 
-def draw_inputs(batch: dict, key: jax.Array) -> dict:
+def drop_labels(labels: jax.Array, key: jax.Array, p: float, null: int) -> jax.Array:
+    """Classifier-free guidance's label dropout: each label independently becomes `null` with
+    probability `p` (a pure function of `key`).
+
+    Args:
+      labels: int [B].
+      key: the draw's key.
+      p: the dropout probability, in [0, 1).
+      null: the null label (`factory.null_label`: num_classes).
+
+    Returns:
+      int [B], labels' dtype: `null` where dropped, the label elsewhere.
+    """
+    dropped = jax.random.bernoulli(key, p, labels.shape)
+    return jnp.where(dropped, jnp.asarray(null, labels.dtype), labels)
+
+
+def draw_inputs(
+    batch: dict, key: jax.Array, *, class_dropout: float = 0.0, null_label: int | None = None
+) -> dict:
     """The step's inputs: the batch plus its random draws, unless the batch carries them.
 
     Args:
       batch: image [B, H, W, C], label [B]; optionally recorded t [B] and noise [B, H, W, C].
       key: the step's key for the draws.
+      class_dropout, null_label: label dropout (`drop_labels`, from fold_in(key,
+        LABEL_DROPOUT_TAG)) when class_dropout > 0; `null_label` is then required.
 
     Returns:
       dict(x, y, noise, and t [B] when recorded, else u [B]: uniform numbers in [0, 1) that the
@@ -62,6 +88,10 @@ def draw_inputs(batch: dict, key: jax.Array) -> dict:
     x = batch["image"]
     k_u, k_noise = jax.random.split(key)
     inputs = {"x": x, "y": batch["label"]}
+    # A static branch: without dropout the step draws, and computes, exactly what it did before.
+    if class_dropout > 0:
+        k_drop = jax.random.fold_in(key, LABEL_DROPOUT_TAG)
+        inputs["y"] = drop_labels(inputs["y"], k_drop, class_dropout, null_label)
     if "noise" in batch:
         inputs["noise"] = batch["noise"].astype(x.dtype)
     else:
@@ -131,15 +161,24 @@ def make_train_step(config, model, diffusion, schedule_sampler, num_devices: int
     """The pure step `(TrainState, dict(image [B,H,W,C], label [B])) -> (TrainState, metrics)`.
 
     The learning rate follows the diffusion TrainLoop: annealed after each step, so step k uses
-    `optim.learning_rate(..., anneal_after_step=True)`.
+    `optim.learning_rate(..., anneal_after_step=True)`. Labels are dropped to the null label
+    with probability `model.class_dropout` (`draw_inputs`); `model` must then have its null
+    class (`factory.build_model(config)` builds it so).
     """
     num_t = int(diffusion.num_timesteps)
     tx = optim.create_optimizer(config.optim)
     grad_fn = make_gradient_fn(config, model, diffusion, schedule_sampler, num_devices)
+    dropout = {
+        "class_dropout": factory.class_dropout(config.model),
+        "null_label": factory.null_label(config.model),
+    }
+    if dropout["null_label"] is not None and not model.null_class:
+        # Its label_emb has no row for the null label: every dropped example would be garbage.
+        raise ValueError("model.class_dropout > 0 needs the network built with null_class=True")
 
     def train_step(state: state_lib.TrainState, batch: dict):
         k_draw, k_drop = jax.random.split(state.step_key())
-        inputs = draw_inputs(batch, k_draw)
+        inputs = draw_inputs(batch, k_draw, **dropout)
         loss, grads, aux, new_sampler = grad_fn(state.params, state.sampler_state, inputs, k_drop)
         lr = optim.learning_rate(
             config.optim, state.step, config.train.num_steps, anneal_after_step=True
@@ -176,6 +215,8 @@ def make_sample_grid_action(config, mesh, num_samples: int = PREVIEW_SAMPLES):
 
     def action(state: state_lib.TrainState, step: int, log: loop_utils.MetricsLog) -> None:
         params = state.params if rate is None else state.ema_params[rate]
+        # The sampler takes whole parameters: gathered once here under train.state_sharding=fsdp.
+        params = sharding.gathered(params, mesh)
         images = sampler({"params": params}, None, sampler.make_batch(rows))
         # A collective on several hosts (every process calls it); process 0 draws the grid.
         pixels = distributed.to_host(images)[:num_samples]
