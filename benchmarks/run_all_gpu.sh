@@ -26,6 +26,9 @@
 #   solver     the two DPM-Solver++ rows alone (64x64 and 256x256, limits 150 + 160 s, one call;
 #              they are also in sample64 / sample256): run after `first` for the DDIM25 guided
 #              rows beside them on the same GPU
+#   guidance   guidance intervals' saving (not part of `all`): 64x64 DDIM25 classifier-guided in
+#              sigma (0.28, 5.42] (beside s64_ddim25_guided), 256x256 DDIM25 two-network guidance
+#              (w 2; a second random UNet as the guide) at every step and in that interval
 #   cpu        tiny stand-ins that run anywhere in seconds (not part of `all`)
 # A row name (e.g. s64_ddim25_guided) runs that row alone. Rows outside `first` and `solver` are
 # limited to ROW_TIMEOUT each and their groups are not sized to one call: give each its own call
@@ -61,7 +64,11 @@ declare -A ROWS=(
   [t_classifier_256]="bench_training.py --kind classifier --config 256 --batch 64"
   [t_diffusion_256_b32_dots]="bench_training.py --kind diffusion --config 256 --batch 32 --remat dots"
   [t_diffusion_256_b32_full]="bench_training.py --kind diffusion --config 256 --batch 32 --remat full"
+  [s64_ddim25_guided_interval]="bench_sampling.py --config 64 --batch 256 --respacing ddim25 --guided --interval 0.28,5.42 --repeats 2"
+  [s256_ddim25_two_network]="bench_sampling.py --config 256 --batch 32 --respacing ddim25 --guide-network --weight 2 --repeats 2"
+  [s256_ddim25_two_network_interval]="bench_sampling.py --config 256 --batch 32 --respacing ddim25 --guide-network --weight 2 --interval 0.28,5.42 --repeats 2"
   [s_tiny]="bench_sampling.py --tiny --guided --respacing ddim2 --dtype float32 --batch 4"
+  [s_tiny_interval]="bench_sampling.py --tiny --guide-network --interval 0.3,5 --respacing ddim4 --dtype float32 --batch 4"
   [s_tiny_dpm]="bench_sampling.py --tiny --guided --sampler dpm_solver --nfe 2 --dtype float32 --batch 4"
   [t_tiny]="bench_training.py --tiny --kind diffusion --dtype float32 --batch 4 --warmup 1 --steps 2"
 )
@@ -76,6 +83,7 @@ declare -A LIMITS=(
   [s256_dpm20_guided]=160
   [s_tiny]=120
   [s_tiny_dpm]=120
+  [s_tiny_interval]=120
   [t_tiny]=120
 )
 declare -A SETS=(
@@ -87,7 +95,8 @@ declare -A SETS=(
   [train]="t_diffusion_64 t_classifier_64 t_diffusion_256 t_classifier_256"
   [remat]="t_diffusion_256_b32_dots t_diffusion_256_b32_full"
   [solver]="s64_dpm20_guided s256_dpm20_guided"
-  [cpu]="t_tiny s_tiny s_tiny_dpm"
+  [guidance]="s64_ddim25_guided_interval s256_ddim25_two_network s256_ddim25_two_network_interval"
+  [cpu]="t_tiny s_tiny s_tiny_dpm s_tiny_interval"
 )
 ALL="first ops sample64 sample256 attn train remat"
 

@@ -9,26 +9,34 @@ Fig. 4) on a toy scale, both halves. A class-conditional and an unconditional di
 are trained on the 8x8 digits; the sampler then draws the same balanced labels from the same noise
 for every model at every guidance scale (the conditional model's `sample.classifier_scale`, the
 unconditional model's own, larger ones), and a separate clean-image classifier (trained on the
-training digits, minus a held-back real-data row) measures every (model, scale) against the
-held-out digits through the same scoring engine as `--mode=sweep`. As in the paper, a larger
-classifier scale makes the conditional model's samples more recognisably the requested class
-(accuracy, the guidance classifier's log-probability, precision and IS rise) while they cover less
-of the real distribution (recall falls, FID rises); and guidance turns the unconditional model into
-a class-conditional one (accuracy at the requested labels from chance at scale 0 to ~0.99 at 32),
-needing a larger scale than the conditional model, with a worse FID at scale 1 than unguided, as
-in Table 4.
+training digits, minus a held-back real-data row) measures every row against the held-out digits
+through the same scoring engine as `--mode=sweep`. As in the paper, a larger classifier scale makes
+the conditional model's samples more recognisably the requested class (accuracy and the guidance
+classifier's log-probability rise) while they cover less of the real distribution (recall falls,
+FID rises); and guidance turns the unconditional model into a class-conditional one (accuracy at
+the requested labels from chance at scale 0 to 0.93 at 32), needing a larger scale than the
+conditional model, with a worse FID at scale 1 than unguided, as in Table 4.
+
+Then the guidance that came after the paper, on the conditional model (trained with 10% label
+dropout, so one network serves every kind): classifier guidance in a noise-level interval,
+classifier-free guidance, two-network guidance (the unconditional model as the guide) and
+autoguidance (its own step-500 checkpoint as the guide), each at a few weights, at every step and
+in the interval; results.md names the kind of lowest FID at a given accuracy and
+guidance_frontier.png draws FID against accuracy per kind. Measured: at accuracy 1.0, two-network
+guidance in the interval (FID 2.04 at w = 2) ahead of classifier guidance (2.28 at scale 4) and
+classifier-free guidance (2.38 at w = 1.5).
 
 Then it weighs quality against cost (`pipeline.solver_sweep_*`): the conditional model at scale 1
 sampled with DDIM and with DPM-Solver++(2M) at NFE 5, 10, 15, 25 and 50, against the paper's 250
 ancestral steps, over the same noise and labels (solver_sweep.md / .csv / .png); measured, its FID
 comes within 5% of the 250-step row's at NFE 15 for DPM-Solver++ and at NFE 50 for DDIM.
 
-Measured 2026-12-06 on a 2-core CPU (the README's first command in a fresh copy of the working
-tree of the DPM-Solver change on 0c1ebfa, venv and install included, machine otherwise idle):
-9 min 27.9 s wall; stages: diffusion models 114 s + 115 s, classifier 34 s, evaluation network
-10 s, sampling 13 (model, scale) pairs x 300 digits 70 s, evaluation 7 s, solver sweep 11 rows x
-300 digits 158 s. The measured tables, plots and grids live in docs/digits_results/. A rerun skips
-finished stages; see gdiff/jobs/digits.py for how to swap one stage (e.g. a longer-trained model).
+Measured 2026-12-06 on a 2-core CPU (the README's first command in a fresh clone of commit
+46b7bfa, venv and install included, machine otherwise idle): 11 min 58.9 s wall; stages:
+diffusion models 125 s + 125 s, classifier 38 s, evaluation network 11 s, sampling 34 guidance
+rows x 300 digits 192 s, evaluation 13 s, solver sweep 11 rows x 300 digits 153 s. The measured
+tables, plots and grids live in docs/digits_results/. A rerun skips finished stages; see
+gdiff/jobs/digits.py for how to swap one stage (e.g. a longer-trained model).
 """
 
 import ml_collections

@@ -428,37 +428,54 @@ def plot_frontier(
 ) -> pathlib.Path:
     """FID against accuracy at the requested labels, one curve per series (model and guidance
     kind) through its scales, each point labelled with its scale: the trade-off frontier of the
-    guidance kinds (lower right is better). The baseline, when given, is a grey star."""
-    fig = figure.Figure(figsize=(7.5, 5.0))
-    ax = fig.subplots()
-    for name in models(rows):
+    guidance kinds (lower right is better). Left every curve; right the curves that reach the
+    median of the curves' best accuracies, zoomed to where they lie (a weaker model's curve,
+    e.g. an unconditional one, would otherwise crowd them into a corner). The baseline, when
+    given, is a grey star."""
+    reach = {m: max(_finite(r[accuracy]) for r in rows if series(r) == m) for m in models(rows)}
+    level = float(np.median(list(reach.values())))
+    strong = [m for m in models(rows) if reach[m] >= level]
+    fig = figure.Figure(figsize=(13.0, 5.2))
+    axes = fig.subplots(1, 2)
+    for ax, names in zip(axes, (models(rows), strong), strict=True):
+        _frontier_panel(ax, rows, names, accuracy)
+        if baseline and np.isfinite(baseline.get(accuracy, math.nan)):
+            ax.plot([baseline[accuracy]], [baseline["fid"]], "*", color="grey", ms=10)
+    zoom = [r for r in rows if series(r) in strong]
+    xs = [r[accuracy] for r in zoom if np.isfinite(r[accuracy])]
+    if xs:
+        axes[1].set_xlim(min(xs) - 0.005, max(xs) + 0.003)
+    axes[0].set_title("FID against accuracy: one curve per guidance kind (dashed: an interval)")
+    axes[1].set_title(f"zoomed: the curves reaching accuracy {fmt(level, 3)}")
+    axes[0].legend(fontsize=6, loc="upper left")
+    axes[1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _frontier_panel(ax, rows, names, accuracy: str) -> None:
+    """One frontier panel: `names`' curves (a colour per series, the same in every panel)."""
+    colors = {m: f"C{k % 10}" for k, m in enumerate(models(rows))}
+    for name in names:
         mine = sorted((r for r in rows if series(r) == name), key=lambda r: r["scale"])
         xs, ys = [r[accuracy] for r in mine], [r["fid"] for r in mine]
         style = "--" if "sigma in" in name else "-"
-        (line,) = ax.plot(xs, ys, style, marker="o", ms=4, label=name)
+        ax.plot(xs, ys, style, marker="o", ms=4, color=colors[name], label=name)
         for r, x, y in zip(mine, xs, ys, strict=True):
             ax.annotate(
                 labels_lib.format_scale(r["scale"]),
                 (x, y),
                 fontsize=6,
-                color=line.get_color(),
+                color=colors[name],
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-    if baseline and np.isfinite(baseline.get(accuracy, math.nan)):
-        ax.plot(
-            [baseline[accuracy]], [baseline["fid"]], "*", color="grey", ms=10, label=baseline_name
-        )
     ax.set_xlabel(TITLES[accuracy])
     ax.set_ylabel("FID (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left")
-    ax.set_title("FID against accuracy: one curve per guidance kind (dashed: in an interval)")
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def best_at_accuracy(rows: Sequence[Mapping[str, Any]], accuracy: str, level: float) -> list[dict]:

@@ -7,15 +7,20 @@ The paper's Table 4 on a toy scale: a class-conditional and an unconditional dif
   2. classifier         train the noise-aware guidance classifier -> classifier_checkpoints/
   3. eval_net           train a clean-image classifier on the training
                         digits: the feature network of the metrics -> eval_classifier/
-  4. sample             sample every model at every scale of its `sample.classifier_scale`, all
-                        over the same noise and balanced labels     -> samples/<model>/scale_<s>/
-  5. evaluate           per (model, scale), through gdiff.evaluation.scoring (the evaluator's
+  4. sample             sample every entry at every guidance row (gdiff/sampling/guidance_rows.py:
+                        classifier scales, cfg / two_network / autoguidance weights, intervals),
+                        all over the same noise and balanced labels -> samples/<entry>/<row>/
+                        (entries whose sample.model_checkpoint is "{workdir}/<other>" sample that
+                        entry's model: the cfg, two_network and autoguidance entries sample the
+                        conditional model and train nothing)
+  5. evaluate           per (entry, row), through gdiff.evaluation.scoring (the evaluator's
                         five numbers in the evaluation network's features vs held-out real
                         digits; accuracy at the requested labels of the evaluation network and of
                         the guidance classifier; its log p(y|x)) and gdiff.evaluation.report
-                        -> results.md, results.csv, results.json (rows: model x scale, plus the
-                        real-digit row), scale_sweep.png (one line per model), sweep_grid.png,
-                        grids/<model>_scale_<s>.png
+                        -> results.md, results.csv, results.json (rows: model x guidance x scale,
+                        plus the real-digit row), guidance_frontier.png (FID against accuracy, a
+                        curve per guidance kind), scale_sweep.png (one line per model and kind),
+                        sweep_grid.png, grids/<entry>_<row>.png
   6. solver_sweep       quality against cost: `pipeline.solver_sweep_model` at its default guided
                         scale `pipeline.solver_sweep_scale`, sampled with DDIM and DPM-Solver++
                         (the model's `sample.dpm_solver_*` settings) at each NFE of
