@@ -145,6 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every = 0  # classifier held-out evaluation
     train.eval_batches = 4  # held-out batches of train.classifier_batch_size per evaluation
     train.max_to_keep = 3
+    # > 0: also keep every step that is a multiple of keep_every (with save_every dividing it),
+    # beyond max_to_keep: the checkpoints at fixed iterations that ablations over training score
+    # (e.g. --mode=sweep entries whose sample.model_checkpoint names a step folder). 0: none.
+    train.keep_every = 0
     # Where parameters, EMA copies and AdamW moments live (gdiff/train/sharding.py): "replicated"
     # (a full copy on every device) | "fsdp" (each array split over all devices along its largest
     # dimension the device count divides; arrays with fewer than fsdp_min_elements elements, or

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import struct
 
-from gdiff import distributed
+from gdiff import distributed, errors
 from gdiff.checkpoints import locate, store
 
 
@@ -32,6 +32,17 @@ def _state(step: int, value: float) -> _State:
         opt_state=({"mu": jnp.arange(6.0).reshape(3, 2) * value},),
         rng=jax.random.key_data(jax.random.key(step)),
     )
+
+
+def test_keep_every_keeps_a_series_beyond_max_to_keep(tmp_path):
+    manager = store.CheckpointManager(tmp_path / "c", max_to_keep=1, keep_every=2)
+    for step in range(1, 8):
+        assert manager.save(step, _state(step, float(step)))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4, 6, 7]  # every 2nd step, and the newest
+    manager.close()
+    with pytest.raises(errors.ConfigError, match="train.keep_every=-1"):
+        store.CheckpointManager(tmp_path / "d", keep_every=-1)
 
 
 def test_training_checkpoint_round_trip_and_retention(tmp_path):

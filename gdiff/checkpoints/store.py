@@ -62,6 +62,8 @@ class CheckpointManager:
     Args:
       directory: where the step folders go (created if missing).
       max_to_keep: how many recent steps survive.
+      keep_every: > 0: also keep every step that is a multiple of it, beyond max_to_keep (a
+        series of checkpoints at fixed iterations, for ablations over training); 0: none.
       config_fingerprint: a JSON-able dict describing what the checkpoint holds (model, diffusion,
         optimiser shapes...). Opening a directory written under a different fingerprint raises
         ConfigMismatchError (a ValueError) naming the differing keys, before anything is written.
@@ -74,6 +76,7 @@ class CheckpointManager:
         directory: str | os.PathLike,
         *,
         max_to_keep: int = 3,
+        keep_every: int = 0,
         config_fingerprint: Mapping[str, Any] | None = None,
         ignore_keys: Collection[str] = (),
     ):
@@ -81,8 +84,17 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         if config_fingerprint is not None:
             self._check_fingerprint(_jsonable(dict(config_fingerprint)), ignore_keys)
+        if keep_every < 0:
+            raise errors.ConfigError(
+                f"train.keep_every={keep_every} must be >= 0 (0: keep only the newest "
+                "train.max_to_keep steps)"
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+            max_to_keep=max_to_keep,
+            # orbax never deletes a step that is a multiple of keep_period.
+            keep_period=keep_every or None,
+            create=True,
+            enable_async_checkpointing=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._writing: int | None = None  # the step of the newest save started

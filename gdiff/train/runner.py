@@ -212,6 +212,7 @@ def _start(
     manager = store.CheckpointManager(
         pathlib.Path(workdir) / task.checkpoint_subdir,
         max_to_keep=config.train.max_to_keep,
+        keep_every=int(config.train.keep_every),
         config_fingerprint=task.fingerprint,
         ignore_keys=task_lib.RUNTIME_KEYS,
     )
