@@ -111,52 +111,43 @@ class GuidanceRow:
         on_top = 0.0 if self.kind == CLASSIFIER else self.classifier_scale
         return (KINDS.index(self.kind), on_top, self.interval, self.scale)
 
+    def _spell(self, classifier: str, output: str, on_top: str, interval: str) -> str:
+        """The row in one spelling: format strings of a classifier row ({s}), of an output-guided
+        one ({kind}, {w}), of a classifier scale on top of it ({s}) and of an interval ({lo},
+        {hi}), each part present when the row has it."""
+        s, w = _num(self.classifier_scale), _num(self.weight)
+        if self.kind == CLASSIFIER:
+            text = classifier.format(s=s)
+        else:
+            text = output.format(kind=self.kind, w=w)
+            if self.classifier_scale != 0:
+                text += on_top.format(s=s)
+        if not self.every_step:
+            text += interval.format(lo=_num(self.interval[0]), hi=_num(self.interval[1]))
+        return text
+
     def method(self) -> str:
         """The guidance without its headline scale, e.g. "cfg+classifier 1, sigma in (0.3, 5]":
         the curve a row lies on in a report (its points: the scales)."""
-        name = self.kind
-        if self.kind != CLASSIFIER and self.classifier_scale != 0:
-            name += f"+classifier {_num(self.classifier_scale)}"
-        if not self.every_step:
-            name += f", sigma in ({_num(self.interval[0])}, {_num(self.interval[1])}]"
-        return name
+        return self._spell(CLASSIFIER, "{kind}", "+classifier {s}", ", sigma in ({lo}, {hi}]")
 
     def folder(self) -> str:
         """The row's output folder: scale_<s> for a classifier row guided at every step (the
         folders of earlier versions), else <kind>_<w>[+classifier_<s>][_sigma_<lo>-<hi>]."""
-        if self.kind == CLASSIFIER:
-            name = f"scale_{_num(self.classifier_scale)}"
-        else:
-            name = f"{self.kind}_{_num(self.weight)}"
-            if self.classifier_scale != 0:
-                name += f"+classifier_{_num(self.classifier_scale)}"
-        if not self.every_step:
-            name += f"_sigma_{_num(self.interval[0])}-{_num(self.interval[1])}"
-        return name
+        return self._spell("scale_{s}", "{kind}_{w}", "+classifier_{s}", "_sigma_{lo}-{hi}")
 
     def short(self) -> str:
         """A short title: "s=2", "w=3", "w=3 +s=1", with " (0.3, 5]" for an interval."""
-        if self.kind == CLASSIFIER:
-            text = f"s={_num(self.classifier_scale)}"
-        else:
-            text = f"w={_num(self.weight)}"
-            if self.classifier_scale != 0:
-                text += f" +s={_num(self.classifier_scale)}"
-        if self.every_step:
-            return text
-        return f"{text} ({_num(self.interval[0])}, {_num(self.interval[1])}]"
+        return self._spell("s={s}", "w={w}", " +s={s}", " ({lo}, {hi}]")
 
     def describe(self) -> str:
         """In words, for logs: "cfg w=3 + classifier scale 1, sigma in (0.3, 5]"."""
-        if self.kind == CLASSIFIER:
-            text = f"classifier scale {_num(self.classifier_scale)}"
-        else:
-            text = f"{self.kind} w={_num(self.weight)}"
-            if self.classifier_scale != 0:
-                text += f" + classifier scale {_num(self.classifier_scale)}"
-        if self.every_step:
-            return text
-        return f"{text}, sigma in ({_num(self.interval[0])}, {_num(self.interval[1])}]"
+        return self._spell(
+            "classifier scale {s}",
+            "{kind} w={w}",
+            " + classifier scale {s}",
+            ", sigma in ({lo}, {hi}]",
+        )
 
     def settings(self) -> dict:
         """The row as a run's manifest pins it (JSON: an infinite bound as "inf")."""
