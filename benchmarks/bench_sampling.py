@@ -78,11 +78,10 @@ def guide_group(config: str, overrides: dict) -> dict | None:
     return {**groups["model"], "class_cond": False}
 
 
-def build(config: str, overrides: dict, *, guided: bool, mesh):
+def build(config: str, overrides: dict, *, guided: bool, mesh, guide: dict | None = None):
     """(sampler, model, classifier or None): `--mode=sample`'s builder on the configuration's
-    groups with the script's config overrides."""
+    groups with the script's config overrides (and `guide_group`'s guide network)."""
     groups = common.sampling_groups(config, overrides)
-    guide = guide_group(config, overrides)
     return sampler_lib.build_sampler(groups, guided=guided, guide=guide, mesh=mesh)
 
 
@@ -304,7 +303,7 @@ def lower_abstract(sampler, abstract, args, mesh):
     return sampler.lower(m_in, c_in, batch_in, g_in)
 
 
-def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
+def time_sampling(sampler, abstract, args, mesh, record: dict, guide: dict | None = None) -> dict:
     """Random weights and labels on the device, one warm-up call, `--repeats` timed calls."""
     rep, (abstract_m, abstract_c) = distributed.replicated(mesh), abstract
     keys = jax.random.split(jax.random.key(0), 2)
@@ -314,10 +313,8 @@ def time_sampling(sampler, abstract, args, mesh, record: dict) -> dict:
     labels = rng.integers(0, flags.NUM_CLASSES, args.batch)
     batch_in = sampler.make_batch(batch_rows(args, labels))
     guide_vars = None
-    if sampler.guide_apply is not None:  # a second random network of the model's architecture
-        abstract_g = factory.abstract_variables(
-            factory.unet_from_group(guide_group(args.config_name, args.overrides))
-        )
+    if guide is not None:  # a second random network of the model's architecture
+        abstract_g = factory.abstract_variables(factory.unet_from_group(guide))
         guide_vars = common.random_variables(abstract_g, jax.random.key(3), rep)
     out = common.hlo_structure(sampler.lower(model_vars, classifier_vars, batch_in, guide_vars))
     timing = common.time_calls(
@@ -405,19 +402,21 @@ def main(argv=None) -> dict:
     mesh = distributed.data_mesh()
     distributed.check_batch_divisible(args.batch, what="--batch", mesh=mesh)
     overrides = sampling_overrides(args, config)
-    args.config_name, args.overrides = config, overrides
     if args.sampler == "dpm_solver":
         ref = None  # the reference measured no solver: no row to compare with
     else:
         # Read first: a missing reference file fails before anything is built.
         ddim = overrides["sample.use_ddim"]
         ref = common.reference_sampling(config, guided=args.guided, ddim=ddim)
-    sampler, model, classifier = build(config, overrides, guided=args.guided, mesh=mesh)
+    guide = guide_group(config, overrides)
+    sampler, model, classifier = build(
+        config, overrides, guided=args.guided, guide=guide, mesh=mesh
+    )
     record, abstract = describe(config, args, overrides, sampler, model, classifier)
     if args.cost_only:
         record.update(common.hlo_structure(lower_abstract(sampler, abstract, args, mesh)))
     else:
-        record.update(time_sampling(sampler, abstract, args, mesh, record))
+        record.update(time_sampling(sampler, abstract, args, mesh, record, guide))
     compare(record, ref)
     record["env"] = common.environment()
     common.emit(record, args.out)

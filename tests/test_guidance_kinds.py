@@ -97,9 +97,12 @@ def _program(nets, kind, *, classifier=False, null=False, guide=None, intervals=
         guide_class_cond=guide == "conditional",
         intervals=intervals,
     )
-    guide_apply = {None: None, "conditional": nets["model"].apply, "unconditional": None}[guide]
-    if guide == "unconditional":
-        guide_apply = nets["guide"].apply
+    # The guide network: the model itself (conditional) or the unconditional UNet.
+    guide_apply = {
+        None: None,
+        "conditional": nets["model"].apply,
+        "unconditional": nets["guide"].apply,
+    }[guide]
     return sampler.Sampler(
         _diffusion(kind),
         nets["model"].apply,

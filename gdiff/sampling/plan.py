@@ -240,7 +240,7 @@ def _locate(path: str, what: str, kind: str) -> locate.Location:
 
 
 def _manifest(
-    config, topology: Topology, *, model_ckpt: str, classifier_ckpt: str, labelled: bool
+    config, topology: Topology, rows, *, model_ckpt: str, classifier_ckpt: str, labelled: bool
 ) -> dict:
     """What a resumed run must share with the shards on disk: the sampling settings and the
     model, diffusion (and, guided, classifier) groups. `jobs/sample.py` adds the pins of the
@@ -267,7 +267,7 @@ def _manifest(
         "classifier": config.classifier.to_dict() if classifier_ckpt else None,
         # Each row draws into its own folder, whose name states its kind, weights and interval:
         # the rows are recorded, not compared (a run may gain rows, as it may gain scales).
-        "guidance_rows": [r.settings() for r in guidance_rows.parse_rows(s)],
+        "guidance_rows": [r.settings() for r in rows],
     }
 
 
@@ -380,6 +380,7 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
             **_manifest(
                 config,
                 topology,
+                rows,
                 model_ckpt=model_ckpt,
                 classifier_ckpt=classifier_ckpt,
                 labelled=labels is not None,

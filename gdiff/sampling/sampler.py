@@ -651,9 +651,13 @@ def null_label(groups: Mapping[str, Mapping[str, Any]]) -> int | None:
       errors.ConfigError: cfg rows on a model without a null class (trained without
         `model.class_dropout`).
     """
-    if not guidance_rows.uses(_rows(groups["sample"]), guidance_lib.GUIDE_NULL_LABEL):
+    return _null_label(_rows(groups["sample"]), groups["model"])
+
+
+def _null_label(rows, m: Mapping[str, Any]) -> int | None:
+    if not guidance_rows.uses(rows, guidance_lib.GUIDE_NULL_LABEL):
         return None
-    null = factory.null_label(groups["model"])
+    null = factory.null_label(m)
     if null is None:
         raise errors.ConfigError(
             "sample.guidance=cfg guides with the model's null label, but this model has none: "
@@ -663,36 +667,30 @@ def null_label(groups: Mapping[str, Mapping[str, Any]]) -> int | None:
     return null
 
 
-def guidance_options(
-    groups: Mapping[str, Mapping[str, Any]], guide: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The `SamplerOptions` of the rows' output guidance (`guidance_rows.parse_rows`), checked.
+def _guidance_options(rows, m: Mapping[str, Any], guide: Mapping[str, Any] | None) -> dict:
+    """The `SamplerOptions` of the rows' output guidance, checked.
 
     Args:
-      groups: the sampling groups (`model`, `sample`).
+      rows: the run's guidance rows (`_rows`).
+      m: the model group.
       guide: the guide network's `model` group (two_network / autoguidance rows), or None.
 
     Raises:
-      errors.ConfigError: cfg rows on a model without a null class, guide-network rows without
-        a guide, or a guide that predicts another quantity than the model.
+      errors.ConfigError: cfg rows on a model without a null class, or a guide that predicts
+        other outputs than the model.
+      ValueError: guide-network rows without a guide group (the sampling plan refuses a missing
+        sample.guide_checkpoint before this: a caller's error).
     """
-    rows = _rows(groups["sample"])
-    m = groups["model"]
-    null = null_label(groups)
     needs_guide = guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK)
     if needs_guide and guide is None:
-        raise errors.ConfigError(
-            f"sample.guidance={groups['sample']['guidance']!r} guides with a second network: set "
-            "sample.guide_checkpoint (an unconditional model for two_network, a weaker one of "
-            "the same model for autoguidance)"
-        )
+        raise ValueError("rows guide with a second network: build_sampler needs its `guide` group")
     if needs_guide and bool(guide["learn_sigma"]) != bool(m["learn_sigma"]):
         raise errors.ConfigError(
             f"the guide network has learn_sigma={guide['learn_sigma']} but the model "
             f"{m['learn_sigma']}: both must predict the same outputs to be combined"
         )
     return {
-        "null_label": null,
+        "null_label": _null_label(rows, m),
         "guide_class_cond": bool(needs_guide and guide["class_cond"]),
         "intervals": any(not r.every_step for r in rows),
     }
@@ -743,9 +741,10 @@ def build_sampler(
     if guided:
         classifier = factory.classifier_from_group(groups["classifier"], size, platform=platform)
         guidance = classifier_guidance(classifier)
-    output_guidance = guidance_options(groups, guide)
+    rows = _rows(s)
+    output_guidance = _guidance_options(rows, m, guide)
     guide_apply = None
-    if guide is not None and guidance_rows.uses(_rows(s), guidance_lib.GUIDE_NETWORK):
+    if guide is not None and guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK):
         guide_apply = factory.unet_from_group({**guide, "remat": "none"}, platform=platform).apply
     options = SamplerOptions(
         image_shape=(size, size, 3),
