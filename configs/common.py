@@ -147,7 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_to_keep = 3
     # > 0: also keep every step that is a multiple of keep_every (with save_every dividing it),
     # beyond max_to_keep: the checkpoints at fixed iterations that ablations over training score
-    # (e.g. --mode=sweep entries whose sample.model_checkpoint names a step folder). 0: none.
+    # (--mode=sweep with sample.checkpoint_steps). 0: none.
     train.keep_every = 0
     # Where parameters, EMA copies and AdamW moments live (gdiff/train/sharding.py): "replicated"
     # (a full copy on every device) | "fsdp" (each array split over all devices along its largest
@@ -219,6 +219,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.guide_ema_rate = ""
     sample.labels = "random"  # random | balanced | an int | a comma-separated list
     sample.model_checkpoint = ""  # orbax checkpoint dir (converted or trained); default: workdir
+    # --mode=sweep over training: steps of the model's training run ("100000,200000,300000"),
+    # each sampled at every guidance row (the table gains a `step` column and
+    # training_steps.png, metrics against the step). "": its newest step (or its parameters).
+    sample.checkpoint_steps = ""
     sample.classifier_checkpoint = ""
     sample.ema_rate = ""  # which EMA params to sample from ("" = the slowest of train.ema_rates)
     sample.base_samples = ""  # super-resolution: .npz of low-resolution samples

@@ -143,11 +143,16 @@ def get_config() -> ml_collections.ConfigDict:
     # null label as the guide), two-network guidance (the unconditional model as the guide) and
     # autoguidance (the conditional model guided by its own step-500 checkpoint: the same
     # network, a quarter of the training; the conditional entry keeps that checkpoint).
+    #
+    # Then the conditional model over training: "training" samples its checkpoints at steps
+    # 500, 1000 and 1500 (train.keep_every keeps them) unguided and at the paper's scale 1, over
+    # the same noise and labels; with the conditional entry's rows at step 2000 they make the
+    # report's FID-against-step curves (training_steps.png).
     conditional = "{workdir}/conditional"
     guided = {"guidance_scale": "1.5,2,3", "guidance_interval": "all;0.3,5"}
     config.sweep.models = ml_collections.ConfigDict(
         {
-            "conditional": {"train": {"max_to_keep": 4}, "sample": {"model_checkpoint": ""}},
+            "conditional": {"train": {"keep_every": 500}, "sample": {"model_checkpoint": ""}},
             "unconditional": {
                 "model": {"class_cond": False, "class_dropout": 0.0},
                 "sample": {"classifier_scale": "0,1,2,4,8,16,32", "model_checkpoint": ""},
@@ -174,6 +179,13 @@ def get_config() -> ml_collections.ConfigDict:
                     "guidance": "autoguidance",
                     "guide_checkpoint": "{workdir}/conditional/checkpoints/500",
                     **guided,
+                }
+            },
+            "training": {
+                "sample": {
+                    "model_checkpoint": conditional,
+                    "checkpoint_steps": "500,1000,1500",
+                    "classifier_scale": "0,1",
                 }
             },
         }

@@ -52,6 +52,10 @@ def tiny_config():
     models.autoguidance.sample.guidance_scale = "3"
     models.autoguidance.sample.guidance_interval = ""
     models.autoguidance.sample.guide_checkpoint = "{workdir}/conditional/checkpoints/1"
+    # The training curve: the conditional model's steps 1 and 2, unguided (with its step-3 rows,
+    # FID against the step).
+    models.training.sample.checkpoint_steps = "1,2"
+    models.training.sample.classifier_scale = "0"
     p = config.pipeline
     p.eval_classifier_steps = 5
     p.eval_classifier_batch_size = 32
@@ -78,16 +82,18 @@ STAGES = (
     "evaluate",
     "solver_sweep",
 )
-# (model, guidance, scale) of every row: the conditional model's rows first (whichever entry
-# drew them), each curve's scales ascending.
+# (model, guidance, step, scale) of every row: the conditional model's rows first (whichever
+# entry drew them), its steps ascending, each curve's scales ascending.
 PAIRS = [
-    ("conditional", "classifier", 0.0),
-    ("conditional", "classifier", 4.0),
-    ("conditional", "cfg", 3.0),
-    ("conditional", "cfg, sigma in (0.3, 5]", 3.0),
-    ("conditional", "autoguidance", 3.0),
-    ("unconditional", "classifier", 0.0),
-    ("unconditional", "classifier", 8.0),
+    ("conditional", "classifier", 1, 0.0),
+    ("conditional", "classifier", 2, 0.0),
+    ("conditional", "classifier", 3, 0.0),
+    ("conditional", "classifier", 3, 4.0),
+    ("conditional", "cfg", 3, 3.0),
+    ("conditional", "cfg, sigma in (0.3, 5]", 3, 3.0),
+    ("conditional", "autoguidance", 3, 3.0),
+    ("unconditional", "classifier", 3, 0.0),
+    ("unconditional", "classifier", 3, 8.0),
 ]
 
 
@@ -98,11 +104,12 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     with open(workdir / digits.RESULTS_CSV, newline="") as f:
         reader = csv.DictReader(f)
         # Every row of the scale sweep is drawn by the one sampler its "sampling" line names.
-        # A table comparing guidance kinds names each row's after its model.
+        # A table comparing guidance kinds names each row's after its model, one over
+        # training steps each row's step.
         want = [c for c in report.COLUMNS if c not in ("sampler", "nfe")]
-        assert reader.fieldnames == [want[0], "guidance", *want[1:]]
+        assert reader.fieldnames == [want[0], "guidance", "step", *want[1:]]
         rows = list(reader)
-    assert [(r["model"], r["guidance"], float(r["scale"])) for r in rows] == PAIRS
+    assert [(r["model"], r["guidance"], int(r["step"]), float(r["scale"])) for r in rows] == PAIRS
     for r in rows:
         values = {k: float(v) for k, v in r.items() if k not in ("model", "guidance")}
         assert all(math.isfinite(v) for v in values.values()), values
@@ -114,10 +121,17 @@ def test_pipeline_writes_parseable_results(pipeline_run):
     got = [float(r["eval_accuracy"]) for r in rows]
     assert np.allclose(got, [r["eval_accuracy"] for r in first["rows"]])
     md = (workdir / digits.RESULTS_MD).read_text()
-    assert "| model | guidance | scale |" in md and "| real digits |" in md
-    assert first["summary"] in md and "| unconditional | classifier | 8 |" in md
+    assert "| model | guidance | step | scale |" in md and "| real digits |" in md
+    assert first["summary"] in md and "| unconditional | classifier | 3 | 8 |" in md
     assert "At accuracy >= " in first["summary"] and "the lowest FID is " in first["summary"]
+    # The training curve: the unguided conditional rows' FID at steps 1, 2, 3, drawn and said.
+    curve = [r for r in first["rows"] if r["scale"] == 0.0 and r["model"] == "conditional"]
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    said = "conditional, classifier, scale 0: FID "
+    assert said in first["summary"] and f"{report.fmt(curve[-1]['fid'], 3)} at step 3" in md
+    assert f"![{digits.STEPS_PLOT}]({digits.STEPS_PLOT})" in md
     for png in [
+        workdir / digits.STEPS_PLOT,
         workdir / digits.FRONTIER_PLOT,
         workdir / digits.PLOT,
         workdir / digits.SWEEP_FIGURE,
@@ -288,6 +302,18 @@ def test_read_csv_round_trip_and_missing_columns(tmp_path):
     rows = [_row(m, s, 0.1 * s, 0.3) for m in ("a", "b") for s in (0.0, 1.0)]
     path = report.write_csv(rows, tmp_path / "r.csv")
     assert report.read_csv(path) == rows
+    # A table over training steps: a parameter checkpoint's row has no step (an empty cell).
+    stepped = [{**r, "step": step} for r, step in zip(rows, (None, 5, 5, 10), strict=True)]
+    path = report.write_csv(stepped, tmp_path / "s.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("model,step,scale,fid,") and lines[1].startswith("a,,0.0,")
+    assert report.read_csv(path) == stepped
+    # Each model's newest step (and the step-less row) make its scale sweep; b's step-5 row is
+    # on no curve (its other scale alone is at step 10), until both are at one scale.
+    assert report.newest(stepped) == [stepped[0], stepped[1], stepped[3]]
+    assert report.step_curves(stepped) == {}
+    stepped[3]["scale"] = 0.0
+    assert report.step_curves(stepped) == {"b, scale 0": [stepped[2], stepped[3]]}
     bad = tmp_path / "bad.csv"
     bad.write_text("scale,fid\n0,1\n")
     with pytest.raises(ValueError, match="lacks the columns"):

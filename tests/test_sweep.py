@@ -2,6 +2,7 @@
 exactly as --mode=evaluate scores that row's samples file, one joint table and plot."""
 
 import csv
+import json
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from configs.released import imagenet256, imagenet256_uncond
 from gdiff import distributed, factory
 from gdiff.checkpoints import store
 from gdiff.evaluation import ClassifierExtractor, SmallClassifier, evaluator, metrics, report
+from gdiff.jobs import sample as sample_job
 from gdiff.jobs import sweep
 
 
@@ -202,3 +204,99 @@ def test_table4_config_pairs_the_released_256_models():
     for c in (cond, uncond):
         assert (c.sample.classifier_scale, c.sample.timestep_respacing) == ("0,1,10", "250")
         assert c.sample.num_samples == 50_000
+
+
+def _training_run(directory, config, steps):
+    """A training checkpoint directory with one step folder per step, each of other weights
+    (shifted off the initialisation, whose zeroed output layer predicts the same at any step)."""
+    manager = store.CheckpointManager(directory, max_to_keep=len(steps))
+    params = factory.init_variables(factory.build_model(config), jax.random.key(0))["params"]
+    for step in steps:
+        shifted = jax.tree.map(lambda x, step=step: x + 0.01 * step, params)
+        manager.save(step, {"params": shifted, "ema_params": {}})
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_sweep_over_training_steps(tmp_path, extractor):
+    """sample.checkpoint_steps: an entry samples steps of another entry's run; the table names
+    each row's step, plots and summarizes the newest step's rows, and draws FID against the
+    step."""
+    root = tmp_path / "work"
+    config = _config(tmp_path)
+    _training_run(root / "conditional" / "checkpoints", config, (2, 4, 6))
+    cls_vars = factory.init_variables(factory.build_classifier(config), jax.random.key(1))
+    store.save_params(root / "classifier_params", cls_vars["params"], metadata={})
+    config.eval.ref_batch = str(_reference_batch(tmp_path / "ref.npz", extractor))
+    config.sample.output_dir = ""
+    config.sweep.models = {
+        "conditional": {},
+        "training": {
+            "sample": {"model_checkpoint": "{workdir}/conditional", "checkpoint_steps": "4,2"}
+        },
+    }
+    models = sweep.sweep_models(config, root)
+    assert [(m.name, m.label, m.step) for m in models] == [
+        ("conditional", "conditional", None),
+        ("training@2", "conditional", 2),
+        ("training@4", "conditional", 4),
+    ]
+    mesh = distributed.data_mesh(jax.devices()[:1])
+    rows = sweep.run(config, str(root), extractor=extractor, mesh=mesh)
+    # Rows by step (the entry's newest: 6), then scale; every row the one network.
+    assert [(r["model"], r["step"], r["scale"]) for r in rows] == [
+        ("conditional", s, c) for s in (2, 4, 6) for c in (0.0, 3.0)
+    ]
+    out = root / "samples"
+    for step in (2, 4):
+        manifest = json.loads((out / "training" / f"step_{step}" / "run.json").read_text())
+        assert manifest["model_weights"]["step"] == step
+    # Other weights, the same noise and labels: other images, the same labels.
+    with np.load(out / "training/step_2/scale_0/samples_8x8x8x3.npz") as a:
+        with np.load(out / "conditional/scale_0/samples_8x8x8x3.npz") as b:
+            np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+            assert not np.array_equal(a["arr_0"], b["arr_0"])
+    with open(root / sweep.TABLE_CSV, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:3] == ["model", "step", "scale"]
+    assert [c["step"] for c in table] == ["2", "2", "4", "4", "6", "6"]
+    assert report.read_csv(root / sweep.TABLE_CSV)[0]["step"] == 2
+    md = (root / sweep.TABLE_MD).read_text()
+    assert "# Classifier-scale sweep over training" in md
+    assert "| conditional | 2 | 0 | ancestral | 2 |" in md
+    # The step plot, and its summary: one curve per scale, its FID at the first and last step.
+    assert (root / sweep.STEPS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![{sweep.STEPS_PLOT}]({sweep.STEPS_PLOT})" in md
+    for scale in (0.0, 3.0):
+        mine = [r for r in rows if r["scale"] == scale]
+        first, last = report.fmt(mine[0]["fid"], 3), report.fmt(mine[-1]["fid"], 3)
+        assert f"conditional, scale {scale:g}: FID " in md
+        assert f"{first} at step 2" in md and f"{last} at step 6" in md
+    # The scale summary speaks of the newest step alone.
+    assert report.newest(rows) == rows[4:]
+
+
+def test_checkpoint_steps_are_checked(tmp_path, workdir):
+    config = _config(tmp_path)
+    config.sample.classifier_scale = "0"
+    config.sample.checkpoint_steps = "2,x"
+    with pytest.raises(ValueError, match="sample.checkpoint_steps='2,x' must be distinct"):
+        sweep.sweep_models(config, workdir)
+    run = tmp_path / "run"
+    _training_run(run / "checkpoints", config, (2, 4))
+    config.sample.model_checkpoint = str(run)
+    config.sample.checkpoint_steps = "2,3"
+    models = sweep.sweep_models(config, tmp_path)
+    mesh = distributed.data_mesh(jax.devices()[:1])
+    # A step that is not there: refused at the plan, before anything is sampled, naming those
+    # that are.
+    with pytest.raises(FileNotFoundError, match=r"step 3 is not a finished checkpoint .*2, 4"):
+        sweep.plan_models(models, tmp_path, mesh)
+    # Parameters have no steps.
+    config.sample.model_checkpoint = str(workdir / "conditional")
+    with pytest.raises(ValueError, match="not the steps of a training run"):
+        sweep.plan_models(sweep.sweep_models(config, tmp_path), tmp_path, mesh)
+    # --mode=sample draws from one checkpoint.
+    with pytest.raises(ValueError, match="sample.checkpoint_steps='2,3' lists steps"):
+        sample_job.run(config, str(tmp_path), mesh=mesh)
+    assert not (tmp_path / "samples").exists()

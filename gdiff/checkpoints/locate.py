@@ -138,6 +138,32 @@ def locate(path: str | os.PathLike, kind: str | None = None) -> Location:
     )
 
 
+def step_folder(path: str | os.PathLike, step: int, kind: str = "model") -> pathlib.Path:
+    """The folder of training step `step` of the run `path` names (a workdir, its training
+    checkpoint directory, or any step folder of it): what `sample.checkpoint_steps` samples.
+
+    Raises:
+      errors.MissingInputError: no checkpoint at `path`, or `step` is not among its finished
+        steps (the message lists them).
+      errors.InputError: `path` holds parameters, not a training run's steps.
+    """
+    found = locate(path, kind)
+    if found.format != "training":
+        raise errors.InputError(
+            f"{path} holds a {'parameter checkpoint' if found.format == 'params' else found.format}"
+            f" ({found.path}), not the steps of a training run: step {step} can only be taken "
+            "from a training checkpoint directory"
+        )
+    steps = store.finished_steps(found.path)
+    if step not in steps:
+        raise errors.MissingInputError(
+            f"step {step} is not a finished checkpoint of {found.path} (it has "
+            f"{', '.join(map(str, steps))}): train.max_to_keep keeps only the newest steps; "
+            "train.keep_every keeps every Nth step beyond them"
+        )
+    return found.path / str(step)
+
+
 def load_params(
     path: str | os.PathLike | Location,
     *,

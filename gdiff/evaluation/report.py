@@ -5,9 +5,13 @@ solver sweep) adds its plot against the NFE and its summary (`plot_against_nfe`,
 `summarize_nfe`).
 
 A row is a dict: `model` (str), `scale` (float), optionally `guidance` (str: the guidance kind
-and interval, `GuidanceRow.method`; present when a table compares kinds), `sampler` (str) and
-`nfe` (int), and metric columns (floats, NaN where a row has no value); which metric columns a
-table has is whatever `gdiff.evaluation.scoring.Scorer` produced.
+and interval, `GuidanceRow.method`; present when a table compares kinds), `step` (int, or None
+for a parameter checkpoint: the training step of the checkpoint sampled; present when a table
+compares checkpoints of one run), `sampler` (str) and `nfe` (int), and metric columns (floats,
+NaN where a row has no value); which metric columns a table has is whatever
+`gdiff.evaluation.scoring.Scorer` produced. A table over training steps plots and summarizes
+each model's scales and guidance kinds at its newest step (`newest`), and each curve's metrics
+against the step (`plot_against_step`, `summarize_steps`).
 Every number written here comes from the rows; nothing is hard-coded.
 """
 
@@ -45,6 +49,9 @@ COLUMNS = (
 # The column of a table comparing guidance kinds (`series`), after `model`; tables of the
 # classifier scale alone (the paper's Table 4) have only COLUMNS.
 GUIDANCE = "guidance"
+# The column of a table over a run's checkpoints (`--mode=sweep` with sample.checkpoint_steps),
+# after `model` (and `guidance`).
+STEP = "step"
 DESCRIPTIONS = {
     "model": "the diffusion model sampled (all models share the noise, the labels and the "
     "guidance classifier)",
@@ -53,6 +60,8 @@ DESCRIPTIONS = {
     "autoguidance (a weaker version of the model as u), +classifier s (a classifier gradient "
     "on top), and the noise levels sigma it is applied at (every step unless an interval is "
     "given)",
+    "step": "the training step of the checkpoint sampled (n/a: a parameter checkpoint); the "
+    "rows of a model at its newest step are its scale sweep, the others its training curve",
     "scale": "the classifier scale s of the guidance gradient s * grad log p(y|x_t); for cfg, "
     "two_network and autoguidance the weight w of u + w (c - u) (1: the model alone)",
     "sampler": "the sampler that drew the row (ancestral, DDIM, DPM-Solver++(2M): multistep "
@@ -97,14 +106,16 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not rows:
         raise ValueError("no rows to report")
     cols = [c for c in COLUMNS if c in rows[0]]
-    if GUIDANCE in rows[0]:  # a table comparing guidance kinds: the row's kind after its model
-        cols.insert(1, GUIDANCE)
+    # A table comparing guidance kinds names each row's kind, one over a run's checkpoints its
+    # step, after its model.
+    cols[1:1] = [c for c in (GUIDANCE, STEP) if c in rows[0]]
     return cols
 
 
 # The columns that say what a row is (the rest are its measurements), and how each is typed.
-ROW_COLUMNS = ("model", "guidance", "scale", "sampler", "nfe")
+ROW_COLUMNS = ("model", "guidance", "step", "scale", "sampler", "nfe")
 _TEXT_COLUMNS = ("model", "guidance", "sampler")
+_INT_COLUMNS = ("step", "nfe")
 
 
 def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -112,18 +123,28 @@ def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _cell(key: str, value: Any) -> str:
-    """A CSV cell: text as is, NFE as an integer, floats as repr (every digit)."""
+    """A CSV cell: text as is, NFE and step as integers (no step: empty), floats as repr (every
+    digit)."""
     if key in _TEXT_COLUMNS:
         return str(value)
-    if key == "nfe":
-        return str(int(value))
+    if key in _INT_COLUMNS:
+        return "" if value is None else str(int(value))
     return repr(float(value))
 
 
 def _parse(key: str, text: str) -> Any:
     if key in _TEXT_COLUMNS:
         return text
-    return int(text) if key == "nfe" else float(text)
+    if key in _INT_COLUMNS:
+        return int(text) if text else None
+    return float(text)
+
+
+def _shown(key: str, value: Any) -> str:
+    """A markdown cell of a column that says what a row is."""
+    if key == "scale":
+        return labels_lib.format_scale(value)
+    return "n/a" if value is None else str(value)
 
 
 def series(row: Mapping[str, Any]) -> str:
@@ -184,7 +205,7 @@ def markdown_table(
     names = [c for c in cols if c in ROW_COLUMNS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [labels_lib.format_scale(row[k]) if k == "scale" else str(row[k]) for k in names]
+        cells = [_shown(k, row[k]) for k in names]
         lines.append("| " + " | ".join(cells + [fmt(row[k]) for k in metrics]) + " |")
     if baseline:
         cells = [baseline_name] + [""] * (len(names) - 1) + [fmt(baseline.get(k)) for k in metrics]
@@ -297,14 +318,16 @@ def save_sweep_figure(
 # ----------------------------------------------------------------------------- summary
 
 
-def _trend(values: Sequence[float], scales: Sequence[float]) -> str:
-    """'rises from X at scale a to Y at scale b' (or falls / stays), from first to last scale."""
+def _trend(values: Sequence[float], points: Sequence[float], unit: str = "scale") -> str:
+    """'rises from X at scale a to Y at scale b' (or falls / stays), from the first point to the
+    last (`unit`: "scale", or "step" for training steps)."""
     first, last = float(values[0]), float(values[-1])
-    a, b = labels_lib.format_scale(scales[0]), labels_lib.format_scale(scales[-1])
+    show = labels_lib.format_scale if unit == "scale" else (lambda p: str(int(p)))
+    a, b = show(points[0]), show(points[-1])
     if abs(last - first) <= 0.02 * max(abs(first), abs(last), 1e-12):
-        return f"stays near {fmt(first, 3)} ({fmt(first, 3)} at scale {a}, {fmt(last, 3)} at {b})"
+        return f"stays near {fmt(first, 3)} ({fmt(first, 3)} at {unit} {a}, {fmt(last, 3)} at {b})"
     verb = "rises" if last > first else "falls"
-    return f"{verb} from {fmt(first, 3)} at scale {a} to {fmt(last, 3)} at scale {b}"
+    return f"{verb} from {fmt(first, 3)} at {unit} {a} to {fmt(last, 3)} at {unit} {b}"
 
 
 def accuracy_key(rows) -> str | None:
@@ -518,6 +541,99 @@ def summarize_frontier(rows: Sequence[Mapping[str, Any]], accuracy: str) -> str:
         levels.append(reach[-2])
     whats = ["the highest accuracy half of the curves reach", "the highest two curves reach"]
     return " ".join(sentence(level, what) for level, what in zip(levels, whats, strict=False))
+
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def newest(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of each model at its newest step (all rows of a table without a `step` column,
+    and rows of a parameter checkpoint): the table's scale sweep and guidance comparison, which
+    `plot`, `summarize` and the frontier read; the earlier steps are its training curves
+    (`step_curves`)."""
+    if not rows or STEP not in rows[0]:
+        return list(rows)
+    last = {}
+    for r in rows:
+        if r[STEP] is not None:
+            last[r["model"]] = max(last.get(r["model"], r[STEP]), r[STEP])
+    return [r for r in rows if r[STEP] is None or r[STEP] == last[r["model"]]]
+
+
+def step_curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """{curve: its rows by step}: every (series, scale) sampled at more than one training step,
+    in order of first appearance ({} for a table without a `step` column)."""
+    if not rows or STEP not in rows[0]:
+        return {}
+    curves: dict[str, list] = {}
+    for r in rows:
+        if r[STEP] is not None:
+            key = f"{series(r)}, scale {labels_lib.format_scale(r['scale'])}"
+            curves.setdefault(key, []).append(r)
+    return {
+        k: sorted(v, key=lambda r: r[STEP])
+        for k, v in curves.items()
+        if len({r[STEP] for r in v}) > 1
+    }
+
+
+def plot_against_step(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    metrics: Sequence[str] | None = None,
+    baseline: Mapping[str, float] | None = None,
+    baseline_name: str = "reference",
+) -> pathlib.Path:
+    """Metrics against the training step (default FID and the accuracy at the requested labels),
+    one line per curve of `step_curves`; the baseline as a dashed line."""
+    curves = step_curves(rows)
+    if not curves:
+        raise ValueError("no model was sampled at more than one training step")
+    if metrics is None:
+        acc = accuracy_key(rows)
+        metrics = ["fid"] + ([acc] if acc else [])
+    steps = sorted({r[STEP] for mine in curves.values() for r in mine})
+    fig = figure.Figure(figsize=(4.2 * len(metrics), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics))).ravel()
+    for ax, key in zip(axes, metrics, strict=True):
+        for name, mine in curves.items():
+            ax.plot([r[STEP] for r in mine], [r[key] for r in mine], marker="o", label=name)
+        if baseline and np.isfinite(baseline.get(key, math.nan)):
+            ax.axhline(baseline[key], color="grey", ls="--", lw=1, label=baseline_name)
+        if key in ("fid", "sfid"):  # early checkpoints lie far above the late ones
+            ax.set_yscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
+        ax.set_xlabel("training step")
+        ax.set_title(TITLES[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def summarize_steps(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per curve of `step_curves`, how FID (and the accuracy at the requested labels) moves over
+    the training steps, and the step of lowest FID."""
+    curves = step_curves(rows)
+    if not curves:
+        raise ValueError("no model was sampled at more than one training step")
+    acc = accuracy_key(rows)
+    parts = []
+    for name, mine in curves.items():
+        steps, fids = [r[STEP] for r in mine], [r["fid"] for r in mine]
+        best = int(np.nanargmin(fids)) if np.any(np.isfinite(fids)) else 0
+        text = (
+            f"{name}: FID {_trend(fids, steps, 'step')}, lowest ({fmt(fids[best], 3)}) at step "
+            f"{steps[best]}"
+        )
+        if acc:
+            text += f"; accuracy {_trend([r[acc] for r in mine], steps, 'step')}"
+        parts.append(text + ".")
+    return "Over training: " + " ".join(parts)
 
 
 # ----------------------------------------------------------------------------- quality against cost

@@ -1,7 +1,9 @@
 """`--mode=pipeline`: the whole method on scikit-learn's digits, start to finish, on a CPU.
 
 The paper's Table 4 on a toy scale: a class-conditional and an unconditional diffusion model
-(`sweep.models`), one noise-aware classifier guiding both. Stages, each writing into the workdir:
+(`sweep.models`), one noise-aware classifier guiding both; then the guidance kinds after the
+paper, and the conditional model's FID over its training steps. Stages, each writing into the
+workdir:
 
   1. diffusion/<model>  train each diffusion model            -> <model>/checkpoints/
   2. classifier         train the noise-aware guidance classifier -> classifier_checkpoints/
@@ -12,15 +14,18 @@ The paper's Table 4 on a toy scale: a class-conditional and an unconditional dif
                         all over the same noise and balanced labels -> samples/<entry>/<row>/
                         (entries whose sample.model_checkpoint is "{workdir}/<other>" sample that
                         entry's model: the cfg, two_network and autoguidance entries sample the
-                        conditional model and train nothing)
+                        conditional model and train nothing; the training entry samples its
+                        earlier checkpoints, sample.checkpoint_steps -> samples/training/step_<s>/)
   5. evaluate           per (entry, row), through gdiff.evaluation.scoring (the evaluator's
                         five numbers in the evaluation network's features vs held-out real
                         digits; accuracy at the requested labels of the evaluation network and of
                         the guidance classifier; its log p(y|x)) and gdiff.evaluation.report
-                        -> results.md, results.csv, results.json (rows: model x guidance x scale,
-                        plus the real-digit row), guidance_frontier.png (FID against accuracy, a
-                        curve per guidance kind), scale_sweep.png (one line per model and kind),
-                        sweep_grid.png, grids/<entry>_<row>.png
+                        -> results.md, results.csv, results.json (rows: model x guidance x step x
+                        scale, plus the real-digit row), guidance_frontier.png (FID against
+                        accuracy, a curve per guidance kind), scale_sweep.png (one line per model
+                        and kind; both at each model's newest step), training_steps.png (FID and
+                        accuracy against the training step, a line per scale sampled at several
+                        steps), sweep_grid.png, grids/<entry>_<row>.png
   6. solver_sweep       quality against cost: `pipeline.solver_sweep_model` at its default guided
                         scale `pipeline.solver_sweep_scale`, sampled with DDIM and DPM-Solver++
                         (the model's `sample.dpm_solver_*` settings) at each NFE of
@@ -104,6 +109,7 @@ RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 PLOT = "scale_sweep.png"
 FRONTIER_PLOT = "guidance_frontier.png"
+STEPS_PLOT = "training_steps.png"
 GRID_DIR = "grids"
 SWEEP_FIGURE = "sweep_grid.png"
 BASELINE = "real digits"
@@ -121,14 +127,18 @@ LATER_STAGES = ("classifier", "eval_net", "sample", "evaluate", "solver_sweep")
 
 
 def trained(models: list[sweep.SweepModel]) -> list[sweep.SweepModel]:
-    """The entries that train a diffusion model (the others sample one of theirs with other
-    guidance: `SweepModel.label`)."""
-    return [m for m in models if m.label == m.name]
+    """The entries that train a diffusion model, once each (the others sample one of theirs
+    with other guidance or at other steps: `SweepModel.label`)."""
+    first = {}
+    for m in models:
+        if m.label == m.entry:
+            first.setdefault(m.entry, m)
+    return list(first.values())
 
 
 def stages(models: list[sweep.SweepModel]) -> tuple[str, ...]:
     """The pipeline's stages for these diffusion models, in order."""
-    return tuple(f"diffusion/{m.name}" for m in trained(models)) + LATER_STAGES
+    return tuple(f"diffusion/{m.entry}" for m in trained(models)) + LATER_STAGES
 
 
 @dataclasses.dataclass
@@ -383,13 +393,14 @@ def _scored(config, sample_paths, eval_net) -> dict[str, Any]:
 
 
 def _stored_results(
-    workdir: pathlib.Path, sample_paths, scored
+    workdir: pathlib.Path, sample_paths, scored, stepped: bool
 ) -> tuple[dict[str, Any] | None, str | None]:
     """(an earlier evaluation's results, None) when every output of the stage exists and
     results.json records that it scored `scored`; else (None, why it is redone), why being None
-    when there is no earlier evaluation at all."""
+    when there is no earlier evaluation at all. `stepped`: whether the evaluation draws
+    training_steps.png (`sweep.has_step_curves`)."""
     stored, why = _stored_record(
-        workdir, _result_files(workdir, sample_paths), RESULTS_JSON, RESULTS_CSV, scored
+        workdir, _result_files(workdir, sample_paths, stepped), RESULTS_JSON, RESULTS_CSV, scored
     )
     if stored is None:
         return None, why
@@ -433,11 +444,13 @@ def _stored_record(
     return {**stored, "rows": rows}, None
 
 
-def _result_files(workdir: pathlib.Path, sample_paths) -> list[pathlib.Path]:
+def _result_files(workdir: pathlib.Path, sample_paths, stepped: bool) -> list[pathlib.Path]:
     """Every output of the evaluate stage; results.json, its record, is written last."""
     files = [workdir / n for n in (RESULTS_CSV, RESULTS_MD, PLOT, SWEEP_FIGURE)]
     if sweep.compares_guidance(sample_paths):
         files.append(workdir / FRONTIER_PLOT)
+    if stepped:
+        files.append(workdir / STEPS_PLOT)
     files += [_grid_path(workdir, m, s) for m, s in _pairs(sample_paths)]
     return [*files, workdir / RESULTS_JSON]
 
@@ -495,13 +508,16 @@ def _scorer(config, workdir: pathlib.Path, eval_net) -> tuple[scoring.Scorer, in
 
 
 def _evaluate(
-    config, workdir, models, sample_paths, eval_net, get_scorer, log, timings
+    config, workdir, models, sampled, eval_net, get_scorer, log, timings
 ) -> dict[str, Any]:
     """Stage 5: the table, plot, grids and summary (skipped when every output exists and
     results.json records that these samples were scored with this evaluation network).
-    `get_scorer()` -> (scorer, reference size): `_scorer`, built once for stages 5 and 6."""
+    `sampled`: (sample paths, each model's training step or None: `_sample`). `get_scorer()` ->
+    (scorer, reference size): `_scorer`, built once for stages 5 and 6."""
+    sample_paths, steps = sampled
+    stepped = sweep.has_step_curves(models, sample_paths, steps)
     scored = _scored(config, sample_paths, eval_net)
-    stored, why = _stored_results(workdir, sample_paths, scored)
+    stored, why = _stored_results(workdir, sample_paths, scored, stepped)
     if stored is not None:
         log.skip("evaluate", f"found {workdir / RESULTS_JSON} of these samples")
         return stored
@@ -512,15 +528,23 @@ def _evaluate(
     # The record goes first and comes back last: an evaluation cut short is never taken as done.
     (workdir / RESULTS_JSON).unlink(missing_ok=True)
     scorer, num_ref = get_scorer()
-    rows = sweep.score_models(scorer, sample_paths, models, with_sampler=False)
+    rows = sweep.score_models(scorer, sample_paths, models, with_sampler=False, steps=steps)
     samples = _save_grids(config, workdir, sample_paths)
     n = len(samples[pairs[0]][0])
     baseline = scorer(*_held_back_digits(config, workdir, eval_net[2], n))
+    # The scale sweep and the guidance comparison at each network's newest step; the earlier
+    # checkpoints (sample.checkpoint_steps) as curves against the training step.
+    latest = report.newest(rows)
     summary = report.summarize(
-        rows, baseline=baseline, baseline_name=BASELINE, chance=1.0 / int(config.data.num_classes)
+        latest,
+        baseline=baseline,
+        baseline_name=BASELINE,
+        chance=1.0 / int(config.data.num_classes),
     )
     if "guidance" in rows[0]:
-        summary += "\n\n" + report.summarize_frontier(rows, report.accuracy_key(rows))
+        summary += "\n\n" + report.summarize_frontier(latest, report.accuracy_key(rows))
+    if stepped:
+        summary += "\n\n" + report.summarize_steps(rows)
     results = {"rows": rows, "baseline": baseline, "summary": summary}
     details = _details(config, workdir, models, num_ref, eval_net[2], timings)
     _write_results(config, workdir, results, _titled(samples), details, scored)
@@ -531,7 +555,7 @@ def _evaluate(
 def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings) -> dict:
     """The set-up lines of results.md."""
     training = "; ".join(
-        f"{m.name} {m.config.train.num_steps} steps x batch {m.config.train.batch_size}"
+        f"{m.entry} {m.config.train.num_steps} steps x batch {m.config.train.batch_size}"
         + (
             f", label dropout {m.config.model.class_dropout:g}"
             if m.config.model.class_dropout
@@ -540,10 +564,17 @@ def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings)
         for m in trained(models)
     )
     scales = "; ".join(
-        f"{m.name} {m.config.sample.classifier_scale}"
-        for m in models
-        if guidance_rows.uses_classifier(guidance_rows.parse_rows(m.config.sample))
+        {
+            m.entry: f"{m.entry} {m.config.sample.classifier_scale}"
+            for m in models
+            if guidance_rows.uses_classifier(guidance_rows.parse_rows(m.config.sample))
+        }.values()
     )
+    stepped = {
+        m.entry: f"{m.entry}: {m.label} at steps {m.config.sample.checkpoint_steps}"
+        for m in models
+        if m.step is not None
+    }
     return {
         "command": f"python main.py --mode=pipeline --config configs/digits.py --workdir {workdir}",
         "image size": f"{config.data.image_size}x{config.data.image_size}",
@@ -554,6 +585,7 @@ def _details(config, workdir: pathlib.Path, models, num_ref: int, meta, timings)
         ),
         "sampling": sweep.sampling_description(config, models),
         "classifier scales": scales,
+        **({"checkpoint steps": "; ".join(stepped.values())} if stepped else {}),
         "reference set": f"{num_ref} held-out real digits (split {config.data.eval_split})",
         "evaluation network held-out accuracy": _fmt_opt(meta.get("held_out_accuracy")),
         "stage times (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) or "n/a",
@@ -564,12 +596,18 @@ def _write_results(config, workdir: pathlib.Path, results, samples, details, sco
     """The metrics-vs-scale plot, the sweep figure, results.csv / .md, then results.json with
     `scored`, the stage's record (last: it marks the stage done)."""
     rows, baseline = results["rows"], results["baseline"]
+    latest = report.newest(rows)
     per_class, zoom = int(config.pipeline.grid_per_class), int(config.pipeline.grid_zoom)
-    report.plot(rows, workdir / PLOT, baseline=baseline, baseline_name=BASELINE)
+    report.plot(latest, workdir / PLOT, baseline=baseline, baseline_name=BASELINE)
     images = [PLOT, SWEEP_FIGURE]
+    if report.step_curves(rows):
+        report.plot_against_step(
+            rows, workdir / STEPS_PLOT, baseline=baseline, baseline_name=BASELINE
+        )
+        images.insert(1, STEPS_PLOT)
     if "guidance" in rows[0]:
         report.plot_frontier(
-            rows,
+            latest,
             workdir / FRONTIER_PLOT,
             accuracy=report.accuracy_key(rows),
             baseline=baseline,
@@ -814,7 +852,7 @@ def _train_networks(config, workdir: pathlib.Path, models, mesh, log: StageLog) 
       errors.StoppedError: a training stage stopped on a request (SIGTERM) after saving.
     """
     for m in trained(models):
-        stage = f"diffusion/{m.name}"
+        stage = f"diffusion/{m.entry}"
         why, resume = _trained_elsewhere(m.config, m.workdir, "model")
         if why:
             log.skip(stage, why)
@@ -850,16 +888,19 @@ def _train_stage(log: StageLog, stage: str, what: str, train, config, workdir, m
     log.done(stage, t0)
 
 
-def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> dict:
+def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> tuple[dict, dict | None]:
     """Stage 4: every model at every scale, over the same noise and labels. Skipped when every
     merged file exists and was drawn under the manifest this run would pin; samples of other
-    weights or settings are moved aside and drawn afresh."""
+    weights or settings are moved aside and drawn afresh. Returns ({model: {row: merged
+    samples}}, `sweep.row_steps`: each model's training step when some network is sampled at
+    several)."""
     plans = sweep.plan_models(models, workdir, mesh)
+    steps = sweep.row_steps(models, plans)
     merged = {name: dict(plan.merged) for name, plan in plans.items()}
     changed, unfinished = _sampling_state(models, plans)
     if not changed and not unfinished:
         log.skip("sample", f"found {len(_pairs(merged))} merged sample file(s) of these networks")
-        return merged
+        return merged, steps
     if changed:
         log.redo("sample", "; ".join(changed))
     n = int(models[0].config.sample.num_samples)
@@ -869,7 +910,7 @@ def _sample(workdir: pathlib.Path, models, mesh, log: StageLog) -> dict:
     # (nothing deleted), as `--mode=sample` does with sample.restart=true.
     sample_paths = sweep.sample_models([_restarting(m) for m in models], workdir, mesh)
     log.done("sample", t0)
-    return sample_paths
+    return sample_paths, steps
 
 
 def _restarting(model: sweep.SweepModel) -> sweep.SweepModel:
@@ -989,13 +1030,14 @@ def run(config, workdir: str, *, mesh=None) -> dict[str, Any]:
     _train_networks(config, workdir, models, mesh, log)
     # 3: the evaluation network (before sampling: a misconfiguration fails in seconds).
     eval_net = _eval_network(config, workdir, log)
-    sample_paths = _sample(workdir, models, mesh, log)
+    sampled = _sample(workdir, models, mesh, log)
+    sample_paths = sampled[0]
     # 5: measure and report (one scorer for stages 5 and 6, built when first needed).
     get_scorer = _once(lambda: _scorer(config, workdir, eval_net))
     results = {}
     if distributed.is_main_process():
         results = _evaluate(
-            config, workdir, models, sample_paths, eval_net, get_scorer, log, dict(log.seconds)
+            config, workdir, models, sampled, eval_net, get_scorer, log, dict(log.seconds)
         )
         print("\n" + results["summary"], flush=True)
         print(

@@ -23,14 +23,26 @@ empty, the config's own model is swept alone (named "conditional" or "unconditio
 `<workdir>/<name>` (a `--mode=convert` or `--mode=train` workdir); the classifier from
 `sample.classifier_checkpoint`, else the workdir.
 
+Over training (the paper's architecture ablations report FID at fixed iteration counts): a
+model's `sample.checkpoint_steps` ("100000,200000,300000"; `--config.sample.checkpoint_steps=...`
+for the config's own model, `sweep.models.<name>.sample.checkpoint_steps` per entry) samples those
+steps of its training run, each at every guidance row over the same noise and labels (rows
+`<name>@<step>`; `train.keep_every` keeps such a series beyond `train.max_to_keep`). The table
+then names each row's `step`; its plot, frontier and summary speak of each network's newest step,
+and training_steps.png draws each curve's FID and accuracy against the step.
+
 Outputs in the workdir (an interrupted sweep resumes from the shards on disk):
 
     samples/<model>/scale_<s>/samples_<N>x<H>x<W>x3.npz  per model and scale (the reference's
-                      format; samples/scale_<s>/ when one model is swept)
-    scale_sweep.csv   model, scale, sampler, nfe, fid, sfid, inception_score, precision, recall,
-                      classifier_accuracy, log_prob: one row per (model, scale), every digit
+                      format; samples/scale_<s>/ when one model is swept;
+                      samples/<model>/step_<step>/scale_<s>/ per checkpoint step)
+    scale_sweep.csv   model, (guidance, step,) scale, sampler, nfe, fid, sfid, inception_score,
+                      precision, recall, classifier_accuracy, log_prob: one row per (model,
+                      scale), every digit
     scale_sweep.md    the same table (4 significant digits), the columns' meanings, a summary
     scale_sweep.png   each metric against the scale, one line per model
+    guidance_frontier.png  FID against accuracy per guidance kind (a sweep comparing kinds)
+    training_steps.png     FID and accuracy against the training step (a sweep over training)
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ TABLE_CSV = "scale_sweep.csv"
 TABLE_MD = "scale_sweep.md"
 PLOT = "scale_sweep.png"
 FRONTIER_PLOT = "guidance_frontier.png"
+STEPS_PLOT = "training_steps.png"
 # Groups a model of a sweep may override; the guidance classifier is shared by all of them.
 MODEL_GROUPS = ("model", "diffusion", "optim", "train", "sample")
 # Checkpoint keys of a model's `sample` overrides that may start with "{workdir}" (the sweep's
@@ -73,22 +86,34 @@ SHARED_SETTINGS = ("seed", "num_samples", "image_shape")
 class SweepModel:
     """One diffusion model of a sweep."""
 
-    name: str
+    name: str  # the entry's name; "<entry>@<step>" for one step of sample.checkpoint_steps
     config: ml_collections.ConfigDict  # the full config with this model's overrides applied
     workdir: pathlib.Path  # where it is trained, and loaded from without sample.model_checkpoint
     # The network its rows sample, as the table's `model` column names it: the entry's own name,
     # or that of the entry whose workdir its sample.model_checkpoint is (an entry that samples
     # another's model with other guidance: `sampled_label`).
     label: str = ""
+    # The sweep.models entry it comes from (`name` without its step).
+    entry: str = ""
+    # The training step it samples (one of the entry's sample.checkpoint_steps), None: the
+    # checkpoint's newest step or its parameters.
+    step: int | None = None
 
     def __post_init__(self):
-        if not self.label:
-            object.__setattr__(self, "label", self.name)
+        for key in ("label", "entry"):
+            if not getattr(self, key):
+                object.__setattr__(self, key, self.name)
 
     def sampling_config(self) -> ml_collections.ConfigDict:
-        """`config` with `sample.model_checkpoint` defaulting to this model's workdir."""
+        """`config` with `sample.model_checkpoint` defaulting to this model's workdir, and
+        naming the folder of `step` when it has one (raises when the step is not there)."""
         config = copy.deepcopy(self.config)
         config.sample.model_checkpoint = config.sample.model_checkpoint or str(self.workdir)
+        if self.step is not None:
+            config.sample.model_checkpoint = str(
+                locate.step_folder(config.sample.model_checkpoint, self.step)
+            )
+        config.sample.checkpoint_steps = ""
         return config
 
 
@@ -118,7 +143,7 @@ def sweep_models(config, workdir: str | os.PathLike) -> list[SweepModel]:
     entries = config.sweep.models
     if not entries:
         name = "conditional" if config.model.class_cond else "unconditional"
-        return [SweepModel(name, config, workdir)]
+        return _at_steps(SweepModel(name, config, workdir))
     if config.sample.model_checkpoint:
         raise errors.ConfigError(
             f"sample.model_checkpoint={config.sample.model_checkpoint} names one checkpoint, but "
@@ -135,7 +160,43 @@ def sweep_models(config, workdir: str | os.PathLike) -> list[SweepModel]:
                 "{workdir}", str(workdir)
             )
         models.append(SweepModel(name, model_config, workdir / name))
-    return [dataclasses.replace(m, label=sampled_label(m, models)) for m in models]
+    labelled = [dataclasses.replace(m, label=sampled_label(m, models)) for m in models]
+    return [step for m in labelled for step in _at_steps(m)]
+
+
+def checkpoint_steps(config) -> list[int]:
+    """`sample.checkpoint_steps` ("500,1000,1500") as distinct positive steps, ascending ([]
+    when empty)."""
+    text = str(config.sample.checkpoint_steps).strip()
+    if not text:
+        return []
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+        raise errors.ConfigError(
+            f"sample.checkpoint_steps={text!r} must be distinct positive training steps "
+            "separated by commas (e.g. '100000,200000,300000'), or '' for the newest step"
+        )
+    return sorted(steps)
+
+
+def _at_steps(model: SweepModel) -> list[SweepModel]:
+    """`model` once per step of its sample.checkpoint_steps (`<name>@<step>`, sampling into
+    <its output>/step_<step>/), or alone when it names none."""
+    steps = checkpoint_steps(model.config)
+    if not steps:
+        return [model]
+    out = plan_lib.output_dir(model.config, str(model.workdir))  # an entry's: out/<entry>
+    at_steps = []
+    for step in steps:
+        config = copy.deepcopy(model.config)
+        config.sample.output_dir = str(out / f"step_{step}")
+        at_steps.append(
+            dataclasses.replace(model, name=f"{model.name}@{step}", config=config, step=step)
+        )
+    return at_steps
 
 
 def sampled_label(model: SweepModel, models: list[SweepModel]) -> str:
@@ -211,9 +272,11 @@ def score_models(
     models: list[SweepModel] | None = None,
     *,
     with_sampler: bool = True,
+    steps: dict[str, int | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, guidance row), in row order (kind, weight, classifier scale,
-    interval): `scorer` on the merged samples and the labels they were drawn for.
+    """One row per (model, guidance row), in row order (network, training step, kind, weight,
+    classifier scale, interval): `scorer` on the merged samples and the labels they were drawn
+    for.
 
     Args:
       scorer: the sweep's `scoring.Scorer`.
@@ -221,16 +284,20 @@ def score_models(
       models: the sweep's models; given, each row also names its sampler and NFE
         (`sampler_columns`; not `with_sampler`: all rows share one), and its `model` cell the
         network it samples (`SweepModel.label`).
+      steps: {model: the training step it sampled} (`row_steps`); given, each row has a `step`
+        cell.
     """
     by_name = {m.name: sampler_columns(m) for m in models or () if with_sampler}
     labels_of = {m.name: m.label for m in models or ()}
     compares = compares_guidance(sample_paths)
     rows = []
-    for name, guidance in _row_order(sample_paths, labels_of):
+    for name, guidance in _row_order(sample_paths, labels_of, steps or {}):
         images, labels = sample_files.read_sample_file(sample_paths[name][guidance])
         row = {"model": labels_of.get(name, name)}
         if compares:
             row["guidance"] = guidance.method()
+        if steps is not None:
+            row["step"] = steps[name]
         row.update(scale=float(guidance.scale), **by_name.get(name, {}))
         row.update(scorer(images, labels))
         logging.info("%s, %s: %s", name, guidance.describe(), row)
@@ -238,19 +305,50 @@ def score_models(
     return rows
 
 
-def _row_order(sample_paths, labels_of: dict[str, str]) -> list[tuple[str, Any]]:
+def _row_order(sample_paths, labels_of: dict[str, str], steps) -> list[tuple[str, Any]]:
     """(entry, row) in table order: the sampled models in order of first appearance; within
-    one, its rows grouped by curve (kind, classifier scale on top, interval), scales ascending,
+    one, its training steps ascending (`steps`: {entry: step}; a parameter checkpoint first),
+    then its rows grouped by curve (kind, classifier scale on top, interval), scales ascending,
     whichever entry drew them."""
     first = {}
     for name in sample_paths:
         first.setdefault(labels_of.get(name, name), len(first))
+
+    def step(name) -> int:
+        return -1 if steps.get(name) is None else steps[name]
+
     keyed = [
-        ((first[labels_of.get(name, name)], row.curve_key()), name, row)
+        ((first[labels_of.get(name, name)], step(name), row.curve_key()), name, row)
         for name, paths in sample_paths.items()
         for row in paths
     ]
     return [(name, row) for _, name, row in sorted(keyed, key=lambda item: item[0])]
+
+
+def row_steps(
+    models: list[SweepModel], plans: dict[str, plan_lib.SamplingPlan]
+) -> dict[str, int | None] | None:
+    """{model: the training step of the checkpoint its plan loads (None: parameters)} when some
+    network of the sweep is sampled at more than one step (its table then has a `step`
+    column: `score_models`), else None."""
+    steps = {m.name: plans[m.name].model.step for m in models}
+    by_label: dict[str, set] = {}
+    for m in models:
+        by_label.setdefault(m.label, set()).add(steps[m.name])
+    return steps if any(len(v) > 1 for v in by_label.values()) else None
+
+
+def has_step_curves(models: list[SweepModel], sample_paths, steps) -> bool:
+    """Whether some network is sampled at one guidance row at more than one training step
+    (`steps`: `row_steps`): then its report draws training_steps.png (`report.step_curves`)."""
+    if steps is None:
+        return False
+    labels_of = {m.name: m.label for m in models}
+    seen: dict[tuple, set] = {}
+    for name, paths in sample_paths.items():
+        for row in paths:
+            seen.setdefault((labels_of.get(name, name), row), set()).add(steps[name])
+    return any(len(v) > 1 for v in seen.values())
 
 
 def compares_guidance(sample_paths) -> bool:
@@ -345,19 +443,29 @@ def write_report(config, rows, workdir, models=None) -> dict[str, pathlib.Path]:
     """scale_sweep.csv / .md / .png in the workdir (`models`: the sweep's, named in the
     "sampling" line); a sweep comparing guidance kinds (rows with a `guidance` column) adds
     guidance_frontier.png, FID against accuracy at the requested labels per kind, and says
-    which kind is best at a given accuracy."""
+    which kind is best at a given accuracy; one over training steps (rows with a `step` column)
+    adds training_steps.png and how each curve moves with the step."""
     workdir = pathlib.Path(workdir)
     details = {
         "reference batch": config.eval.ref_batch,
         "sampling": sampling_description(config, models),
     }
-    summary, images, out = report.summarize(rows), [PLOT], {}
+    # The scale sweep and the frontier at each network's newest step; its earlier steps (a sweep
+    # over training) as curves against the step.
+    latest = report.newest(rows)
+    summary, images, out = report.summarize(latest), [PLOT], {}
     accuracy = report.accuracy_key(rows)
     if "guidance" in rows[0] and accuracy:
-        out["frontier"] = report.plot_frontier(rows, workdir / FRONTIER_PLOT, accuracy=accuracy)
-        summary += "\n\n" + report.summarize_frontier(rows, accuracy)
+        out["frontier"] = report.plot_frontier(latest, workdir / FRONTIER_PLOT, accuracy=accuracy)
+        summary += "\n\n" + report.summarize_frontier(latest, accuracy)
         images.append(FRONTIER_PLOT)
+    if report.step_curves(rows):
+        out["steps_plot"] = report.plot_against_step(rows, workdir / STEPS_PLOT)
+        summary += "\n\n" + report.summarize_steps(rows)
+        images.append(STEPS_PLOT)
     title = "Guidance sweep" if "guidance" in rows[0] else "Classifier-scale sweep"
+    if report.STEP in rows[0]:
+        title += " over training"
     return {
         "csv": report.write_csv(rows, workdir / TABLE_CSV),
         "markdown": report.write_markdown(
@@ -368,7 +476,7 @@ def write_report(config, rows, workdir, models=None) -> dict[str, pathlib.Path]:
             details=details,
             images=images,
         ),
-        "plot": report.plot(rows, workdir / PLOT),
+        "plot": report.plot(latest, workdir / PLOT),
         **out,
     }
 
@@ -390,7 +498,7 @@ def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, An
     mesh = distributed.data_mesh() if mesh is None else mesh
     ref_batch = _reference_batch(config)
     models = sweep_models(config, workdir)
-    plan_models(models, workdir, mesh)
+    steps = row_steps(models, plan_models(models, workdir, mesh))
     # Every process reads the guidance classifier although process 0 alone scores: orbax's
     # restore waits for all processes, so a read by process 0 alone would wait forever.
     guidance = load_guidance(config, workdir)
@@ -400,6 +508,6 @@ def run(config, workdir: str, *, extractor=None, mesh=None) -> list[dict[str, An
     sample_paths = sample_models(models, workdir, mesh)
     if scorer is None:
         return []
-    rows = score_models(scorer, sample_paths, models)
+    rows = score_models(scorer, sample_paths, models, steps=steps)
     write_report(config, rows, workdir, models)
     return rows

@@ -336,6 +336,12 @@ def make_plan(config, workdir: str, topology: Topology) -> SamplingPlan:
       topology: the device mesh's facts (jobs/sample.py reads them off the mesh).
     """
     s = config.sample
+    if str(s.checkpoint_steps).strip():
+        raise errors.ConfigError(
+            f"sample.checkpoint_steps={s.checkpoint_steps!r} lists steps of a training run for "
+            "--mode=sweep (a row per step); one sampling run draws from one checkpoint: set "
+            "sample.model_checkpoint to the step's folder (<workdir>/checkpoints/<step>)"
+        )
     rows = guidance_rows.parse_rows(s)
     guided = guidance_rows.uses_classifier(rows)
     guide_ckpt = _guide_checkpoint(config, rows)
