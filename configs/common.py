@@ -143,6 +143,11 @@ def get_config() -> ml_collections.ConfigDict:
     train.save_every = 1000  # 0: no periodic saves (the last step and a preemption still save)
     train.sample_every = 0  # 0 disables the periodic sample grid
     train.eval_every = 0  # classifier held-out evaluation
+    # Diffusion training: every fid_every steps, FID (sFID, IS, precision, recall) of
+    # fid_samples unguided samples (--mode=sample's sampler and sample.* settings) against
+    # eval.ref_batch in eval.inception_weights' features, logged as eval_fid etc. 0: off.
+    train.fid_every = 0
+    train.fid_samples = 1000
     train.eval_batches = 4  # held-out batches of train.classifier_batch_size per evaluation
     train.max_to_keep = 3
     # > 0: also keep every step that is a multiple of keep_every (with save_every dividing it),

@@ -18,6 +18,7 @@ from configs import tiny
 from gdiff import distributed
 from gdiff.checkpoints import locate, store
 from gdiff.data import pipeline
+from gdiff.evaluation import ClassifierExtractor, SmallClassifier, evaluator
 from gdiff.jobs import sample as sampling_run
 from gdiff.sampling import grid as grid_lib
 from gdiff.sampling import sample_files
@@ -256,6 +257,45 @@ def test_training_preview_draws_what_mode_sample_draws(tmp_path):
     np.testing.assert_array_equal(labels, np.arange(16) % 10)
     np.testing.assert_array_equal(preview, grid_lib.make_grid(images, 4, pad=1, fill=0))
     assert images.std() > 0
+
+
+def test_fid_during_training_is_evaluate_of_what_mode_sample_draws(tmp_path, monkeypatch):
+    """train.fid_every: the logged numbers are --mode=evaluate's for --mode=sample's samples of
+    that step (the same examples, drawn in sample.batch_size batches, the last one trimmed)."""
+    small = SmallClassifier(num_classes=10, width=8)
+    extractor = ClassifierExtractor(
+        small, small.init(jax.random.key(2), np.zeros((1, 8, 8, 3), np.float32)), batch_size=8
+    )
+    # The FID Inception stands in: a small feature network (the weights file is only hashed).
+    monkeypatch.setattr(evaluator, "build_extractor", lambda *args, **kwargs: extractor)
+    ref = tmp_path / "ref.npz"
+    ref_images = np.random.default_rng(0).integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=ref_images)
+    weights = tmp_path / "weights.npz"
+    weights.write_bytes(b"stand-in weights: hashed for the activation cache only")
+    config = _config(fid_every=2, fid_samples=20)  # 16 per batch on 8 devices: 2 batches
+    config.eval.is_split_size = 7
+    with pytest.raises(FileNotFoundError, match="train.fid_every=2 .* eval.ref_batch=''"):
+        diffusion_trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+    config.eval.ref_batch, config.eval.inception_weights = str(ref), str(weights)
+    diffusion_trainer.train(config, str(tmp_path / "run"), stop_at_step=2)
+    rows = loop_utils.read_metrics(tmp_path / "run", "metrics_diffusion.jsonl")
+    logged = [r for r in rows if "eval_fid" in r]
+    assert [r["step"] for r in logged] == [2]
+    config.sample.num_samples = 20
+    config.sample.labels = "balanced"
+    config.sample.classifier_scale = "0"
+    paths = sampling_run.run(config, str(tmp_path / "run"))
+    images, _ = sample_files.read_sample_file(paths[0.0])
+    acts = extractor(ref_images)
+    want = evaluator.metrics_from_activations(
+        {"pool": acts["pool"], "spatial": acts["spatial"]}, extractor(images), is_split_size=7
+    )
+    assert {k: logged[0][f"eval_{k}"] for k in evaluator.METRIC_NAMES} == {
+        k: float(want[k]) for k in evaluator.METRIC_NAMES
+    }
+    assert logged[0]["eval_fid"] > 0.0
 
 
 def test_resume_checkpoint_starts_from_a_step_folder_and_refuses_parameters(reference, tmp_path):

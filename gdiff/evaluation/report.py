@@ -585,14 +585,14 @@ def plot_against_step(
     baseline: Mapping[str, float] | None = None,
     baseline_name: str = "reference",
 ) -> pathlib.Path:
-    """Metrics against the training step (default FID and the accuracy at the requested labels),
-    one line per curve of `step_curves`; the baseline as a dashed line."""
+    """Metrics against the training step (default FID, sFID, recall and the accuracy at the
+    requested labels: `STEP_METRICS`), one line per curve of `step_curves`; the baseline as a
+    dashed line."""
     curves = step_curves(rows)
     if not curves:
         raise ValueError("no model was sampled at more than one training step")
     if metrics is None:
-        acc = accuracy_key(rows)
-        metrics = ["fid"] + ([acc] if acc else [])
+        metrics = _step_metrics(rows)
     steps = sorted({r[STEP] for mine in curves.values() for r in mine})
     fig = figure.Figure(figsize=(4.2 * len(metrics), 3.4))
     axes = np.atleast_1d(fig.subplots(1, len(metrics))).ravel()
@@ -601,8 +601,9 @@ def plot_against_step(
             ax.plot([r[STEP] for r in mine], [r[key] for r in mine], marker="o", label=name)
         if baseline and np.isfinite(baseline.get(key, math.nan)):
             ax.axhline(baseline[key], color="grey", ls="--", lw=1, label=baseline_name)
-        if key in ("fid", "sfid"):  # early checkpoints lie far above the late ones
-            ax.set_yscale("log")
+        values = [r[key] for mine in curves.values() for r in mine if r[key] > 0]
+        if key in ("fid", "sfid") and values and max(values) > 5 * min(values):
+            ax.set_yscale("log")  # early checkpoints far above the late ones
         ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
         ax.set_xlabel("training step")
         ax.set_title(TITLES[key], fontsize=9)
@@ -615,13 +616,20 @@ def plot_against_step(
     return path
 
 
+def _step_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a training curve shows: FID, sFID and recall (where the table has them: the
+    metrics that move with training first), then the accuracy at the requested labels."""
+    acc = accuracy_key(rows)
+    return [k for k in ("fid", "sfid", "recall") if k in rows[0]] + ([acc] if acc else [])
+
+
 def summarize_steps(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Per curve of `step_curves`, how FID (and the accuracy at the requested labels) moves over
-    the training steps, and the step of lowest FID."""
+    """Per curve of `step_curves`, how FID moves over the training steps and the step of its
+    lowest, then how sFID, recall and the accuracy at the requested labels move."""
     curves = step_curves(rows)
     if not curves:
         raise ValueError("no model was sampled at more than one training step")
-    acc = accuracy_key(rows)
+    names = {"sfid": "sFID", "recall": "recall"}
     parts = []
     for name, mine in curves.items():
         steps, fids = [r[STEP] for r in mine], [r["fid"] for r in mine]
@@ -630,8 +638,10 @@ def summarize_steps(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{name}: FID {_trend(fids, steps, 'step')}, lowest ({fmt(fids[best], 3)}) at step "
             f"{steps[best]}"
         )
-        if acc:
-            text += f"; accuracy {_trend([r[acc] for r in mine], steps, 'step')}"
+        for key in _step_metrics(rows)[1:]:
+            values = [r[key] for r in mine]
+            if np.all(np.isfinite(values)):
+                text += f"; {names.get(key, 'accuracy')} {_trend(values, steps, 'step')}"
         parts.append(text + ".")
     return "Over training: " + " ".join(parts)
 

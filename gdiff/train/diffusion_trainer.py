@@ -19,13 +19,14 @@ them instead of drawing its own (replaying a reference run's step, tests/test_tr
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gdiff import distributed, factory
+from gdiff import distributed, errors, factory
 from gdiff.checkpoints import locate
 from gdiff.models import layers
 from gdiff.sampling import grid as grid_lib
@@ -240,14 +241,18 @@ def _preview_ema_rate(config) -> str | None:
     return locate.ema_key(rates, config.sample.ema_rate, where="train.ema_rates")
 
 
-def _preview_rows(config, num_samples: int, mesh) -> dict[str, np.ndarray]:
-    """This process's rows of the preview batch: example ids 0..num_samples-1 (padded up to a
-    multiple of the device count), guidance scale 0 and balanced labels, as `--mode=sample` lays
-    out its first batch; a super-resolution model upsamples `sample.base_samples` (example i its
+def _preview_rows(
+    config, num_samples: int, mesh, *, per_batch: int | None = None, batch: int = 0
+) -> dict[str, np.ndarray]:
+    """This process's rows of batch `batch` of a preview of `num_samples` examples drawn
+    `per_batch` at a time (default: all at once, padded up to a multiple of the device count):
+    example ids batch * per_batch + ..., guidance scale 0 and balanced labels, as `--mode=sample`
+    lays out its batches; a super-resolution model upsamples `sample.base_samples` (example i its
     row i mod N, with that row's label), as `--mode=sample` does."""
-    total = math.ceil(num_samples / mesh.size) * mesh.size
-    local = distributed.local_batch_size(total, mesh)
-    ids = jax.process_index() * local + np.arange(local)
+    per_batch = per_batch or math.ceil(num_samples / mesh.size) * mesh.size
+    total = math.ceil(num_samples / per_batch) * per_batch
+    local = distributed.local_batch_size(per_batch, mesh)
+    ids = batch * per_batch + jax.process_index() * local + np.arange(local)
     rows = {"ids": ids.astype(np.int32), "scales": np.zeros([local], np.float32)}
     if plan_lib.is_super_res(config):
         try:
@@ -269,6 +274,99 @@ def _preview_rows(config, num_samples: int, mesh) -> dict[str, np.ndarray]:
     return rows
 
 
+def _check_fid_inputs(config) -> None:
+    """`train.fid_every`'s inputs, checked before training starts: a sample count, the reference
+    batch and the FID Inception weights."""
+    ev = config.eval
+    if int(config.train.fid_samples) < 2:
+        raise errors.ConfigError(
+            f"train.fid_samples={config.train.fid_samples} must be at least 2 (a covariance); "
+            "k-diffusion's small-sample FID uses a few thousand"
+        )
+    for key, what in (
+        ("ref_batch", "the reference batch .npz (e.g. VIRTUAL_imagenet64_labeled.npz)"),
+        ("inception_weights", "the FID Inception weights (pt_inception-2015-12-05)"),
+    ):
+        if not ev[key] or not os.path.exists(ev[key]):
+            raise errors.MissingInputError(
+                f"train.fid_every={config.train.fid_every} scores samples during training "
+                f"against eval.ref_batch in the FID Inception's features, but eval.{key}="
+                f"{ev[key]!r} {'is not set' if not ev[key] else 'does not exist'}: give {what}, "
+                "or set train.fid_every=0"
+            )
+
+
+def make_fid_action(config, mesh):
+    """A periodic action (`train.fid_every`): a small-sample FID during training, as k-diffusion
+    logs one. `train.fid_samples` examples are drawn by `--mode=sample`'s sampler from the EMA
+    copy it would load, unguided, with balanced labels and `sample.batch_size` examples per
+    device at a time (example i is example i of a `--mode=sample` run on this step's checkpoint
+    with the same settings, so successive evaluations see the same noise), and scored as
+    `--mode=evaluate` scores a batch: against eval.ref_batch (its statistics; its activations
+    computed once and cached next to it) in eval.inception_weights' features at eval.resize.
+    Logged as eval_fid, eval_sfid, eval_inception_score, eval_precision, eval_recall (a small
+    sample's FID lies above the 50,000-sample figure: compare it across steps, not with papers).
+    """
+    _check_fid_inputs(config)
+    sampler, _, _ = sampling_lib.build_sampler(
+        sampling_lib.config_groups(config), guided=False, mesh=mesh
+    )
+    num_samples = int(config.train.fid_samples)
+    per_batch = int(config.sample.batch_size) * mesh.size
+    batches = [
+        _preview_rows(config, num_samples, mesh, per_batch=per_batch, batch=b)
+        for b in range(math.ceil(num_samples / per_batch))
+    ]
+    rate = _preview_ema_rate(config)
+    scorers = []  # built on process 0 at the first evaluation (the reference's activations)
+
+    def scorer(workdir):
+        if not scorers:
+            # Imported here: the evaluator's Inception is built only by a run that scores.
+            from gdiff.evaluation import evaluator, scoring
+
+            ev = config.eval
+            extractor = evaluator.build_extractor(
+                ev.inception_weights, batch_size=int(ev.batch_size), resize=str(ev.resize)
+            )
+            reference = evaluator.load_reference(
+                ev.ref_batch,
+                extractor,
+                weights_path=ev.inception_weights,
+                resize=str(ev.resize),
+                workdir=workdir,
+            )
+            scorers.append(
+                scoring.Scorer(extractor, reference, is_split_size=int(ev.is_split_size))
+            )
+        return scorers[0]
+
+    def action(state: state_lib.TrainState, step: int, log: loop_utils.MetricsLog) -> None:
+        params = state.params if rate is None else state.ema_params[rate]
+        variables = {"params": sharding.gathered(params, mesh)}
+        # Every process draws its rows and joins the gathers; process 0 scores.
+        pixels = np.concatenate(
+            [
+                distributed.to_host(sampler(variables, None, sampler.make_batch(rows)))
+                for rows in batches
+            ]
+        )[:num_samples]
+        if jax.process_index() == 0:
+            row = scorer(log.workdir)(pixels)
+            log.scalars(step, {f"eval_{k}": v for k, v in row.items()})
+            logging.info(
+                "step %d: FID %.4g of %d samples (sFID %.4g, precision %.3g, recall %.3g)",
+                step,
+                row["fid"],
+                num_samples,
+                row["sfid"],
+                row["precision"],
+                row["recall"],
+            )
+
+    return action
+
+
 def build_task(config, mesh) -> task_lib.Task:
     """Validates the config and describes diffusion training as a `task_lib.Task`."""
     distributed.check_batch_divisible(config.train.batch_size, mesh=mesh)
@@ -283,6 +381,8 @@ def build_task(config, mesh) -> task_lib.Task:
     if config.train.sample_every and config.train.sample_every > 0:
         action = make_sample_grid_action(config, mesh)
         periodic.append((int(config.train.sample_every), action))
+    if int(config.train.fid_every) > 0:
+        periodic.append((int(config.train.fid_every), make_fid_action(config, mesh)))
     return task_lib.Task(
         name="diffusion",
         checkpoint_subdir=locate.training_dir("model"),
