@@ -235,6 +235,23 @@ def test_sweep_compares_kinds_on_one_table(ckpts, tmp_path):
     )
 
 
+def test_sampling_line_names_each_entrys_guidance():
+    from configs import digits as digits_config
+
+    config = digits_config.get_config()
+    config.sweep.models.cfg.sample.guidance = "cfg+classifier"
+    models = {m.name: m for m in sweep.sweep_models(config, "workdir/d")}
+    said = {name: sweep.guide_description(m) for name, m in models.items()}
+    assert said["classifier_interval"] == (
+        "classifier_interval: classifier at scales 1,2,4, intervals '0.3,5'"
+    )
+    assert said["cfg"] == (
+        "cfg: cfg+classifier at w = 1.5,2,3, classifier scales 0,0.5,1,2,4,8, intervals 'all;0.3,5'"
+    )
+    assert said["two_network"].endswith("guide network workdir/d/unconditional")
+    assert said["conditional"] == said["training@500"] == ""  # classifier guidance alone
+
+
 def test_released_guidance_kinds_config_pairs_the_256_models():
     from configs.ablations import guidance_kinds
 

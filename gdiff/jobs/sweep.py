@@ -29,7 +29,7 @@ for the config's own model, `sweep.models.<name>.sample.checkpoint_steps` per en
 steps of its training run, each at every guidance row over the same noise and labels (rows
 `<name>@<step>`; `train.keep_every` keeps such a series beyond `train.max_to_keep`). The table
 then names each row's `step`; its plot, frontier and summary speak of each network's newest step,
-and training_steps.png draws each curve's FID and accuracy against the step.
+and training_steps.png draws each curve's FID, sFID, recall and accuracy against the step.
 
 Outputs in the workdir (an interrupted sweep resumes from the shards on disk):
 
@@ -42,7 +42,7 @@ Outputs in the workdir (an interrupted sweep resumes from the shards on disk):
     scale_sweep.md    the same table (4 significant digits), the columns' meanings, a summary
     scale_sweep.png   each metric against the scale, one line per model
     guidance_frontier.png  FID against accuracy per guidance kind (a sweep comparing kinds)
-    training_steps.png     FID and accuracy against the training step (a sweep over training)
+    training_steps.png     FID, sFID, recall, accuracy against the step (a sweep over training)
 """
 
 from __future__ import annotations
@@ -431,7 +431,12 @@ def guide_description(model: SweepModel) -> str:
     rows = guidance_rows.parse_rows(s)
     if not guidance_rows.compares(rows):
         return ""
-    text = f"{model.name}: {s.guidance} at w = {s.guidance_scale}"
+    if s.guidance == "classifier":  # in an interval: the scales are its classifier scales
+        text = f"{model.name}: classifier at scales {s.classifier_scale}"
+    else:
+        text = f"{model.name}: {s.guidance} at w = {s.guidance_scale}"
+        if guidance_rows.uses_classifier(rows):
+            text += f", classifier scales {s.classifier_scale}"
     if s.guidance_interval:
         text += f", intervals {s.guidance_interval!r}"
     if guidance_rows.uses(rows, guidance_lib.GUIDE_NETWORK):
