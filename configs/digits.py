@@ -26,6 +26,13 @@ guidance_frontier.png draws FID against accuracy per kind. Measured: at accuracy
 guidance in the interval (FID 2.04 at w = 2) ahead of classifier guidance (2.28 at scale 4) and
 classifier-free guidance (2.38 at w = 1.5).
 
+Then the conditional model over its training: the `training` entry samples its checkpoints at
+steps 500, 1000 and 1500 (`sample.checkpoint_steps`; `train.keep_every` keeps them) unguided and
+at scale 1, and with its step-2000 rows results.md and training_steps.png give FID, sFID, recall
+and accuracy against the step. Measured: sFID falls from 4.61 at step 500 to 3.14 at step 2000
+and recall rises from 0.85 to 0.90, while this toy's FID lies below the real-digit row's from
+step 500 on (1.51 there, 1.72 at step 2000).
+
 Then it weighs quality against cost (`pipeline.solver_sweep_*`): the conditional model at scale 1
 sampled with DDIM and with DPM-Solver++(2M) at NFE 5, 10, 15, 25 and 50, against the paper's 250
 ancestral steps, over the same noise and labels (solver_sweep.md / .csv / .png); measured, its FID
