@@ -103,7 +103,11 @@ def training_config(kind: str, groups: dict[str, dict], *, batch: int, num_steps
             **{name: ConfigGroup(values) for name, values in groups.items()},
             "optim": ConfigGroup({**flags.OPTIM_DEFAULTS, **placed["optim"]}),
             "train": ConfigGroup(
-                {**placed["train"], "num_steps": num_steps, "sample_every": 0, "eval_every": 0}
+                {
+                    **placed["train"],
+                    "num_steps": num_steps,
+                    **{f"{k}_every": 0 for k in ("sample", "eval", "fid")},
+                }
             ),
             "data": ConfigGroup({"image_size": size, "random_crop": False, "random_flip": False}),
         }

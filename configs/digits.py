@@ -39,9 +39,9 @@ ancestral steps, over the same noise and labels (solver_sweep.md / .csv / .png);
 comes within 5% of the 250-step row's at NFE 15 for DPM-Solver++ and at NFE 50 for DDIM.
 
 Measured 2026-12-06 on a 2-core CPU (the README's first command in a fresh clone of commit
-46b7bfa, venv and install included, machine otherwise idle): 11 min 58.9 s wall; stages:
-diffusion models 125 s + 125 s, classifier 38 s, evaluation network 11 s, sampling 34 guidance
-rows x 300 digits 192 s, evaluation 13 s, solver sweep 11 rows x 300 digits 153 s. The measured
+310a6c7, venv and install included, machine otherwise idle): 12 min 0.7 s wall; stages:
+diffusion models 121 s + 126 s, classifier 36 s, evaluation network 10 s, sampling 40 guidance
+rows x 300 digits 209 s, evaluation 13 s, solver sweep 11 rows x 300 digits 143 s. The measured
 tables, plots and grids live in docs/digits_results/. A rerun skips finished stages; see
 gdiff/jobs/digits.py for how to swap one stage (e.g. a longer-trained model).
 """

@@ -118,3 +118,29 @@ class Scorer:
             no_labels = dict.fromkeys(GUIDANCE_KEYS, math.nan)
             row.update(no_labels if labels is None else self.guidance(images, labels))
         return row
+
+
+def evaluate_scorer(ev, workdir, *, batch=None, extractor=None, guidance=None) -> Scorer:
+    """The scorer `--mode=evaluate` is for the eval group `ev`: eval.ref_batch's statistics and
+    (cached) activations, in the FID Inception of eval.inception_weights at eval.resize (or
+    `extractor`), with eval.is_split_size; plus `guidance`'s columns when given.
+
+    Args:
+      ev: a config's `eval` group.
+      workdir: where the reference's activations are cached when its folder is not writable.
+      batch: `evaluator.read_reference_batch(ev.ref_batch)` when the caller has read it.
+    """
+    if extractor is None:
+        # Raises FileNotFoundError with download instructions when the weights are missing.
+        extractor = evaluator.build_extractor(
+            ev.inception_weights, batch_size=int(ev.batch_size), resize=str(ev.resize)
+        )
+    reference = evaluator.load_reference(
+        ev.ref_batch,
+        extractor,
+        weights_path=ev.inception_weights,
+        resize=str(ev.resize),
+        workdir=workdir,
+        batch=batch,
+    )
+    return Scorer(extractor, reference, is_split_size=int(ev.is_split_size), guidance=guidance)

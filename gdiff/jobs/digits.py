@@ -664,16 +664,13 @@ def solver_nfes(config) -> list[int]:
     text = str(config.pipeline.solver_sweep_nfe).strip()
     if not text:
         return []
-    try:
-        nfes = [int(v) for v in text.split(",")]
-    except ValueError:
-        nfes = []
-    if not nfes or min(nfes) < 1 or len(set(nfes)) != len(nfes):
+    nfes = sweep.distinct_positive_ints(text)
+    if nfes is None:
         raise errors.ConfigError(
             f"pipeline.solver_sweep_nfe={text!r} must be distinct positive integers separated by "
             "commas (e.g. '5,10,15,25,50'), or '' to skip the solver sweep"
         )
-    return sorted(nfes)
+    return nfes
 
 
 def solver_models(config, workdir, models: list[sweep.SweepModel]) -> list[sweep.SweepModel]:

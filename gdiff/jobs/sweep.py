@@ -170,16 +170,24 @@ def checkpoint_steps(config) -> list[int]:
     text = str(config.sample.checkpoint_steps).strip()
     if not text:
         return []
-    try:
-        steps = [int(v) for v in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+    steps = distinct_positive_ints(text)
+    if steps is None:
         raise errors.ConfigError(
             f"sample.checkpoint_steps={text!r} must be distinct positive training steps "
             "separated by commas (e.g. '100000,200000,300000'), or '' for the newest step"
         )
-    return sorted(steps)
+    return steps
+
+
+def distinct_positive_ints(text: str) -> list[int] | None:
+    """ "5,10,15" as ascending ints; None unless it lists distinct positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        return None
+    if min(values) < 1 or len(set(values)) != len(values):
+        return None
+    return sorted(values)
 
 
 def _at_steps(model: SweepModel) -> list[SweepModel]:
@@ -375,33 +383,20 @@ def _reference_batch(config) -> tuple:
 
 
 def reference_scorer(config, workdir, ref_batch, extractor=None, guidance=None) -> scoring.Scorer:
-    """The scorer `--mode=evaluate` would be: eval.ref_batch's statistics and (cached)
-    activations, the FID Inception of eval.inception_weights at eval.resize (or `extractor`),
-    eval.is_split_size; plus the guidance classifier's columns (`load_guidance`).
+    """The scorer `--mode=evaluate` would be (`scoring.evaluate_scorer` of config.eval, or
+    `extractor` as its feature network), plus the guidance classifier's columns
+    (`load_guidance`).
 
     Args:
       ref_batch: `evaluator.read_reference_batch(config.eval.ref_batch)`.
       guidance: `load_guidance(config, workdir)` when the caller has loaded it (None: loaded
         here).
     """
-    ev = config.eval
-    if extractor is None:
-        # Raises FileNotFoundError with download instructions when the weights are missing.
-        extractor = evaluator.build_extractor(
-            ev.inception_weights, batch_size=int(ev.batch_size), resize=str(ev.resize)
-        )
-    reference = evaluator.load_reference(
-        ev.ref_batch,
-        extractor,
-        weights_path=ev.inception_weights,
-        resize=str(ev.resize),
-        workdir=workdir,
+    return scoring.evaluate_scorer(
+        config.eval,
+        workdir,
         batch=ref_batch,
-    )
-    return scoring.Scorer(
-        extractor,
-        reference,
-        is_split_size=int(ev.is_split_size),
+        extractor=extractor,
         guidance=guidance if guidance is not None else load_guidance(config, workdir),
     )
 

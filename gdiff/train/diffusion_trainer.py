@@ -323,22 +323,9 @@ def make_fid_action(config, mesh):
     def scorer(workdir):
         if not scorers:
             # Imported here: the evaluator's Inception is built only by a run that scores.
-            from gdiff.evaluation import evaluator, scoring
+            from gdiff.evaluation import scoring
 
-            ev = config.eval
-            extractor = evaluator.build_extractor(
-                ev.inception_weights, batch_size=int(ev.batch_size), resize=str(ev.resize)
-            )
-            reference = evaluator.load_reference(
-                ev.ref_batch,
-                extractor,
-                weights_path=ev.inception_weights,
-                resize=str(ev.resize),
-                workdir=workdir,
-            )
-            scorers.append(
-                scoring.Scorer(extractor, reference, is_split_size=int(ev.is_split_size))
-            )
+            scorers.append(scoring.evaluate_scorer(config.eval, workdir))
         return scorers[0]
 
     def action(state: state_lib.TrainState, step: int, log: loop_utils.MetricsLog) -> None:
