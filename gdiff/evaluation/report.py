@@ -586,7 +586,7 @@ def plot_against_step(
     baseline_name: str = "reference",
 ) -> pathlib.Path:
     """Metrics against the training step (default FID, sFID, recall and the accuracy at the
-    requested labels: `STEP_METRICS`), one line per curve of `step_curves`; the baseline as a
+    requested labels: `_step_metrics`), one line per curve of `step_curves`; the baseline as a
     dashed line."""
     curves = step_curves(rows)
     if not curves:

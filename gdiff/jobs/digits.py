@@ -23,9 +23,9 @@ workdir:
                         -> results.md, results.csv, results.json (rows: model x guidance x step x
                         scale, plus the real-digit row), guidance_frontier.png (FID against
                         accuracy, a curve per guidance kind), scale_sweep.png (one line per model
-                        and kind; both at each model's newest step), training_steps.png (FID and
-                        accuracy against the training step, a line per scale sampled at several
-                        steps), sweep_grid.png, grids/<entry>_<row>.png
+                        and kind; both at each model's newest step), training_steps.png (FID,
+                        sFID, recall and accuracy against the training step, a line per scale
+                        sampled at several steps), sweep_grid.png, grids/<entry>_<row>.png
   6. solver_sweep       quality against cost: `pipeline.solver_sweep_model` at its default guided
                         scale `pipeline.solver_sweep_scale`, sampled with DDIM and DPM-Solver++
                         (the model's `sample.dpm_solver_*` settings) at each NFE of
