@@ -87,6 +87,47 @@ def perturbed(variables, seed: int = 0, scale: float = 0.05):
     return jax.tree.unflatten(treedef, noisy)
 
 
+def tiny_unet(num_classes):
+    """The samplers' tests' UNet: 8x8-capable, 32 channels, learned variances (6 outputs), one
+    attention level; `num_classes` None for an unconditional one."""
+    from gdiff.models import UNetModel
+
+    return UNetModel(
+        model_channels=32,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 1),
+        num_classes=num_classes,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+    )
+
+
+def tiny_classifier(image_size, num_classes):
+    """The samplers' tests' noise-aware classifier (one level, adaptive pool)."""
+    from gdiff.models import EncoderUNetModel
+
+    return EncoderUNetModel(
+        image_size=image_size,
+        model_channels=32,
+        out_channels=num_classes,
+        num_res_blocks=1,
+        attention_resolutions=(),
+        channel_mult=(1,),
+        pool="adaptive",
+    )
+
+
+def sharpened(classifier_variables):
+    """A random classifier's logits barely depend on x (pooled, normalised features): its last
+    layer's kernel x100 and no bias, so guidance has a visible, input-dependent gradient."""
+    params = dict(classifier_variables["params"])
+    last = sorted(k for k in params if k.startswith("out_"))[-1]
+    params[last] = {"kernel": params[last]["kernel"] * 100.0, "bias": params[last]["bias"] * 0.0}
+    return {"params": params}
+
+
 def nchw_to_nhwc(a):
     return np.transpose(np.asarray(a), (0, 2, 3, 1))
 

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import perturbed, sharpened, tiny_classifier, tiny_unet
 
 from gdiff.diffusion import create_gaussian_diffusion
 from gdiff.diffusion import guidance as guidance_lib
-from gdiff.models import EncoderUNetModel, UNetModel
 from gdiff.sampling import sampler
 
 SIZE, CLASSES = 8, 3
@@ -29,40 +28,16 @@ NONE, NULL_LABEL, NETWORK = (
 SAMPLERS = ["ancestral", "ddim", "dpm_solver"]
 
 
-def _unet(num_classes):
-    return UNetModel(
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 1),
-        num_classes=num_classes,
-        num_head_channels=32,
-        use_scale_shift_norm=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def nets():
     """A conditional UNet with a null class, an unconditional UNet (the guide), a classifier."""
     x, t = jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1,), jnp.int32)
-    model, guide = _unet(CLASSES + 1), _unet(None)
-    classifier = EncoderUNetModel(
-        image_size=SIZE,
-        model_channels=32,
-        out_channels=CLASSES,
-        num_res_blocks=1,
-        attention_resolutions=(),
-        channel_mult=(1,),
-        pool="adaptive",
-    )
+    model, guide = tiny_unet(CLASSES + 1), tiny_unet(None)
+    classifier = tiny_classifier(SIZE, CLASSES)
     mv = perturbed(model.init(jax.random.key(1), x, t, y=jnp.zeros((1,), jnp.int32)), 1, 0.1)
     gv = perturbed(guide.init(jax.random.key(3), x, t), 3, 0.1)
-    cv = perturbed(classifier.init(jax.random.key(2), x, t), 2)
-    cp = dict(cv["params"])
-    last = sorted(k for k in cp if k.startswith("out_"))[-1]
-    cp[last] = {"kernel": cp[last]["kernel"] * 100.0, "bias": cp[last]["bias"] * 0.0}
-    return dict(model=model, guide=guide, classifier=classifier, mv=mv, gv=gv, cv={"params": cp})
+    cv = sharpened(perturbed(classifier.init(jax.random.key(2), x, t), 2))
+    return dict(model=model, guide=guide, classifier=classifier, mv=mv, gv=gv, cv=cv)
 
 
 def _diffusion(kind):

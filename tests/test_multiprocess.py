@@ -49,6 +49,14 @@ print("RESULT", json.dumps({{"process": jax.process_index(), "devices": jax.devi
 """
 
 
+# The fsdp run's training settings, the same in the two-process workers and the one-process resume.
+FSDP_TRAIN = {
+    "num_steps": 4,
+    "log_every": 1,
+    "progress": False,
+    "state_sharding": "fsdp",
+    "fsdp_min_elements": 0,
+}
 # Two processes train 2 steps with the state split over their 4 devices (each process holds
 # only its half of every split array) and save; process 0 writes the whole state gathered.
 FSDP_WORKER = r"""
@@ -62,11 +70,7 @@ from gdiff import distributed
 from gdiff.train import diffusion_trainer
 
 config = tiny.get_config()
-config.train.num_steps = 4
-config.train.log_every = 1
-config.train.progress = False
-config.train.state_sharding = "fsdp"
-config.train.fsdp_min_elements = 0
+config.train.update({train!r})
 state = diffusion_trainer.train(config, {workdir!r}, stop_at_step=2)["state"]
 assert not state.params["out_2"]["kernel"].sharding.is_fully_replicated
 leaves = distributed.to_host(jax.tree.leaves(state))  # a collective: both processes call it
@@ -82,13 +86,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(env, addr, workdir, worker=WORKER):
+def _launch(env, addr, workdir, worker=WORKER, **fields):
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                worker.format(repo=str(REPO), addr=addr, pid=pid, workdir=str(workdir)),
+                worker.format(repo=str(REPO), addr=addr, pid=pid, workdir=str(workdir), **fields),
             ],
             env=env,
             cwd=str(REPO),
@@ -160,7 +164,9 @@ def test_an_fsdp_run_of_two_processes_resumes_on_one(tmp_path):
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     for attempt in range(2):  # as above: a missed coordinator start-up gets a second try
         workdir = tmp_path / f"attempt{attempt}"
-        procs, outs = _launch(env, f"localhost:{_free_port()}", workdir, FSDP_WORKER)
+        procs, outs = _launch(
+            env, f"localhost:{_free_port()}", workdir, FSDP_WORKER, train=FSDP_TRAIN
+        )
         if all(p.returncode == 0 for p in procs):
             break
         print("attempt", attempt, "failed:\n", "\n".join(o[-3000:] for o in outs))
@@ -168,11 +174,7 @@ def test_an_fsdp_run_of_two_processes_resumes_on_one(tmp_path):
         assert p.returncode == 0, out[-4000:]
     saved = np.load(workdir / "state.npz")
     config = tiny.get_config()
-    config.train.num_steps = 4
-    config.train.log_every = 1
-    config.train.progress = False
-    config.train.state_sharding = "fsdp"
-    config.train.fsdp_min_elements = 0
+    config.train.update(FSDP_TRAIN)
     # This one process (8 devices) reads the two processes' halves back bit for bit ...
     restored = diffusion_trainer.train(config, str(workdir), stop_at_step=2)
     leaves = jax.tree.leaves(restored["state"])

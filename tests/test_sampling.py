@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import perturbed, sharpened, tiny_classifier, tiny_unet
 
 from gdiff import atomic, distributed
 from gdiff.diffusion import create_gaussian_diffusion
 from gdiff.diffusion import guidance as guidance_lib
 from gdiff.engine import runs
-from gdiff.models import EncoderUNetModel, UNetModel
 from gdiff.sampling import grid, labels, sample_files, sampler
 
 SIZE, CLASSES = 8, 3
@@ -19,38 +18,16 @@ SIZE, CLASSES = 8, 3
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random class-conditional UNet, a sharp random classifier and a 4-step diffusion."""
-    model = UNetModel(
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 1),
-        num_classes=CLASSES,
-        num_head_channels=32,
-        use_scale_shift_norm=True,
-    )
-    classifier = EncoderUNetModel(
-        image_size=SIZE,
-        model_channels=32,
-        out_channels=CLASSES,
-        num_res_blocks=1,
-        attention_resolutions=(),
-        channel_mult=(1,),
-        pool="adaptive",
-    )
+    model, classifier = tiny_unet(CLASSES), tiny_classifier(SIZE, CLASSES)
     x = jnp.zeros((1, SIZE, SIZE, 3))
     t = jnp.zeros((1,), jnp.int32)
     model_vars = jax.jit(model.init)(jax.random.key(1), x, t, y=jnp.zeros((1,), jnp.int32))
     cls_vars = jax.jit(classifier.init)(jax.random.key(2), x, t)
     # Fresh networks output 0 (zero-initialised last layers, as the reference's): perturb them.
     model_vars, cls_vars = perturbed(model_vars, 1), perturbed(cls_vars, 2)
-    # A random classifier's logits barely depend on x (pooled, normalised features): sharpen its
-    # last layer and drop its bias so guidance has a visible, input-dependent gradient. The UNet's
-    # output conv is shrunk, near the reference's zero-initialised one, so x_t carries through.
-    cp = dict(cls_vars["params"])
-    last = sorted(k for k in cp if k.startswith("out_"))[-1]
-    cp[last] = {"kernel": cp[last]["kernel"] * 100.0, "bias": cp[last]["bias"] * 0.0}
-    cls_vars = {"params": cp}
+    # A sharp classifier (visible guidance). The UNet's output conv is shrunk, near the
+    # reference's zero-initialised one, so x_t carries through.
+    cls_vars = sharpened(cls_vars)
     mp = dict(model_vars["params"])
     out = sorted(k for k in mp if k.startswith("out_"))[-1]
     mp[out] = jax.tree.map(lambda p: p * 0.1, mp[out])

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import perturbed
 
 from configs import tiny as tiny_config
 from configs.ablations import table4
@@ -208,12 +209,12 @@ def test_table4_config_pairs_the_released_256_models():
 
 def _training_run(directory, config, steps):
     """A training checkpoint directory with one step folder per step, each of other weights
-    (shifted off the initialisation, whose zeroed output layer predicts the same at any step)."""
+    (`perturbed`: the initialisation's zeroed output layer would predict the same at any step)."""
     manager = store.CheckpointManager(directory, max_to_keep=len(steps))
-    params = factory.init_variables(factory.build_model(config), jax.random.key(0))["params"]
+    variables = factory.init_variables(factory.build_model(config), jax.random.key(0))
     for step in steps:
-        shifted = jax.tree.map(lambda x, step=step: x + 0.01 * step, params)
-        manager.save(step, {"params": shifted, "ema_params": {}})
+        params = perturbed(variables, seed=step)["params"]
+        manager.save(step, {"params": params, "ema_params": {}})
     manager.wait_until_finished()
     manager.close()
 
